@@ -1,0 +1,655 @@
+"""Lampo's one configuration tree.
+
+Every setting lives in exactly one dataclass field below, with its default and a one-line
+docstring (the string under the field). YAML files and command-line overrides use the
+flat key names users know from the design documents (``learning_rate: 1e-5``); a YAML file
+may also group keys under a section name (``optim: {kl_coef: 0.05}``). ``docs/config.md`` is
+generated from this file: ``python -m lampo.config --docs > docs/config.md``.
+
+Command-line overrides: ``--learning_rate 1e-5``, ``--learning_rate=1e-5`` or
+``learning_rate=1e-5``. Values are parsed as YAML scalars (``true``, ``null``, ``[a, b]``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key and what to do."""
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The policy, value and reference models."""
+
+    model_name_or_path: str = "build/tiny-model"
+    """Policy: a Hugging Face hub id or a local directory with a causal LM (`lampo tiny-model` builds one)."""
+    tokenizer_name_or_path: str | None = None
+    """Tokenizer to load; null uses `model_name_or_path`."""
+    value_model: Literal["separate", "head"] = "separate"
+    """Critic: a separate model with a scalar head (as OpenRLHF/open-instruct) or a value head on the policy trunk."""
+    value_model_name_or_path: str | None = None
+    """Where the separate value model's trunk comes from; null initialises it from the policy."""
+    use_peft: bool = False
+    """Train LoRA adapters (PEFT) instead of all weights; the reference is then the base with the adapter disabled."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout inside LoRA layers (0 keeps PPO's ratio exact: Ziegler et al. 2019 disable dropout)."""
+    lora_target_modules: list[str] | None = None
+    """Module names LoRA adapts; null means all linear projections of attention and MLP."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    bf16: bool = False
+    """Mixed precision with bfloat16 autocast (fp32 master weights)."""
+    fp16: bool = False
+    """Mixed precision with float16 autocast (GPU only)."""
+    trust_remote_code: bool = False
+    """Pass trust_remote_code to transformers when loading models."""
+
+
+@dataclass
+class DataConfig:
+    """Prompt datasets and how prompts are built."""
+
+    query_dataset: str = "examples/data/multistep"
+    """Prompts: a hub id, a `save_to_disk` directory, a directory of data files, or one jsonl/json/csv/parquet file."""
+    dataset_train_split: str = "train"
+    """Split used for training."""
+    dataset_test_split: str = "test"
+    """Split used for evaluation."""
+    test_split_ratio: float = 0.1
+    """Share of train rows carved out (with `seed`) as the test split when the dataset has none."""
+    system_prompt: str | None = None
+    """System message added when Lampo applies the chat template to plain-text cells."""
+    max_prompt_len: int = 512
+    """Longest prompt (tokens) given to the engine at any step."""
+    truncation: Literal["error", "left", "skip"] = "error"
+    """What to do with a prompt longer than `max_prompt_len`: stop with an error, cut from the left, or skip the row."""
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling and the inference engine (the rollout phase)."""
+
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    """Inference engine: vLLM when importable (`auto`), or force transformers (`hf`) or vLLM (`vllm`)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs for training use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 disables it)."""
+    top_k: int = 0
+    """Top-k sampling (0 disables it)."""
+    repetition_penalty: float = 1.0
+    """Repetition penalty (1.0 disables it)."""
+    max_new_tokens: int = 32
+    """Most tokens generated per assistant turn."""
+    min_new_tokens: int = 0
+    """Fewest tokens generated per assistant turn before the stop token is allowed."""
+    stop_token: str | None = None
+    """Stop string; null uses the tokenizer's end-of-turn token (`<|im_end|>` for ChatML, else eos)."""
+    num_generations: int = 1
+    """Samples per prompt (the group size of grpo/rloo/dr_grpo; 1 for PPO with a critic)."""
+    vllm_kv_cache_gb: float = 1.0
+    """vLLM KV cache size on CPU, in GiB (sets VLLM_CPU_KVCACHE_SPACE)."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """Share of GPU memory vLLM may take (GPU only)."""
+    vllm_max_model_len: int | None = None
+    """vLLM context length; null uses max_prompt_len plus all generated turns."""
+
+
+@dataclass
+class RewardConfig:
+    """The reward phase: where scores come from and how the client behaves."""
+
+    reward_model: str = "http://localhost:8000"
+    """Reward server URL, or a dotted class path (`my_reward_model.MyRewardModel`) run in-process."""
+    reward_token: str | None = None
+    """Bearer token for the reward server (also read from LAMPO_REWARD_TOKEN)."""
+    reward_batch_size: int = 64
+    """Conversations per HTTP request; chunks are sent concurrently and reassembled in order."""
+    reward_timeout: float = 60.0
+    """Seconds one reward request may take."""
+    reward_deadline: float = 600.0
+    """Seconds the whole reward phase of one step may take, retries included."""
+    reward_max_retries: int = 8
+    """Retries per request on connection errors, 5xx and 429, with exponential backoff and jitter."""
+    reward_host: str = "127.0.0.1"
+    """Address the reward server binds (anything but loopback needs a token)."""
+    reward_port: int = 8000
+    """Port the reward server listens on."""
+    reward_max_batch_size: int = 64
+    """Server: most conversations merged into one `compute` call by micro-batching."""
+    reward_max_wait_ms: float = 5.0
+    """Server: how long a request waits for others to join its micro-batch."""
+    reward_max_request_bytes: int = 16 * 1024 * 1024
+    """Server: largest request body accepted (413 above it)."""
+
+
+@dataclass
+class OptimConfig:
+    """The optimisation phase: estimator, losses, KL, optimiser."""
+
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "dr_grpo"] = "gae"
+    """Advantage estimator: `gae` (PPO with a critic), `grpo`, `rloo`, `reinforce_pp` (REINFORCE++), `dr_grpo`."""
+    batch_size: int = 16
+    """Prompts (dataset rows) per step; the step trains on batch_size * num_generations conversations."""
+    mini_batch_size: int = 16
+    """Conversations per optimiser step (must divide batch_size * num_generations)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per minibatch (must divide mini_batch_size)."""
+    ppo_epochs: int = 1
+    """Passes over the batch per step."""
+    learning_rate: float = 1e-5
+    """Policy learning rate."""
+    critic_learning_rate: float | None = None
+    """Value model learning rate; null uses `learning_rate`."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "linear"
+    """Learning-rate schedule over the run (after warm-up)."""
+    warmup_ratio: float = 0.0
+    """Share of the run's steps spent warming the learning rate up from 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables clipping)."""
+    kl_coef: float = 0.05
+    """Beta: weight of the KL penalty to the reference model (initial value when adaptive)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator (Schulman's k1, k2, k3) per token."""
+    kl_in_reward: bool | None = None
+    """Put the KL penalty in the reward (PPO) or in the loss (GRPO); null: reward for gae/reinforce_pp, loss otherwise."""
+    adaptive_kl: bool = False
+    """Adapt beta towards `kl_target` (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target KL (summed over a response) of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (episodes) of the adaptive controller."""
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 for negative advantages (Ye et al. 2020); null disables it."""
+    cliprange_value: float = 0.2
+    """Value clip around the old values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards over the batch before GAE."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch (PPO default)."""
+    grpo_scale_std: bool = True
+    """GRPO: divide group-centred scores by the group std (Dr. GRPO sets this off)."""
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = None
+    """How token losses are averaged; null: token-mean, or seq-mean-token-sum-norm for dr_grpo."""
+    penalty_reward_value: float = -10.0
+    """Score given to a conversation whose response never produced the stop token (non-stop penalty)."""
+    max_bad_steps: int = 3
+    """Consecutive steps with a non-finite loss or gradient (skipped) before training stops with an error."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, pipeline, logging, checkpoints."""
+
+    output_dir: str = "runs/lampo"
+    """Where checkpoints, metrics.jsonl, rollouts.jsonl, TensorBoard files and the final model go."""
+    seed: int = 42
+    """Seed for data order, sampling and initialisation."""
+    total_episodes: int | None = None
+    """Conversations (prompts x samples) to train on; null uses max_steps."""
+    max_steps: int = 100
+    """Training steps when total_episodes is null."""
+    async_mode: bool = True
+    """Generate batch k+1 with the pre-update weights while batch k is optimised (one step off-policy)."""
+    logging_steps: int = 1
+    """Write metrics every this many steps."""
+    eval_steps: int = 0
+    """Evaluate on the test split every this many steps (0: never)."""
+    eval_batches: int = 1
+    """Batches of the test split per evaluation."""
+    log_samples_steps: int = 10
+    """Write a few whole conversations to rollouts.jsonl every this many steps (0: never)."""
+    save_step: int = 0
+    """Save a checkpoint every this many steps (0: only at the end)."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (oldest deleted once a new one is complete)."""
+    resume_from_checkpoint: str | None = None
+    """`auto` (latest in output_dir), a checkpoint path, or null."""
+    save_merged: bool = False
+    """With use_peft, also save the merged full model at the end."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers besides metrics.jsonl: any of tensorboard, wandb."""
+    run_name: str | None = None
+    """Name of the run in trackers; null derives one from output_dir."""
+    early_stop: dict[str, float] | None = None
+    """Stop when a metric crosses a threshold, e.g. {"objective/scores": 0.9} (>=) or {"objective/kl": -5.0} (<= |value|)."""
+    progress: bool = True
+    """Show the live progress bar."""
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "generation": GenerationConfig,
+    "reward": RewardConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass(init=False)
+class LampoConfig:
+    """The whole configuration: one section per phase. Read keys as `cfg.section.key`.
+
+    Build it from flat keys, as in TRL (`LampoConfig(learning_rate=1e-5, batch_size=8)`), from a
+    dict (`LampoConfig({"optim": {"kl_coef": 0.1}})`), or from YAML with `load_config`.
+    Construction validates; errors name the key.
+    """
+
+    model: ModelConfig
+    data: DataConfig
+    generation: GenerationConfig
+    reward: RewardConfig
+    optim: OptimConfig
+    train: TrainConfig
+
+    def __init__(self, values: dict[str, Any] | None = None, **flat: Any) -> None:
+        merged: dict[str, Any] = dict(values or {})
+        merged.update(flat)
+        sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for key, value in merged.items():
+            if key in SECTIONS:
+                if isinstance(value, SECTIONS[key]):
+                    value = dataclasses.asdict(value)
+                if not isinstance(value, dict):
+                    raise ConfigError(f"section '{key}' must be a mapping of keys, got {value!r}")
+                for sub_key, sub_value in value.items():
+                    if _KEY_TO_SECTION.get(sub_key) != key:
+                        _raise_unknown(sub_key, sub_value, section=key)
+                    sections[key][sub_key] = sub_value
+                continue
+            owner = _KEY_TO_SECTION.get(key)
+            if owner is None:
+                _raise_unknown(key, value)
+            sections[owner][key] = value
+        for name, section_cls in SECTIONS.items():
+            kwargs = {k: _coerce(k, v, _FIELD_TYPES[k]) for k, v in sections[name].items()}
+            setattr(self, name, section_cls(**kwargs))
+        self.validate()
+
+    # --- derived values (computed once, never set by users) --------------------------------
+    @property
+    def kl_in_reward(self) -> bool:
+        """Derived: PPO puts KL in the reward; GRPO-family estimators put it in the loss (DeepSeekMath)."""
+        if self.optim.kl_in_reward is not None:
+            return self.optim.kl_in_reward
+        return self.optim.estimator in ("gae", "reinforce_pp")
+
+    @property
+    def loss_aggregation(self) -> str:
+        """Derived: Dr. GRPO (Liu et al. 2025) uses a constant sum-norm; everything else token-mean."""
+        if self.optim.loss_aggregation is not None:
+            return self.optim.loss_aggregation
+        return "seq-mean-token-sum-norm" if self.optim.estimator == "dr_grpo" else "token-mean"
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Derived: conversations per step = batch_size * num_generations."""
+        return self.optim.batch_size * self.generation.num_generations
+
+    @property
+    def critic_learning_rate(self) -> float:
+        """Derived: the critic's learning rate (defaults to the policy's)."""
+        lr = self.optim.critic_learning_rate
+        return self.optim.learning_rate if lr is None else lr
+
+    @property
+    def uses_critic(self) -> bool:
+        """Derived: only GAE needs a value model."""
+        return self.optim.estimator == "gae"
+
+    # --- construction --------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None = None, **flat: Any) -> LampoConfig:
+        """Build from flat keys (`learning_rate`) and/or section dicts (`optim: {...}`), validated."""
+        return cls(values, **flat)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dict of every key (the form YAML files and checkpoints use)."""
+        flat: dict[str, Any] = {}
+        for name in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, name)))
+        return flat
+
+    def replace(self, **flat: Any) -> LampoConfig:
+        """A validated copy with some flat keys changed."""
+        values = self.to_dict()
+        values.update(flat)
+        return LampoConfig.from_dict(values)
+
+    # --- validation ----------------------------------------------------------------------
+    def validate(self) -> None:
+        """Range and consistency checks; every error names the key and the value."""
+        m, d, g, r, p, t = self.model, self.data, self.generation, self.reward, self.optim, self.train
+        _check(p.learning_rate > 0, "learning_rate", p.learning_rate, "must be > 0")
+        _check(p.critic_learning_rate is None or p.critic_learning_rate > 0, "critic_learning_rate",
+               p.critic_learning_rate, "must be > 0 or null")
+        for key in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
+            _check(getattr(p, key) >= 1, key, getattr(p, key), "must be >= 1")
+        _check(g.num_generations >= 1, "num_generations", g.num_generations, "must be >= 1")
+        rollout = self.rollout_batch_size
+        _check(rollout % p.mini_batch_size == 0, "mini_batch_size", p.mini_batch_size,
+               f"must divide batch_size * num_generations = {rollout}")
+        _check(p.mini_batch_size % p.gradient_accumulation_steps == 0, "gradient_accumulation_steps",
+               p.gradient_accumulation_steps, f"must divide mini_batch_size = {p.mini_batch_size}")
+        if p.estimator in ("grpo", "rloo", "dr_grpo"):
+            _check(g.num_generations >= 2, "num_generations", g.num_generations,
+                   f"must be >= 2 for estimator '{p.estimator}' (it compares samples of one prompt)")
+        _check(p.kl_coef >= 0, "kl_coef", p.kl_coef, "must be >= 0")
+        _check(p.kl_target > 0, "kl_target", p.kl_target, "must be > 0")
+        _check(p.kl_horizon > 0, "kl_horizon", p.kl_horizon, "must be > 0")
+        _check(0 < p.cliprange < 1, "cliprange", p.cliprange, "must be in (0, 1)")
+        _check(p.cliprange_value > 0, "cliprange_value", p.cliprange_value, "must be > 0")
+        _check(p.dual_clip is None or p.dual_clip > 1, "dual_clip", p.dual_clip, "must be > 1 or null")
+        _check(p.vf_coef >= 0, "vf_coef", p.vf_coef, "must be >= 0")
+        _check(0 <= p.gamma <= 1, "gamma", p.gamma, "must be in [0, 1]")
+        _check(0 <= p.lam <= 1, "lam", p.lam, "must be in [0, 1]")
+        _check(0 <= p.warmup_ratio < 1, "warmup_ratio", p.warmup_ratio, "must be in [0, 1)")
+        _check(p.weight_decay >= 0, "weight_decay", p.weight_decay, "must be >= 0")
+        _check(p.max_grad_norm >= 0, "max_grad_norm", p.max_grad_norm, "must be >= 0 (0 disables)")
+        _check(p.max_bad_steps >= 1, "max_bad_steps", p.max_bad_steps, "must be >= 1")
+        _check(math.isfinite(p.penalty_reward_value), "penalty_reward_value", p.penalty_reward_value,
+               "must be a finite number")
+        _check(g.temperature > 0, "temperature", g.temperature, "must be > 0 (use a small value for near-greedy)")
+        _check(0 < g.top_p <= 1, "top_p", g.top_p, "must be in (0, 1]")
+        _check(g.top_k >= 0, "top_k", g.top_k, "must be >= 0 (0 disables)")
+        _check(g.repetition_penalty > 0, "repetition_penalty", g.repetition_penalty, "must be > 0")
+        _check(g.max_new_tokens >= 1, "max_new_tokens", g.max_new_tokens, "must be >= 1")
+        _check(0 <= g.min_new_tokens <= g.max_new_tokens, "min_new_tokens", g.min_new_tokens,
+               f"must be in [0, max_new_tokens = {g.max_new_tokens}]")
+        _check(g.vllm_kv_cache_gb > 0, "vllm_kv_cache_gb", g.vllm_kv_cache_gb, "must be > 0")
+        _check(0 < g.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization",
+               g.vllm_gpu_memory_utilization, "must be in (0, 1]")
+        _check(d.max_prompt_len >= 1, "max_prompt_len", d.max_prompt_len, "must be >= 1")
+        _check(0 <= d.test_split_ratio < 1, "test_split_ratio", d.test_split_ratio, "must be in [0, 1)")
+        _check(m.lora_r >= 1, "lora_r", m.lora_r, "must be >= 1")
+        _check(m.lora_alpha > 0, "lora_alpha", m.lora_alpha, "must be > 0")
+        _check(0 <= m.lora_dropout < 1, "lora_dropout", m.lora_dropout, "must be in [0, 1)")
+        _check(not (m.bf16 and m.fp16), "fp16", m.fp16, "bf16 and fp16 cannot both be true")
+        _check(r.reward_batch_size >= 1, "reward_batch_size", r.reward_batch_size, "must be >= 1")
+        _check(r.reward_timeout > 0, "reward_timeout", r.reward_timeout, "must be > 0")
+        _check(r.reward_deadline >= r.reward_timeout, "reward_deadline", r.reward_deadline,
+               f"must be >= reward_timeout = {r.reward_timeout}")
+        _check(r.reward_max_retries >= 0, "reward_max_retries", r.reward_max_retries, "must be >= 0")
+        _check(0 < r.reward_port < 65536, "reward_port", r.reward_port, "must be a TCP port (1-65535)")
+        _check(r.reward_max_batch_size >= 1, "reward_max_batch_size", r.reward_max_batch_size, "must be >= 1")
+        _check(r.reward_max_wait_ms >= 0, "reward_max_wait_ms", r.reward_max_wait_ms, "must be >= 0")
+        _check(r.reward_max_request_bytes >= 1024, "reward_max_request_bytes", r.reward_max_request_bytes,
+               "must be >= 1024")
+        _check(t.total_episodes is None or t.total_episodes >= 1, "total_episodes", t.total_episodes,
+               "must be >= 1 or null")
+        _check(t.max_steps >= 1, "max_steps", t.max_steps, "must be >= 1")
+        for key in ("logging_steps",):
+            _check(getattr(t, key) >= 1, key, getattr(t, key), "must be >= 1")
+        for key in ("eval_steps", "log_samples_steps", "save_step"):
+            _check(getattr(t, key) >= 0, key, getattr(t, key), "must be >= 0 (0 disables)")
+        _check(t.eval_batches >= 1, "eval_batches", t.eval_batches, "must be >= 1")
+        _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit", t.save_total_limit,
+               "must be >= 1 or null")
+        for tracker in t.report_to:
+            _check(tracker in ("tensorboard", "wandb"), "report_to", t.report_to,
+                   "may only contain 'tensorboard' and 'wandb'")
+
+    @property
+    def num_steps(self) -> int:
+        """Derived: training steps of the run (from total_episodes when set, else max_steps)."""
+        if self.train.total_episodes is not None:
+            return max(1, self.train.total_episodes // self.rollout_batch_size)
+        return self.train.max_steps
+
+
+# Library-API name, in the style of the design documents (`from lampo import PPOConfig`):
+# the whole tree, which also configures the GRPO-family estimators.
+PPOConfig = LampoConfig
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LampoConfig:
+    """Read a YAML file (optional) and apply command-line overrides; validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must be a mapping of keys to values")
+        values.update(loaded)
+    values.update(parse_overrides(overrides or []))
+    return LampoConfig.from_dict(values)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--key value`, `--key=value` and `key=value` into a dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            body = arg[2:].replace("-", "_")
+            if "=" in body:
+                key, raw = body.split("=", 1)
+            else:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"override '{arg}' has no value; write '{arg} VALUE' or '{arg}=VALUE'")
+                key, raw = body, args[i + 1]
+                i += 1
+        elif "=" in arg:
+            key, raw = arg.split("=", 1)
+        else:
+            raise ConfigError(f"cannot read override '{arg}': write --key value, --key=value or key=value")
+        out[key] = _parse_scalar(raw)
+        i += 1
+    return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+# ---------------------------------------------------------------------------------------
+# Type checking and helpful errors
+# ---------------------------------------------------------------------------------------
+
+
+def _field_types() -> tuple[dict[str, str], dict[str, Any]]:
+    owner: dict[str, str] = {}
+    types_: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in owner:
+                raise RuntimeError(f"config key '{f.name}' defined in two sections")
+            owner[f.name] = name
+            types_[f.name] = hints[f.name]
+    return owner, types_
+
+
+_KEY_TO_SECTION, _FIELD_TYPES = _field_types()
+
+
+def _raise_unknown(key: str, value: Any, section: str | None = None) -> typing.NoReturn:
+    where = f" in section '{section}'" if section else ""
+    close = difflib.get_close_matches(str(key), list(_KEY_TO_SECTION) + list(SECTIONS), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see docs/config.md for every key"
+    raise ConfigError(f"unknown config key '{key}' (value {value!r}){where}{hint}")
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: {rule}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats, '1e-5' strings too."""
+    ok, converted = _match(value, tp)
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected {_type_name(tp)}")
+    return converted
+
+
+def _match(value: Any, tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, conv = _match(value, arg)
+            if ok:
+                return True, conv
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        (item_tp,) = typing.get_args(tp)
+        items = [_match(v, item_tp) for v in value]
+        return all(ok for ok, _ in items), [conv for _, conv in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        k_tp, v_tp = typing.get_args(tp)
+        pairs = [(_match(k, k_tp), _match(v, v_tp)) for k, v in value.items()]
+        ok = all(a[0] and b[0] for a, b in pairs)
+        return ok, {a[1]: b[1] for a, b in pairs}
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return tp.__name__
+
+
+# ---------------------------------------------------------------------------------------
+# Documentation generated from the docstrings
+# ---------------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from the source with ast)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def render_docs() -> str:
+    """Markdown reference of every key, generated from the dataclasses."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `python -m lampo.config --docs > docs/config.md`; do not edit by hand. -->",
+        "",
+        "Keys are flat in YAML files and on the command line (`--learning_rate 1e-5`, "
+        "`--learning_rate=1e-5` or `learning_rate=1e-5`). They may also be grouped under their "
+        "section name (`optim: {kl_coef: 0.05}`). An unknown key, a wrong type or an out-of-range "
+        "value stops the run with an error that names the key.",
+        "",
+    ]
+    for name, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        defaults = cls()
+        lines += [f"## `{name}`: {inspect.getdoc(cls)}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = getattr(defaults, f.name)
+            tp = _type_name(_FIELD_TYPES[f.name]).replace("|", "\\|")
+            lines.append(f"| `{f.name}` | {tp} | `{default!r}` | {docs.get(f.name, '')} |")
+        lines.append("")
+    lines += ["## Derived values", "", "Computed once from the keys above; not settable.", ""]
+    for attr, value in vars(LampoConfig).items():
+        if isinstance(value, property) and value.__doc__:
+            lines.append(f"- `{attr}`: {value.__doc__.removeprefix('Derived: ')}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--docs"]:
+        sys.stdout.write(render_docs())
+        return 0
+    if argv[:1] == ["--config"] and len(argv) >= 2:
+        cfg = load_config(argv[1], argv[2:])
+    else:
+        cfg = load_config(None, argv)
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

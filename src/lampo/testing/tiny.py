@@ -1,0 +1,151 @@
+"""Offline tiny models: a Llama-architecture causal LM and tokenizer built from a seed.
+
+No hub download is possible on Lampo's CI machines, so tests, the demo and the benchmarks
+build their own models. The tokenizer is a byte-level BPE trained on `corpus.txt` (written
+for this project), with a ChatML chat template, `<|im_end|>` as end of turn and a pad token.
+Everything is saved in Hugging Face format, so `AutoModelForCausalLM.from_pretrained` and
+vLLM load it like any hub model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = Path(__file__).with_name("corpus.txt")
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of a built model. head_dim is 64 because vLLM's CPU attention rejects 16."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int = 1024
+    max_position_embeddings: int = 1024
+
+
+SIZES = {
+    # ~0.2M parameters: unit and end-to-end tests, the demo.
+    "tiny": TinySpec(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128),
+    # ~26.7M parameters: the benchmark model (the same shape TRL was measured on here).
+    "small": TinySpec(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408),
+}
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    """Train a byte-level BPE on the shipped corpus and wrap it with the ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS.read_text().splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+        clean_up_tokenization_spaces=False,
+        padding_side="left",  # generation pads on the left (open-instruct's implementation detail 1)
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    size: str = "tiny",
+    seed: int = 0,
+    kind: str = "causal-lm",
+    overwrite: bool = False,
+) -> Path:
+    """Create (deterministically from `seed`) a Llama model + tokenizer in `out_dir`.
+
+    kind: `causal-lm` (policy) or `classifier` (a 1-label sequence classifier in the same
+    vocabulary, standing in for a Hugging Face reward model). Returns the directory.
+    An existing complete build is reused unless `overwrite`.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    if kind not in ("causal-lm", "classifier"):
+        raise ValueError(f"kind must be 'causal-lm' or 'classifier', got {kind!r}")
+    out = Path(out_dir)
+    marker = out / "lampo-tiny.json"
+    recipe = {"size": size, "seed": seed, "kind": kind}
+    if marker.exists() and not overwrite and json.loads(marker.read_text()) == recipe:
+        return out
+    spec = SIZES[size]
+    tokenizer = build_tokenizer(spec.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        head_dim=spec.hidden_size // spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        attention_dropout=0.0,
+        num_labels=1,
+    )
+    torch.manual_seed(seed)
+    cls = LlamaForCausalLM if kind == "causal-lm" else LlamaForSequenceClassification
+    model = cls(config).to(torch.float32).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if kind == "causal-lm":
+        gen = model.generation_config
+        gen.eos_token_id = tokenizer.eos_token_id
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.bos_token_id = None
+        gen.save_pretrained(out)
+    marker.write_text(json.dumps(recipe))
+    return out
+
+
+def num_parameters(path: str | Path) -> int:
+    """Parameter count of a saved model, from its safetensors header (no model load)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            total += _prod(f.get_slice(key).get_shape())
+    return total
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
