@@ -1,0 +1,1 @@
+"""Datasets and prompt formats (multi-step `text..textN`, PaddleNLP `src/tgt`, `messages`)."""

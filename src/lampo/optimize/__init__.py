@@ -1,0 +1,1 @@
+"""Optimisation phase: PPO/GRPO maths (pure functions), models, the learner, the library PPOTrainer."""

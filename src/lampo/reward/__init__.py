@@ -1,0 +1,1 @@
+"""Reward phase: the reward-server client, the in-process runner, shipped reward models."""

@@ -1,0 +1,1 @@
+"""Rollout phase: generation engines (vLLM, transformers) and multi-step rollouts."""
