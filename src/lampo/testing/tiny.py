@@ -10,6 +10,8 @@ vLLM load it like any hub model.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,16 +122,26 @@ def build_tiny_model(
     torch.manual_seed(seed)
     cls = LlamaForCausalLM if kind == "causal-lm" else LlamaForSequenceClassification
     model = cls(config).to(torch.float32).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    # Build beside the target and rename when complete, so that concurrent test processes
+    # never read a half-written model.
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
     if kind == "causal-lm":
         gen = model.generation_config
         gen.eos_token_id = tokenizer.eos_token_id
         gen.pad_token_id = tokenizer.pad_token_id
         gen.bos_token_id = None
-        gen.save_pretrained(out)
-    marker.write_text(json.dumps(recipe))
+        gen.save_pretrained(tmp)
+    (tmp / marker.name).write_text(json.dumps(recipe))
+    if out.exists():
+        shutil.rmtree(out)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
