@@ -1,0 +1,338 @@
+"""The maths of PPO and its GRPO-family variants, as pure functions of tensors and masks.
+
+Shapes: B sequences, T token positions. Every token-level tensor is aligned with the token
+it describes (entry t belongs to token t). `mask` is True on action tokens: the tokens the
+policy generated. Prompts, user turns, template markup and padding are never actions, so
+they take no loss, no KL and no part in GAE's recursion.
+
+No I/O, no globals, no modules: each function is tested against numbers worked out by hand
+in tests/unit/test_maths.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ---------------------------------------------------------------------------------------
+# Masked statistics
+# ---------------------------------------------------------------------------------------
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of x where mask is true (over all elements, or along `dim`)."""
+    x = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over masked entries; 0 (not NaN) when the mask is empty."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over masked entries (Bessel-corrected by default, as lm-human-preferences)."""
+    mean = masked_mean(x, mask)
+    centred_sq = (x - mean) ** 2
+    n = mask.sum()
+    var = masked_sum(centred_sq, mask) / n.clamp(min=1)
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the mask; entries outside the mask become 0.
+
+    With shift_mean False the mean is added back (whitened scale, original centre), which is
+    how rewards are whitened in lm-human-preferences.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.bool(), out, torch.zeros_like(out))
+
+
+# ---------------------------------------------------------------------------------------
+# Log-probs, entropy, KL
+# ---------------------------------------------------------------------------------------
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) under softmax(logits / temperature), in fp32.
+
+    logits [..., V] predict `tokens` [...]. The temperature must be the sampling temperature,
+    otherwise the ratio pi/pi_old compares two different distributions (N+ implementation
+    details of RLHF, detail on temperature).
+    """
+    logits = logits.float() / temperature
+    chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return chosen - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position: logsumexp(z) - sum p z."""
+    z = logits.float() / temperature
+    p = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL").
+
+    With log r = ref_logp - logp: k1 = -log r, k2 = (log r)^2 / 2, k3 = (r - 1) - log r.
+    k1 is unbiased but can be negative; k3 is unbiased and never negative; k2 is biased but
+    low-variance. k3 is GRPO's choice (DeepSeekMath, eq. 4).
+    """
+    log_ratio = ref_logp - logp
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        # Clamp as OpenRLHF/verl do: exp of a large log-ratio overflows in low precision.
+        log_ratio = log_ratio.clamp(-20.0, 20.0)
+        return torch.exp(log_ratio) - 1 - log_ratio
+    raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Rewards
+# ---------------------------------------------------------------------------------------
+
+
+def apply_nonstop_penalty(scores: torch.Tensor, stopped: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Replace the score of every sequence that never produced the stop token by `penalty`.
+
+    open-instruct's non-stop penalty (`--penalty_reward_value -10.0`): a truncated answer
+    cannot be judged, so it gets a fixed low score instead of the reward model's.
+    """
+    return torch.where(stopped.bool(), scores, torch.full_like(scores, penalty))
+
+
+def place_scores(scores: list[list[float]], positions: list[list[int]], shape: tuple[int, int]) -> torch.Tensor:
+    """A [B, T] tensor with each score at its token position and 0 elsewhere.
+
+    The score of a turn goes on the last token of that assistant turn: the reward arrives
+    when the action that earned it is complete (Ziegler et al. 2019 put the sequence score on
+    the last response token; per-turn scores generalise that to multi-step conversations).
+    """
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, (row_scores, row_pos) in enumerate(zip(scores, positions, strict=True)):
+        if len(row_scores) != len(row_pos):
+            raise ValueError(f"sequence {i}: {len(row_scores)} scores for {len(row_pos)} assistant turns")
+        for s, t in zip(row_scores, row_pos, strict=True):
+            out[i, t] += s
+    return out
+
+
+def token_rewards(
+    placed_scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token reward: -kl_coef * KL on every action token, plus the placed scores.
+
+    (Ziegler et al. 2019; Stiennon et al. 2020.) Non-action tokens get 0.
+    """
+    rewards = -kl_coef * kl + placed_scores
+    return torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
+
+
+# ---------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over the action tokens only.
+
+    delta_t = r_t + gamma * V(next action) - V_t;  A_t = delta_t + gamma * lam * A_(next action).
+    Non-action tokens (user turns, padding) are skipped: the recursion jumps from one action
+    token to the next, so a multi-step conversation is one episode whose steps are the
+    assistant tokens. After the last action the next value is 0 (the episode ends).
+    Returns (advantages, returns), both 0 outside the mask; returns = advantages + values.
+    """
+    mask = mask.bool()
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards, dtype=torch.float32)
+    next_value = torch.zeros(B, dtype=torch.float32, device=rewards.device)
+    last_gae = torch.zeros(B, dtype=torch.float32, device=rewards.device)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        gae_t = delta + gamma * lam * last_gae
+        last_gae = torch.where(m, gae_t, last_gae)
+        next_value = torch.where(m, values[:, t].float(), next_value)
+        advantages[:, t] = torch.where(m, gae_t, torch.zeros_like(gae_t))
+    returns = torch.where(mask, advantages + values, torch.zeros_like(advantages))
+    return advantages, returns
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + gamma * G_(next action) over action tokens (REINFORCE++ returns)."""
+    mask = mask.bool()
+    B, T = rewards.shape
+    out = torch.zeros_like(rewards, dtype=torch.float32)
+    running = torch.zeros(B, dtype=torch.float32, device=rewards.device)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        g = rewards[:, t] + gamma * running
+        running = torch.where(m, g, running)
+        out[:, t] = torch.where(m, g, torch.zeros_like(g))
+    return out
+
+
+def group_advantages(
+    scores: torch.Tensor, group_size: int, estimator: str, scale_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Sequence-level advantages from groups of `group_size` consecutive samples of one prompt.
+
+    grpo:    (s - mean(group)) / (std(group) + eps)   (DeepSeekMath, Shao et al. 2024);
+             without scale_std only the mean is removed.
+    dr_grpo: s - mean(group)                          (Liu et al. 2025: no std, no length norm)
+    rloo:    s - mean(other samples of the group)      (Ahmadian et al. 2024)
+             = G / (G - 1) * (s - mean(group)).
+    std is the unbiased sample std, as torch.std and TRL.
+    """
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    g = scores.float().view(-1, group_size)
+    mean = g.mean(dim=1, keepdim=True)
+    if estimator == "grpo":
+        centred = g - mean
+        if scale_std:
+            centred = centred / (g.std(dim=1, keepdim=True) + eps)
+        return centred.reshape(-1)
+    if estimator == "dr_grpo":
+        return (g - mean).reshape(-1)
+    if estimator == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs at least 2 samples per prompt")
+        baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+        return (g - baseline).reshape(-1)
+    raise ValueError(f"unknown group estimator {estimator!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------
+
+
+def aggregate(
+    loss: torch.Tensor, mask: torch.Tensor, mode: str, num_tokens: float, num_seqs: float, norm_len: float = 1.0
+) -> torch.Tensor:
+    """Reduce a [B, T] token loss to a scalar.
+
+    The denominators (`num_tokens`, `num_seqs`) are those of the whole minibatch, not of this
+    micro-batch, so that accumulating micro-batches gives exactly the minibatch's gradient.
+      token-mean:              sum(loss * mask) / num_tokens              (PPO / DAPO default)
+      seq-mean-token-mean:     sum_i mean_t(loss_i) / num_seqs            (original GRPO)
+      seq-mean-token-sum-norm: sum_i sum_t(loss_i) / (norm_len * num_seqs) (Dr. GRPO: a constant
+                               normaliser, the generation budget, removes the length bias)
+    """
+    mask = mask.bool()
+    if mode == "token-mean":
+        return masked_sum(loss, mask) / max(num_tokens, 1.0)
+    if mode == "seq-mean-token-mean":
+        per_seq = masked_sum(loss, mask, dim=1) / mask.sum(1).clamp(min=1)
+        return per_seq.sum() / max(num_seqs, 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return masked_sum(loss, mask) / (norm_len * max(num_seqs, 1.0))
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def clipped_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    cliprange: float,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-level PPO-clip loss (Schulman et al. 2017, eq. 7), optionally dual-clipped.
+
+    loss = max(-A r, -A clip(r, 1 - eps, 1 + eps)); with dual_clip c (Ye et al. 2020) the
+    loss of a negative advantage is also capped at -c A, so a huge ratio cannot blow it up.
+    Returns (loss [B, T], clipped [B, T] bool, ratio [B, T]).
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = torch.maximum(loss_unclipped, loss_clipped)
+    clipped = loss_clipped > loss_unclipped
+    if dual_clip is not None:
+        capped = torch.minimum(loss, -dual_clip * advantages)
+        loss = torch.where(advantages < 0, capped, loss)
+    return loss, clipped, ratio
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old +- eps) - R)^2) (OpenAI baselines PPO2).
+
+    Returns (loss [B, T], clipped [B, T] bool).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped_values - returns) ** 2
+    return 0.5 * torch.maximum(loss_unclipped, loss_clipped), loss_clipped > loss_unclipped
+
+
+def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token 0.5 * (log ratio)^2, the approx-KL diagnostic of the N+ details paper."""
+    return 0.5 * (logp - old_logp) ** 2
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R) over the mask: 1 is a perfect critic, 0 predicts the mean."""
+    var_r = masked_var(returns, mask, unbiased=False)
+    var_err = masked_var(returns - values, mask, unbiased=False)
+    return torch.where(var_r > 0, 1 - var_err / var_r, torch.zeros_like(var_r))
+
+
+# ---------------------------------------------------------------------------------------
+# KL controllers
+# ---------------------------------------------------------------------------------------
+
+
+class FixedKLController:
+    """A constant beta."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Beta adapted towards a target KL (Ziegler et al. 2019, section 2.2).
+
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon),
+    where n_steps is the number of episodes in the batch just trained.
+    """
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        self.value = kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])

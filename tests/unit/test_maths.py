@@ -1,0 +1,197 @@
+"""The PPO/GRPO maths against numbers worked out by hand (arithmetic in the comments)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lampo.optimize import maths as M
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def test_gae_four_tokens_gamma_09_lambda_08():
+    # r = [0, 0, 0, 1], V = [0.5, 0.4, 0.3, 0.2], gamma 0.9, lambda 0.8 (gamma*lambda = 0.72)
+    # t=3: delta = 1 + 0.9*0   - 0.2 =  0.8    A3 = 0.8
+    # t=2: delta = 0 + 0.9*0.2 - 0.3 = -0.12   A2 = -0.12 + 0.72*0.8     = 0.456
+    # t=1: delta = 0 + 0.9*0.3 - 0.4 = -0.13   A1 = -0.13 + 0.72*0.456   = 0.19832
+    # t=0: delta = 0 + 0.9*0.4 - 0.5 = -0.14   A0 = -0.14 + 0.72*0.19832 = 0.0027904
+    # returns = A + V = [0.5027904, 0.59832, 0.756, 1.0]
+    rewards = t([[0.0, 0.0, 0.0, 1.0]])
+    values = t([[0.5, 0.4, 0.3, 0.2]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    adv, ret = M.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert torch.allclose(adv, t([[0.0027904, 0.19832, 0.456, 0.8]]), atol=1e-6)
+    assert torch.allclose(ret, t([[0.5027904, 0.59832, 0.756, 1.0]]), atol=1e-6)
+
+
+def test_gae_skips_non_action_tokens_and_padding():
+    # The same four actions with a two-token user turn between them and padding after:
+    # the recursion jumps over the user turn, so the advantages equal the dense case.
+    rewards = t([[0.0, 0.0, 9.0, 9.0, 0.0, 1.0, 5.0]])  # rewards on non-actions must be ignored
+    values = t([[0.5, 0.4, 7.0, 7.0, 0.3, 0.2, 3.0]])
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    adv, ret = M.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert torch.allclose(adv, t([[0.0027904, 0.19832, 0, 0, 0.456, 0.8, 0]]), atol=1e-6)
+    assert ret[0, 2] == 0 and ret[0, 6] == 0
+
+
+def test_gae_matches_plain_loop_on_random_input():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 9), torch.randn(3, 9)
+    mask = torch.rand(3, 9) > 0.3
+    adv, _ = M.gae(rewards, values, mask, gamma=0.95, lam=0.9)
+    for b in range(3):
+        idx = [i for i in range(9) if mask[b, i]]
+        last, nxt = 0.0, 0.0
+        for i in reversed(idx):
+            delta = rewards[b, i].item() + 0.95 * nxt - values[b, i].item()
+            last = delta + 0.95 * 0.9 * last
+            nxt = values[b, i].item()
+            assert adv[b, i].item() == pytest.approx(last, abs=1e-5)
+
+
+def test_clipped_policy_loss_below_inside_above_with_both_signs():
+    # cliprange 0.2, so clip(r) lies in [0.8, 1.2]; loss = max(-A r, -A clip(r)).
+    # A=+1: r=0.5 -> max(-0.5, -0.8) = -0.5 (not clipped)   r=1.1 -> -1.1   r=1.5 -> max(-1.5, -1.2) = -1.2 (clipped)
+    # A=-1: r=0.5 -> max( 0.5,  0.8) =  0.8 (clipped)       r=1.1 ->  1.1   r=1.5 -> max( 1.5,  1.2) =  1.5 (not clipped)
+    ratios = t([0.5, 1.1, 1.5, 0.5, 1.1, 1.5])
+    adv = t([1, 1, 1, -1, -1, -1])
+    old = torch.zeros(6)
+    loss, clipped, ratio = M.clipped_policy_loss(torch.log(ratios), old, adv, cliprange=0.2)
+    assert torch.allclose(loss, t([-0.5, -1.1, -1.2, 0.8, 1.1, 1.5]), atol=1e-6)
+    assert clipped.tolist() == [False, False, True, True, False, False]
+    assert torch.allclose(ratio, ratios)
+    # Dual clip c = 1.3 caps the loss of a negative advantage at -c*A = 1.3: only r=1.5, A=-1 changes.
+    loss_dc, _, _ = M.clipped_policy_loss(torch.log(ratios), old, adv, cliprange=0.2, dual_clip=1.3)
+    assert torch.allclose(loss_dc, t([-0.5, -1.1, -1.2, 0.8, 1.1, 1.3]), atol=1e-6)
+
+
+def test_clipped_value_loss():
+    # old V = 1.0, eps = 0.2 -> clipped V in [0.8, 1.2]; returns R = 2.0
+    # V = 1.5: unclipped (1.5-2)^2 = 0.25, clipped (1.2-2)^2 = 0.64 -> 0.5*0.64 = 0.32 (clipped)
+    # V = 1.1: both (1.1-2)^2 = 0.81 -> 0.405 (not clipped)
+    # V = 0.5: unclipped (0.5-2)^2 = 2.25, clipped (0.8-2)^2 = 1.44 -> 0.5*2.25 = 1.125 (not clipped)
+    loss, clipped = M.clipped_value_loss(t([1.5, 1.1, 0.5]), t([1.0, 1.0, 1.0]), t([2.0, 2.0, 2.0]), 0.2)
+    assert torch.allclose(loss, t([0.32, 0.405, 1.125]), atol=1e-6)
+    assert clipped.tolist() == [True, False, False]
+
+
+def test_kl_estimators_on_a_known_pair():
+    # pi = 0.5, pi_ref = 0.25: log r = log(0.25/0.5) = -log 2 = -0.693147, r = 0.5
+    # k1 = -log r = 0.693147;  k2 = (log r)^2 / 2 = 0.480453 / 2 = 0.240227;  k3 = r - 1 - log r = 0.193147
+    logp, ref = t([math.log(0.5)]), t([math.log(0.25)])
+    assert M.kl_penalty(logp, ref, "k1").item() == pytest.approx(0.693147, abs=1e-6)
+    assert M.kl_penalty(logp, ref, "k2").item() == pytest.approx(0.240227, abs=1e-6)
+    assert M.kl_penalty(logp, ref, "k3").item() == pytest.approx(0.193147, abs=1e-6)
+    with pytest.raises(ValueError, match="k4"):
+        M.kl_penalty(logp, ref, "k4")
+
+
+def test_group_advantages_grpo_rloo_dr_grpo():
+    # Group of 4 scores [1, 2, 3, 6]: mean 3, deviations [-2, -1, 0, 3], squares sum 14,
+    # unbiased std = sqrt(14/3) = 2.160247.
+    s = t([1, 2, 3, 6])
+    grpo = M.group_advantages(s, 4, "grpo", eps=0.0)
+    assert torch.allclose(grpo, t([-2, -1, 0, 3]) / 2.160247, atol=1e-5)  # [-0.92582, -0.46291, 0, 1.38873]
+    assert torch.allclose(M.group_advantages(s, 4, "grpo", scale_std=False), t([-2, -1, 0, 3]))
+    assert torch.allclose(M.group_advantages(s, 4, "dr_grpo"), t([-2, -1, 0, 3]))
+    # rloo baselines: for 1 -> (2+3+6)/3 = 3.6667, for 2 -> 10/3, for 3 -> 9/3 = 3, for 6 -> 6/3 = 2
+    # advantages [-2.6667, -1.3333, 0, 4] = 4/3 * [-2, -1, 0, 3]
+    assert torch.allclose(M.group_advantages(s, 4, "rloo"), t([-8 / 3, -4 / 3, 0, 4]), atol=1e-6)
+    # two groups are independent
+    two = M.group_advantages(t([1, 2, 3, 6, 10, 10, 10, 10]), 4, "dr_grpo")
+    assert torch.allclose(two[4:], torch.zeros(4))
+    with pytest.raises(ValueError, match="groups of 3"):
+        M.group_advantages(s, 3, "grpo")
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.floats(-100, 100, allow_nan=False), min_size=3, max_size=40),
+    st.integers(0, 2**16),
+)
+def test_whitening_gives_mean_zero_unit_variance_over_the_mask(values, seed):
+    x = torch.tensor(values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(len(values), generator=g) > 0.3
+    mask[:2] = True
+    if float(x[mask].std()) < 1e-3:  # constant input has no scale to normalise
+        return
+    w = M.masked_whiten(x, mask)
+    assert M.masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert M.masked_var(w, mask).item() == pytest.approx(1.0, abs=1e-4)
+    assert torch.all(w[~mask] == 0)
+
+
+def test_masked_mean_of_empty_mask_is_zero_not_nan():
+    assert M.masked_mean(t([1.0, 2.0]), torch.zeros(2, dtype=torch.bool)).item() == 0.0
+
+
+def test_logprobs_and_entropy_use_temperature():
+    # logits [0, log 3] at temperature 1: p = [1/4, 3/4]; at temperature 2: z = [0, log(3)/2],
+    # p = [1, sqrt 3] / (1 + sqrt 3) = [0.366025, 0.633975]
+    logits = t([[0.0, math.log(3)]])
+    lp1 = M.logprobs_from_logits(logits, torch.tensor([1]), 1.0)
+    assert lp1.item() == pytest.approx(math.log(0.75), abs=1e-6)
+    lp2 = M.logprobs_from_logits(logits, torch.tensor([0]), 2.0)
+    assert lp2.item() == pytest.approx(math.log(0.366025), abs=1e-5)
+    # entropy at T=1: -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.346574 + 0.215762 = 0.562335
+    assert M.entropy_from_logits(logits).item() == pytest.approx(0.562335, abs=1e-5)
+
+
+def test_token_rewards_place_score_on_last_turn_token_and_penalise_kl():
+    # Two assistant turns at positions 1-2 and 4-5; per-turn scores 0.3 and 0.7 on tokens 2 and 5.
+    mask = torch.tensor([[0, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)
+    placed = M.place_scores([[0.3, 0.7]], [[2, 5]], (1, 7))
+    kl = torch.full((1, 7), 0.5)
+    r = M.token_rewards(placed, kl, mask, kl_coef=0.1)
+    # action tokens get -0.1*0.5 = -0.05, plus the score on the turn's last token
+    assert torch.allclose(r, t([[0, -0.05, 0.25, 0, -0.05, 0.65, 0]]), atol=1e-6)
+    with pytest.raises(ValueError, match="2 scores for 1 assistant turns"):
+        M.place_scores([[0.3, 0.7]], [[2]], (1, 7))
+
+
+def test_nonstop_penalty_replaces_score():
+    out = M.apply_nonstop_penalty(t([0.5, 0.9]), torch.tensor([True, False]), -10.0)
+    assert out.tolist() == [0.5, -10.0]
+
+
+def test_aggregation_modes():
+    # seq 0: losses [1, 2, 3] on 3 tokens; seq 1: loss [6] on 1 token (rest masked)
+    loss = t([[1, 2, 3], [6, 100, 100]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    # token-mean: (1+2+3+6)/4 = 3
+    assert M.aggregate(loss, mask, "token-mean", num_tokens=4, num_seqs=2).item() == pytest.approx(3.0)
+    # seq-mean-token-mean: (mean[1,2,3] + 6)/2 = (2 + 6)/2 = 4
+    assert M.aggregate(loss, mask, "seq-mean-token-mean", num_tokens=4, num_seqs=2).item() == pytest.approx(4.0)
+    # seq-mean-token-sum-norm with budget 4: (6 + 6) / (4 * 2) = 1.5
+    assert M.aggregate(loss, mask, "seq-mean-token-sum-norm", 4, 2, norm_len=4).item() == pytest.approx(1.5)
+    # an all-masked micro-batch gives 0, not NaN
+    assert M.aggregate(loss, torch.zeros_like(mask), "token-mean", 0, 0).item() == 0.0
+
+
+def test_adaptive_kl_controller():
+    # KL 8 vs target 6: error = 8/6 - 1 = 0.333 -> clipped to 0.2; 100 episodes over horizon 10000:
+    # beta = 0.05 * (1 + 0.2 * 100 / 10000) = 0.05 * 1.002 = 0.0501
+    ctl = M.AdaptiveKLController(0.05, target=6.0, horizon=10000)
+    ctl.update(8.0, n_steps=100)
+    assert ctl.value == pytest.approx(0.0501)
+    # KL 3 vs 6: error -0.5 -> -0.2: beta = 0.0501 * (1 - 0.002)
+    ctl.update(3.0, n_steps=100)
+    assert ctl.value == pytest.approx(0.0501 * 0.998)
+    fixed = M.FixedKLController(0.05)
+    fixed.update(100.0, 100)
+    assert fixed.value == 0.05
+
+
+def test_explained_variance():
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    r = t([[1.0, 2.0, 3.0, 4.0]])
+    assert M.explained_variance(r, r, mask).item() == pytest.approx(1.0)
+    # predicting the mean everywhere explains nothing
+    assert M.explained_variance(torch.full((1, 4), 2.5), r, mask).item() == pytest.approx(0.0)
