@@ -144,6 +144,8 @@ class RewardConfig:
     """Server: how long a request waits for others to join its micro-batch."""
     reward_max_request_bytes: int = 16 * 1024 * 1024
     """Server: largest request body accepted (413 above it)."""
+    reward_model_config: dict[str, object] | None = None
+    """Settings for the reward model's `__init__` (e.g. `keywords`); merged over the file's top-level keys."""
 
 
 @dataclass
@@ -206,6 +208,8 @@ class OptimConfig:
     """GRPO: divide group-centred scores by the group std (Dr. GRPO sets this off)."""
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = None
     """How token losses are averaged; null: token-mean, or seq-mean-token-sum-norm for dr_grpo."""
+    non_stop_penalty: bool = True
+    """Replace the score of a conversation that never produced the stop token by `penalty_reward_value`."""
     penalty_reward_value: float = -10.0
     """Score given to a conversation whose response never produced the stop token (non-stop penalty)."""
     max_bad_steps: int = 3

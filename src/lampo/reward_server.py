@@ -1,0 +1,441 @@
+"""The reward server: ``python -m lampo.reward_server --model my_reward_model.MyRewardModel --config cfg.yaml``.
+
+Serves a ``RewardModelTemplate`` over HTTP (protocol in ``docs/reward-server.md``):
+
+- ``POST /compute`` ``{"messages": [[str, ...], ...]}`` -> ``200 {"scores": [...]}``, same order and count.
+- ``GET /health`` -> ``200 {"status": "ok", "model": "<class name>", "verifiable": false}`` once ``load()`` finished, 503 before.
+- Errors are ``{"error": "..."}``: 400 body not JSON, 401 missing/wrong token, 413 body too large
+  (checked before parsing), 422 wrong shape (names the first bad element), 500 compute raised or
+  returned a wrong count or a non-finite number, 503 still loading.
+
+Concurrent requests are merged into one ``compute`` call (micro-batching) up to
+``reward_max_batch_size`` conversations, waiting at most ``reward_max_wait_ms`` for company.
+SIGINT/SIGTERM stop accepting connections, finish requests in flight, call ``unload()``, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pydantic
+import uvicorn
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lampo.config import ConfigError, LampoConfig, RewardConfig
+from lampo.reward.loading import RewardModelLoadError, build_model, import_model_class, model_config_from
+from lampo.reward_model import RewardModelTemplate, check_scores, run_compute
+
+logger = logging.getLogger("lampo.reward_server")
+
+START_HINT = "python -m lampo.reward_server --model my_reward_model.MyRewardModel --config <config.yaml>"
+
+
+class StartupError(RuntimeError):
+    """The server cannot start: bad model path, bad class, load() failed, unsafe bind."""
+
+
+# ---------------------------------------------------------------------------------------
+# Settings: flags > config file > defaults
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerSettings:
+    """What the server needs, resolved from flags, the YAML config and `RewardConfig` defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    max_request_bytes: int = 16 * 1024 * 1024
+
+
+def read_raw_config(path: str | None) -> dict[str, Any]:
+    """The parsed YAML file as a dict (unknown keys kept: they belong to the user's reward model)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise StartupError(f"config file '{p}' does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise StartupError(f"config file '{p}' is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise StartupError(f"config file '{p}' must be a mapping of keys to values")
+    return raw
+
+
+def reward_config_from_raw(raw: dict[str, Any]) -> tuple[RewardConfig, set[str]]:
+    """The `RewardConfig` keys of a raw config (flat or under `reward:`), validated; plus the keys set."""
+    names = {f.name for f in dataclasses.fields(RewardConfig)}
+    picked = {k: v for k, v in raw.items() if k in names}
+    section = raw.get("reward")
+    if isinstance(section, dict):
+        picked.update({k: v for k, v in section.items() if k in names})
+    try:
+        return LampoConfig(picked).reward, set(picked)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from exc
+
+
+def resolve_settings(args: argparse.Namespace, raw: dict[str, Any]) -> ServerSettings:
+    rc, given = reward_config_from_raw(raw)
+    port = rc.reward_port
+    # One config file serves trainer and server: when only the URL is given, listen on its port.
+    if "reward_port" not in given and "://" in rc.reward_model:
+        url_port = urlparse(rc.reward_model).port
+        if url_port is not None:
+            port = url_port
+    settings = ServerSettings(
+        host=rc.reward_host,
+        port=port,
+        token=rc.reward_token or os.environ.get("LAMPO_REWARD_TOKEN") or None,
+        max_batch_size=rc.reward_max_batch_size,
+        max_wait_ms=rc.reward_max_wait_ms,
+        max_request_bytes=rc.reward_max_request_bytes,
+    )
+    for flag in ("host", "port", "token", "max_batch_size", "max_wait_ms", "max_request_bytes"):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(settings, flag, value)
+    if settings.max_batch_size < 1:
+        raise StartupError(f"--max-batch-size = {settings.max_batch_size} is invalid: must be >= 1")
+    if settings.max_wait_ms < 0:
+        raise StartupError(f"--max-wait-ms = {settings.max_wait_ms} is invalid: must be >= 0")
+    if not 0 < settings.port < 65536:
+        raise StartupError(f"--port = {settings.port} is invalid: must be a TCP port (1-65535)")
+    if not is_loopback(settings.host) and not settings.token:
+        raise StartupError(
+            f"refusing to bind {settings.host}: any address other than loopback needs an API token "
+            "(--token, `reward_token` in the config, or the LAMPO_REWARD_TOKEN environment variable); "
+            "clients then send 'Authorization: Bearer <token>'"
+        )
+    return settings
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# Micro-batching
+# ---------------------------------------------------------------------------------------
+
+
+class ComputeError(Exception):
+    """compute raised or returned a bad reply (HTTP 500)."""
+
+
+class Batcher:
+    """Merges concurrent requests into one `compute` call (one batch at a time, in arrival order).
+
+    A request is never split: requests are merged while the total stays within `max_batch_size`
+    (a single larger request runs alone). Scoring one batch at a time is what a neural model on
+    one device wants; the event loop stays free because sync work runs in a worker thread.
+    """
+
+    def __init__(self, model: RewardModelTemplate, max_batch_size: int, max_wait_ms: float) -> None:
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue: asyncio.Queue[tuple[list[list[str]], asyncio.Future[list[Any]]]] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+        self.calls = 0
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, messages: list[list[str]]) -> list[Any]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        await self.queue.put((messages, future))
+        return await future
+
+    async def _run(self) -> None:
+        pending: tuple[list[list[str]], asyncio.Future[list[Any]]] | None = None
+        while True:
+            first = pending or await self.queue.get()
+            pending = None
+            batch = [first]
+            total = len(first[0])
+            deadline = time.monotonic() + self.max_wait
+            while total < self.max_batch_size:
+                try:
+                    item = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                if total + len(item[0]) > self.max_batch_size:
+                    pending = item  # starts the next batch, keeping arrival order
+                    break
+                batch.append(item)
+                total += len(item[0])
+            await self._score(batch)
+
+    async def _score(self, batch: list[tuple[list[list[str]], asyncio.Future[list[Any]]]]) -> None:
+        merged = [conv for messages, _ in batch for conv in messages]
+        self.calls += 1
+        name = type(self.model).__name__
+        where = "" if len(batch) == 1 else f" (in a micro-batch of {len(batch)} requests)"
+        try:
+            raw = await run_compute(self.model, merged)
+        except Exception as exc:  # the user's code: report it, keep serving
+            logger.error("%s.compute raised:\n%s", name, traceback.format_exc())
+            return self._fail(batch, f"{name}.compute raised {type(exc).__name__}: {exc}{where}")
+        try:
+            scores = check_scores(raw, merged, source=f"{name}.compute")
+        except ValueError as exc:
+            return self._fail(batch, f"{exc}{where}")
+        start = 0
+        for messages, future in batch:
+            if not future.done():  # the client may have gone away
+                future.set_result(scores[start : start + len(messages)])
+            start += len(messages)
+
+    @staticmethod
+    def _fail(batch: list[tuple[list[list[str]], asyncio.Future[list[Any]]]], message: str) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(ComputeError(message))
+
+
+# ---------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------
+
+
+class ComputeRequest(pydantic.BaseModel):
+    """Body of POST /compute."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    messages: list[list[str]]
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _describe_validation(exc: pydantic.ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(err["loc"]))
+    value = err.get("input")
+    shown = json.dumps(value)[:80] if value is not None else "missing"
+    more = f" ({len(exc.errors()) - 1} more errors)" if len(exc.errors()) > 1 else ""
+    return (
+        f"{loc or 'body'}: {err['msg']} (got {shown}){more}; "
+        'expected {"messages": [["user text", "assistant text", ...], ...]}'
+    )
+
+
+class _State:
+    def __init__(self) -> None:
+        self.model: RewardModelTemplate | None = None
+        self.batcher: Batcher | None = None
+        self.load_error: str | None = None
+        self.server: uvicorn.Server | None = None
+
+
+def create_app(
+    model_cls: type[RewardModelTemplate], config: dict[str, Any], settings: ServerSettings
+) -> tuple[FastAPI, _State]:
+    """The ASGI app; the model is constructed and loaded in a worker thread after start-up."""
+    state = _State()
+
+    async def load_in_background() -> None:
+        try:
+            model = await asyncio.to_thread(build_model, model_cls, config)
+        except RewardModelLoadError as exc:
+            state.load_error = str(exc)
+            print(f"lampo.reward_server: error: {exc}", file=sys.stderr, flush=True)
+            if state.server is not None:
+                state.server.should_exit = True
+            return
+        state.batcher = Batcher(model, settings.max_batch_size, settings.max_wait_ms)
+        state.batcher.start()
+        state.model = model
+        logger.info("reward model %s loaded; ready", model_cls.__name__)
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(load_in_background())
+        yield
+        # Shutdown runs after uvicorn finished the requests in flight.
+        if not loader.done():
+            await loader
+        if state.batcher is not None:
+            await state.batcher.stop()
+        if state.model is not None:
+            try:
+                await asyncio.to_thread(state.model.unload)
+                logger.info("reward model %s unloaded", model_cls.__name__)
+            except Exception:
+                logger.error("unload() raised:\n%s", traceback.format_exc())
+
+    app = FastAPI(title="Lampo reward server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if settings.token:
+            header = request.headers.get("authorization", "")
+            scheme, _, supplied = header.partition(" ")
+            # compare_digest: the time taken does not reveal how much of a guess was right.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip(), settings.token):
+                return _error(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+                              {"WWW-Authenticate": "Bearer"})
+        try:
+            return await call_next(request)
+        except Exception as exc:  # never a bare 500 page: always the JSON error shape
+            logger.error("unhandled error:\n%s", traceback.format_exc())
+            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.model is None:
+            message = state.load_error or f"reward model {model_cls.__name__} is still loading"
+            return _error(503, message, {"Retry-After": "1"})
+        verifiable = bool(getattr(state.model, "verifiable", False))
+        return JSONResponse({"status": "ok", "model": model_cls.__name__, "verifiable": verifiable})
+
+    @app.post("/compute")
+    async def compute(request: Request) -> JSONResponse:
+        limit = settings.max_request_bytes
+        # 1. size, before anything is parsed: the declared length first, then the bytes read.
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return _error(413, f"request body of {declared} bytes is over the limit of {limit} bytes "
+                               "(reward_max_request_bytes); send fewer conversations per request")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return _error(413, f"request body is over the limit of {limit} bytes "
+                                   "(reward_max_request_bytes); send fewer conversations per request")
+        # 2. JSON.
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _error(400, f"body is not valid JSON: {exc}")
+        # 3. shape.
+        try:
+            parsed = ComputeRequest.model_validate(data)
+        except pydantic.ValidationError as exc:
+            return _error(422, _describe_validation(exc))
+        if state.batcher is None:
+            message = state.load_error or f"reward model {model_cls.__name__} is still loading"
+            return _error(503, message, {"Retry-After": "1"})
+        if not parsed.messages:
+            return JSONResponse({"scores": []})
+        try:
+            scores = await state.batcher.submit(parsed.messages)
+        except ComputeError as exc:
+            return _error(500, str(exc))
+        return JSONResponse({"scores": scores})
+
+    return app, state
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m lampo.reward_server",
+        description="Serve a RewardModelTemplate subclass over HTTP (protocol: docs/reward-server.md).",
+    )
+    parser.add_argument("--model", required=True,
+                        help="dotted path of the class, e.g. my_reward_model.MyRewardModel (current folder is importable)")
+    parser.add_argument("--config", default=None,
+                        help="YAML config (the trainer's file); the whole dict is passed to the model's __init__")
+    parser.add_argument("--host", default=None, help="bind address (default: reward_host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port (default: reward_port, or the port of the reward_model URL, 8000)")
+    parser.add_argument("--token", default=None,
+                        help="API token (default: reward_token or LAMPO_REWARD_TOKEN); required off loopback")
+    parser.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=None,
+                        help="most conversations merged into one compute call (reward_max_batch_size)")
+    parser.add_argument("--max-wait-ms", dest="max_wait_ms", type=float, default=None,
+                        help="how long a request waits for others to join its batch (reward_max_wait_ms)")
+    parser.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, default=None,
+                        help="largest request body accepted, 413 above (reward_max_request_bytes)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        raw = read_raw_config(args.config)
+        settings = resolve_settings(args, raw)
+        model_cls = import_model_class(args.model)
+    except (StartupError, RewardModelLoadError) as exc:
+        print(f"lampo.reward_server: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    app, state = create_app(model_cls, model_config_from(raw), settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                            access_log=args.log_level == "debug", lifespan="on")
+    server = uvicorn.Server(config)
+    state.server = server
+    # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, which would end the process
+    # with a signal status; with these no-op handlers in place a clean shutdown exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    print(f"lampo.reward_server: serving {args.model} on http://{settings.host}:{settings.port} "
+          f"(micro-batch {settings.max_batch_size} / {settings.max_wait_ms} ms, "
+          f"token {'on' if settings.token else 'off'})", file=sys.stderr, flush=True)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits on a bind failure
+        return int(exc.code or 1)
+    if state.load_error is not None:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
