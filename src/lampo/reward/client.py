@@ -62,12 +62,14 @@ class RewardClient:
     backoff_max: float = 10.0
     """Cap of one backoff wait."""
     stats: ClientStats = field(default_factory=ClientStats)
+    transport: httpx.AsyncBaseTransport | None = None
+    """Optional httpx transport (tests use httpx.MockTransport)."""
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        self._http = httpx.AsyncClient(headers=headers, timeout=self.timeout, limits=limits)
+        self._http = httpx.AsyncClient(headers=headers, timeout=self.timeout, limits=limits, transport=self.transport)
 
     async def __aenter__(self) -> RewardClient:
         return self

@@ -1,0 +1,115 @@
+"""make_scorer: the in-process runner, and the server's micro-batcher without HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import pytest
+
+from lampo.config import LampoConfig
+from lampo.reward import InProcessScorer, RewardError, RewardUnavailable, make_scorer
+from lampo.reward_model import RewardModelTemplate
+from lampo.reward_server import Batcher
+
+
+def test_in_process_scorer_from_a_non_main_thread():
+    cfg = LampoConfig(reward_model="lampo.reward.rules.VowelReward").reward
+    scorer = make_scorer(cfg, {})
+    try:
+        assert isinstance(scorer, InProcessScorer) and scorer.verifiable is False
+        scorer.check_available()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            # "banana" 3/6 = 0.5; "xyz" 0/3 = 0.0
+            futures = [pool.submit(scorer.score, [["q", "banana"], ["q", "xyz"]]) for _ in range(4)]
+            assert [f.result() for f in futures] == [[0.5, 0.0]] * 4
+        assert scorer.stats() == {"reward/retries": 0, "reward/failed_requests": 0}
+    finally:
+        scorer.close()
+    assert not scorer.model.is_loaded  # close() called unload()
+
+
+def test_in_process_reward_model_config_reaches_the_model():
+    cfg = LampoConfig(reward_model="lampo.reward.rules.VowelReward",
+                      reward_model_config={"vowel_per_turn": True}).reward
+    scorer = make_scorer(cfg)
+    try:
+        assert scorer.score([["u", "aa", "u", "bb"]]) == [[1.0, 0.0]]
+    finally:
+        scorer.close()
+
+
+def test_in_process_errors_are_reward_errors_never_zero():
+    cfg = LampoConfig(reward_model="lampo.reward.rules.ExactAnswerReward").reward
+    scorer = make_scorer(cfg, {})
+    try:
+        assert scorer.verifiable is True
+        with pytest.raises(RewardError, match="conversation 0 has no expected answer"):
+            scorer.score([["What is 2+2?", "4"]])
+        assert scorer.stats()["reward/failed_requests"] == 1
+    finally:
+        scorer.close()
+
+
+def test_bad_class_path_names_the_config_key():
+    cfg = LampoConfig(reward_model="no_such_module_xyz.Model").reward
+    with pytest.raises(RewardError, match=r"config key 'reward_model' = 'no_such_module_xyz.Model'.*cannot find"):
+        make_scorer(cfg, {})
+
+
+def test_http_scorer_check_available_names_the_start_command():
+    # Port 9 (discard) on loopback: nothing listens there on these machines.
+    cfg = LampoConfig(reward_model="http://127.0.0.1:9").reward
+    scorer = make_scorer(cfg)
+    try:
+        with pytest.raises(RewardUnavailable, match=r"no reward server answers at http://127.0.0.1:9/health.*"
+                           r"python -m lampo.reward_server --model .* --port 9"):
+            scorer.check_available(timeout=1.0)
+    finally:
+        scorer.close()
+
+
+class Recording(RewardModelTemplate):
+    def __init__(self, config):
+        super().__init__(config)
+        self.batches: list[int] = []
+
+    async def compute(self, messages):
+        self.batches.append(len(messages))
+        return [float(c[1]) for c in messages]
+
+
+def test_batcher_merges_concurrent_requests_and_splits_replies():
+    model = Recording({})
+
+    async def go():
+        batcher = Batcher(model, max_batch_size=8, max_wait_ms=50)
+        batcher.start()
+        try:
+            # 10 requests of 2 conversations each, all at once: at most 8 conversations per compute call.
+            requests = [[["q", str(10 * i)], ["q", str(10 * i + 1)]] for i in range(10)]
+            return await asyncio.gather(*(batcher.submit(r) for r in requests))
+        finally:
+            await batcher.stop()
+
+    replies = asyncio.run(go())
+    assert replies == [[10.0 * i, 10.0 * i + 1] for i in range(10)]
+    assert model.batches == [8, 8, 4]  # 20 conversations in 3 calls instead of 10
+
+
+def test_batcher_errors_reach_every_request_of_the_batch():
+    class Bad(RewardModelTemplate):
+        async def compute(self, messages):
+            return [1.0]  # one score whatever the count
+
+    async def go():
+        batcher = Batcher(Bad({}), max_batch_size=8, max_wait_ms=20)
+        batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit([["q", "a"]]) for _ in range(2)), return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    errors = asyncio.run(go())
+    assert all("Bad.compute returned 1 scores for 2 conversations (in a micro-batch of 2 requests)" in str(e)
+               for e in errors)
