@@ -81,10 +81,11 @@ def text_columns(columns: Iterable[str]) -> list[str]:
 def parse_rows(records: Iterable[Mapping[str, Any]], columns: list[str], split: str = "train") -> list[PromptRow]:
     """Read the records of one split into `PromptRow`s, checking every row."""
     fmt = detect_format(columns)
+    cols = text_columns(columns) if fmt == "multistep" else []
     out = []
     for i, rec in enumerate(records):
         if fmt == "multistep":
-            out.append(_multistep_row(i, rec, text_columns(columns), split))
+            out.append(_multistep_row(i, rec, cols, split))
         elif fmt == "paddlenlp":
             out.append(_paddle_row(i, rec, split))
         else:
