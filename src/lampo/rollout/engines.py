@@ -22,6 +22,7 @@ vocabulary per token, so both engines report the same, filtered, quantity.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import importlib.util
 import logging
@@ -124,6 +125,11 @@ class HFEngine:
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[Generation]]:
         if not prompts:
             return []
+        # transformers refuses num_return_sequences > 1 with greedy decoding: repeat the prompts.
+        copies = settings.n if settings.temperature <= 0 and settings.n > 1 else 1
+        if copies > 1:
+            prompts = [p for p in prompts for _ in range(copies)]
+            settings = dataclasses.replace(settings, n=1)
         chunk = self.max_batch_size or len(prompts)
         out: list[list[Generation]] = []
         with self._lock, torch.inference_mode(), torch.random.fork_rng(devices=[]):
@@ -131,6 +137,8 @@ class HFEngine:
                 torch.manual_seed(settings.seed)
             for start in range(0, len(prompts), chunk):
                 out.extend(self._generate_chunk(prompts[start : start + chunk], settings))
+        if copies > 1:
+            out = [[g for row in out[i : i + copies] for g in row] for i in range(0, len(out), copies)]
         return out
 
     def _generate_chunk(self, prompts: list[list[int]], s: SamplingSettings) -> list[list[Generation]]:
@@ -287,22 +295,25 @@ class VLLMEngine:
                 seed=None if s.seed is None else s.seed + i * s.n,
             )
 
+        # vLLM refuses n > 1 with greedy decoding; the n greedy samples are then n requests.
+        copies = s.n if greedy and s.n > 1 else 1
+        if copies > 1:
+            s = dataclasses.replace(s, n=1)
         shared = params(0) if s.seed is None else None
-        sampling = [shared or params(i) for i in range(len(prompts))]
+        sampling = [shared or params(i) for i in range(len(prompts)) for _ in range(copies)]
+        requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(copies)]
         with self._lock:
-            outputs = self.llm.generate(
-                [{"prompt_token_ids": list(p)} for p in prompts], sampling, use_tqdm=False
-            )
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         stop = set(s.stop_token_ids)
-        result = []
-        for req in outputs:
-            row = []
+        result: list[list[Generation]] = []
+        for k, req in enumerate(outputs):
+            if k % copies == 0:
+                result.append([])
             for comp in sorted(req.outputs, key=lambda c: c.index):
                 tokens = list(comp.token_ids)
                 lps = [entry[t].logprob for t, entry in zip(tokens, comp.logprobs, strict=True)]
                 length, stopped = _truncate_at_stop(tokens, stop)
-                row.append(Generation(tokens[:length], lps[:length], "stop" if stopped else "length"))
-            result.append(row)
+                result[-1].append(Generation(tokens[:length], lps[:length], "stop" if stopped else "length"))
         return result
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
