@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import time
 import uuid
@@ -168,6 +169,9 @@ class Tracker:
         if not self.enabled:
             return
         self._check_open()
+        step = _to_step(step)
+        if "step" in metrics:
+            raise TrackingError("log: 'step' is the record's key in metrics.jsonl; pass it as the step argument")
         values = {name: _to_number(name, value) for name, value in metrics.items()}
         for name in values:
             if not is_known_metric(name) and name not in self._warned:
@@ -178,7 +182,7 @@ class Tracker:
                 )
         self.latest.update(values)
 
-        record = {"step": int(step), **values}
+        record = {"step": step, **values}
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         if self._tb is not None:
@@ -186,7 +190,7 @@ class Tracker:
                 self._tb.add_scalar(name, math.nan if value is None else value, step)
             self._tb.flush()
         if self._wandb_run is not None:
-            self._wandb_run.log(values, step=int(step))
+            self._wandb_run.log(values, step=step)
         self._show(step)
 
     def advance(self, step: int) -> None:
@@ -203,11 +207,12 @@ class Tracker:
         if not self.enabled or not samples:
             return
         self._check_open()
+        step = _to_step(step)
         lines = []
         for i, sample in enumerate(samples):
             if not isinstance(sample, dict):
                 raise TrackingError(f"log_samples: sample {i} must be a dict, got {type(sample).__name__}")
-            lines.append(json.dumps({"step": int(step), **sample}, default=_json_default, ensure_ascii=False))
+            lines.append(json.dumps({"step": step, **sample}, default=_json_default, ensure_ascii=False))
         with open(self.rollouts_path, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
         if self._tb is not None:
@@ -220,7 +225,7 @@ class Tracker:
             for i, sample in enumerate(samples):
                 table.add_data(step, i, json.dumps(_score_of(sample), default=_json_default),
                                _conversation_text(sample))
-            self._wandb_run.log({"rollouts": table}, step=int(step))
+            self._wandb_run.log({"rollouts": table}, step=step)
 
     def print(self, message: str) -> None:
         """Print a message on the main process without breaking the live progress bar."""
@@ -421,6 +426,16 @@ def _conversation_text(sample: dict[str, Any]) -> str:
 
 def _code_block(text: str) -> str:
     return "```\n" + text.replace("```", "'''") + "\n```"
+
+
+def _to_step(step: Any) -> int:
+    try:
+        value = operator.index(step)  # ints, numpy integers, integer tensors with one element
+    except TypeError:
+        value = None
+    if value is None or isinstance(step, bool) or value < 0:
+        raise TrackingError(f"step must be a non-negative int, got {step!r}")
+    return value
 
 
 def _to_number(name: str, value: Any) -> float | int | None:

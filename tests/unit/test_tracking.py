@@ -77,6 +77,10 @@ def test_values_nan_is_null_and_bad_values_name_the_metric(tmp_path):
     with pytest.warns(UserWarning, match="'objective/sores' is not in lampo.tracking.METRIC_NAMES"):
         tracker.log(2, {"objective/sores": 1.0})
     tracker.log(3, {"eval/anything": 1.0})  # eval/ names are accepted without warning
+    with pytest.raises(TrackingError, match="'step' is the record's key"):
+        tracker.log(4, {"step": 4})
+    with pytest.raises(TrackingError, match="step must be a non-negative int"):
+        tracker.log(2.5, {"lr": 1.0})
     tracker.close()
     with pytest.raises(TrackingError, match="closed"):
         tracker.log(4, {"lr": 1.0})
