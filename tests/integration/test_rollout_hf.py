@@ -1,0 +1,117 @@
+"""The rollout phase on the real tiny model with the transformers engine."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from lampo.config import DataConfig, GenerationConfig
+from lampo.data import load_prompt_dataset
+from lampo.rollout.engines import HFEngine, SamplingSettings, make_engine
+from lampo.rollout.multistep import rollout
+from lampo.rollout.weight_sync import engine_weights
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+
+
+def test_example_dataset_rolls_out_three_steps(tiny_model_path, tok):
+    data_cfg = DataConfig(query_dataset=str(ROOT / "examples/data/multistep"), system_prompt="Be brief.")
+    rows = load_prompt_dataset(data_cfg, seed=0)["train"][:6]
+    gen_cfg = GenerationConfig(engine="hf", temperature=1.0, max_new_tokens=8, num_generations=2, stop_token=" ")
+    engine = make_engine(gen_cfg, tiny_model_path, tok)
+    assert isinstance(engine, HFEngine)
+    batch = rollout(engine, tok, rows, gen_cfg, data_cfg, policy_version=0, seed=1)
+    assert len(batch) == 12 and batch.prompt_index.tolist() == [r.index for r in rows for _ in range(2)]
+    for i in range(len(batch)):
+        spans, reasons, msgs = batch.turn_spans[i], batch.finish_reasons[i], batch.messages[i]
+        assert len(spans) == len(reasons) and len(msgs) == 2 * len(spans)
+        # A conversation goes on only after a stopped turn.
+        assert all(r == "stop" for r in reasons[:-1])
+        covered = torch.zeros_like(batch.action_mask[i])
+        for start, end in spans:
+            covered[start:end] = True
+        assert torch.equal(covered, batch.action_mask[i])  # the mask is exactly the turns
+        assert msgs[0] == rows[i // 2].steps[0]
+    assert any(len(s) == 3 for s in batch.turn_spans)
+    assert int(batch.action_mask.sum()) == batch.num_generated_tokens > 0
+
+
+def test_engine_logprobs_match_a_forward_pass_at_the_temperature(model, tok):
+    # Learner-side recomputation: log softmax(logits / T) at each action token, from one forward
+    # pass over the whole conversation (what the optimisation phase does).
+    gen_cfg = GenerationConfig(temperature=0.7, max_new_tokens=10, stop_token=" ")
+    data_cfg = DataConfig()
+    from lampo.data import PromptRow
+
+    rows = [PromptRow(0, ("Hi.", "Why?")), PromptRow(1, ("Tell me about bees.", "And ants?"))]
+    batch = rollout(HFEngine(model, tok), tok, rows, gen_cfg, data_cfg, policy_version=0, seed=3)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    lp = torch.log_softmax(logits[:, :-1] / 0.7, -1).gather(2, batch.input_ids[:, 1:, None]).squeeze(2)
+    mask = batch.action_mask[:, 1:]
+    diff = (lp[mask] - batch.engine_logprobs[:, 1:][mask]).abs()
+    assert diff.max() < 1e-4  # val/engine_logprob_diff near 0 when weights and temperature agree
+
+
+def test_hf_engine_keeps_its_own_copy_until_update(model, tok):
+    import copy
+
+    policy = copy.deepcopy(model)
+    engine = HFEngine(policy, tok)
+    prompt = [tok("Hello there")["input_ids"]]
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=12, stop_token_ids=[3])
+    before = engine.generate(prompt, greedy)[0][0].token_ids
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    assert engine.generate(prompt, greedy)[0][0].token_ids == before  # the trainer's edits are not seen
+    engine.update_weights(engine_weights(policy))
+    expected = HFEngine(policy, tok).generate(prompt, greedy)[0][0].token_ids
+    assert engine.generate(prompt, greedy)[0][0].token_ids == expected != before
+    with pytest.raises(KeyError, match="not in the engine's model"):
+        engine.update_weights([("nope.weight", torch.zeros(1))])
+
+
+def test_hf_engine_seeded_sampling_and_thread_safety(model, tok):
+    engine = HFEngine(model, tok)
+    prompts = [tok("a b c")["input_ids"], tok("the moon")["input_ids"]]
+    s = SamplingSettings(temperature=1.0, max_new_tokens=6, stop_token_ids=[3], n=3, seed=7)
+    a = engine.generate(prompts, s)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(engine.generate(prompts, s)))
+    thread.start()
+    engine.update_weights(engine_weights(model))  # waits for the running generate (same weights)
+    thread.join()
+    assert [[g.token_ids for g in r] for r in results[0]] == [[g.token_ids for g in r] for r in a]
+    assert [len(r) for r in a] == [3, 3]
+    assert len({tuple(g.token_ids) for g in a[0]}) > 1
+
+
+def test_make_engine_auto_reports_its_choice(tiny_model_path, tok, caplog, monkeypatch):
+    import lampo.rollout.engines as engines
+
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    with caplog.at_level("INFO", logger="lampo.rollout.engines"):
+        engine = make_engine(GenerationConfig(engine="auto"), tiny_model_path, tok)
+    assert isinstance(engine, HFEngine)
+    assert "engine: auto picked hf" in caplog.text
+    with pytest.raises(ImportError, match="engine: vllm was requested but vllm is not installed"):
+        make_engine(GenerationConfig(engine="vllm"), tiny_model_path, tok)
