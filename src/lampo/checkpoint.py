@@ -18,7 +18,23 @@ Layout of one checkpoint::
                                or `model.safetensors` with the state_dict of a plain nn.Module
 
 Only one process may write checkpoints into an `output_dir` (rank 0 in data parallel); gather any
-sharded state before calling `save_checkpoint`.
+sharded state (and the other ranks' RNG states, if they differ) before calling `save_checkpoint`.
+
+Typical use in a trainer::
+
+    save_checkpoint(cfg.train.output_dir, step,
+                    models={"policy": policy, "value_model": value_model},
+                    states={"learner": learner.state_dict(), "rng": rng_state()},
+                    trainer_state={"global_step": step, "episode": episode, "data_order": order,
+                                   "data_position": pos, "policy_version": version},
+                    save_total_limit=cfg.train.save_total_limit)
+
+    ckpt = resolve_checkpoint(cfg.train.output_dir, cfg.train.resume_from_checkpoint)
+    if ckpt is not None:
+        states, trainer_state = load_checkpoint(ckpt)
+        policy = AutoModelForCausalLM.from_pretrained(model_path(ckpt, "policy"))   # or PeftModel.from_pretrained
+        learner.load_state_dict(states["learner"])
+        set_rng_state(states["rng"])
 """
 
 from __future__ import annotations
