@@ -133,6 +133,8 @@ class Tracker:
         self._wandb_run = None
         self._progress = None
         self._task = None
+        self.console = None
+        self.live = False
         if not self.enabled:
             return
 
