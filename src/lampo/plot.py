@@ -48,17 +48,17 @@ def series(by_step: dict[int, dict[str, Any]], name: str) -> tuple[list[int], li
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw reward, KL, entropy, loss, step time and response length per step; returns the PNG path."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and in tests
-    import matplotlib.pyplot as plt
-
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     by_step = merge_by_step(records)
     if not by_step:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} has no logged steps yet; plot again after the first step")
     out = Path(out) if out is not None else run_dir / PLOT_FILE
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and in tests
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), constrained_layout=True)
     for ax, (title, metrics, ylabel) in zip(axes.flat, PANELS, strict=True):
