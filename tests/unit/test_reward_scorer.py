@@ -113,3 +113,9 @@ def test_batcher_errors_reach_every_request_of_the_batch():
     errors = asyncio.run(go())
     assert all("Bad.compute returned 1 scores for 2 conversations (in a micro-batch of 2 requests)" in str(e)
                for e in errors)
+
+
+@pytest.mark.parametrize("value", ["localhost:8000", "my reward model", "Model"])
+def test_reward_model_that_is_neither_url_nor_class_path(value):
+    with pytest.raises(RewardError, match="neither a URL"):
+        make_scorer(LampoConfig(reward_model=value).reward)

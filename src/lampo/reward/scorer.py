@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import threading
 from collections.abc import Coroutine
 from typing import Any, Protocol, TypeVar
@@ -46,6 +47,11 @@ def make_scorer(reward_cfg: RewardConfig, model_config: dict[str, Any] | None = 
     target = reward_cfg.reward_model.strip()
     if "://" in target:
         return HTTPScorer(reward_cfg)
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", target):
+        raise RewardError(
+            f"config key 'reward_model' = {target!r} is neither a URL (http://host:port) nor a dotted class "
+            "path (my_reward_model.MyRewardModel)"
+        )
     raw = dict(model_config or {})
     if reward_cfg.reward_model_config:
         raw["reward_model_config"] = dict(reward_cfg.reward_model_config)
