@@ -1,0 +1,504 @@
+"""The learner: from a batch of scored conversations to updated weights.
+
+One call to `Learner.train(batch)` is the optimisation half of a PPO step:
+  1. forward:    old log-probs, reference log-probs, values and entropy, without gradients
+  2. advantages: rewards with KL, then GAE (critic) or a group estimator
+  3. optimise:   `ppo_epochs` passes over shuffled minibatches, micro-batches accumulated
+Each phase is timed. The maths lives in `maths.py`; this file only moves tensors around.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lampo.config import LampoConfig
+from lampo.optimize import maths as M
+from lampo.optimize.models import (
+    ValueModel,
+    base_causal_lm,
+    build_reference,
+    build_value_model,
+    init_value_head,
+    is_peft_model,
+    reference_mode,
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainBatch:
+    """What the learner trains on: B conversations, right-padded to T tokens.
+
+    Attributes:
+        input_ids: LongTensor [B, T].
+        attention_mask: LongTensor [B, T].
+        action_mask: BoolTensor [B, T], True on generated (trained) tokens.
+        placed_scores: FloatTensor [B, T], each score on the last token of its turn.
+        seq_scores: FloatTensor [B], the conversation's total score (after the non-stop penalty).
+        stopped: BoolTensor [B], every turn ended with the stop token.
+        group_size: samples per prompt; groups are contiguous (grpo, rloo, dr_grpo).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    placed_scores: torch.Tensor
+    seq_scores: torch.Tensor
+    stopped: torch.Tensor
+    group_size: int = 1
+    engine_logprobs: torch.Tensor | None = None
+    """Optional [B, T]: the engine's sampling log-probs, compared with the recomputed ones."""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: torch.Tensor) -> TrainBatch:
+        """Rows `idx`, trimmed to their longest sequence (right padding makes that safe)."""
+        length = int(self.attention_mask[idx].sum(1).max().item()) if len(idx) else 1
+        return TrainBatch(
+            input_ids=self.input_ids[idx, :length],
+            attention_mask=self.attention_mask[idx, :length],
+            action_mask=self.action_mask[idx, :length],
+            placed_scores=self.placed_scores[idx, :length],
+            seq_scores=self.seq_scores[idx],
+            stopped=self.stopped[idx],
+            group_size=self.group_size,
+        )
+
+
+@dataclass
+class Forwarded:
+    """Per-token tensors [B, T] from the no-grad forward pass (aligned with tokens)."""
+
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor | None
+    entropy: torch.Tensor
+
+
+def shift_align(per_position: torch.Tensor) -> torch.Tensor:
+    """Move values computed at position t-1 (which predicts token t) onto token t; token 0 gets 0."""
+    return torch.nn.functional.pad(per_position[:, :-1], (1, 0))
+
+
+class Learner:
+    """Holds the policy, critic, reference, optimisers and schedulers; trains on TrainBatches."""
+
+    def __init__(
+        self,
+        config: LampoConfig,
+        policy: nn.Module,
+        *,
+        ref_model: nn.Module | None = None,
+        value_model: nn.Module | None = None,
+        num_training_steps: int | None = None,
+        accelerator=None,
+        seed: int | None = None,
+    ):
+        self.cfg = config
+        self.opt_cfg = config.optim
+        self.accelerator = accelerator
+        self.temperature = config.generation.temperature
+        self.policy = policy
+        self.ref_model = ref_model if ref_model is not None else build_reference(policy, config.model)
+        self.value_head: nn.Linear | None = None
+        self.value_model: nn.Module | None = None
+        if config.uses_critic:
+            if config.model.value_model == "head":
+                hidden = base_causal_lm(policy).config.hidden_size
+                self.value_head = init_value_head(hidden)
+            else:
+                self.value_model = value_model if value_model is not None else build_value_model(config.model, policy)
+        if self.ref_model is not None:
+            self.ref_model.requires_grad_(False).eval()
+
+        self.kl_ctl = (
+            M.AdaptiveKLController(self.opt_cfg.kl_coef, self.opt_cfg.kl_target, self.opt_cfg.kl_horizon)
+            if self.opt_cfg.adaptive_kl
+            else M.FixedKLController(self.opt_cfg.kl_coef)
+        )
+        steps = num_training_steps or config.num_steps
+        self.optimizer, self.scheduler = self._make_optimizer(policy, self.value_head, config.optim.learning_rate, steps)
+        self.critic_optimizer = self.critic_scheduler = None
+        if self.value_model is not None:
+            self.critic_optimizer, self.critic_scheduler = self._make_optimizer(
+                self.value_model, None, config.critic_learning_rate, steps
+            )
+        if accelerator is not None:
+            self._prepare_with_accelerator()
+        self.generator = torch.Generator().manual_seed(config.train.seed if seed is None else seed)
+        self.consecutive_bad_steps = 0
+        self.skipped_updates = 0
+        self.global_step = 0
+        self.autocast_dtype = torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else None
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _make_optimizer(self, model: nn.Module, extra_head: nn.Module | None, lr: float, steps: int):
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": params, "lr": lr}]
+        if extra_head is not None:
+            groups.append({"params": list(extra_head.parameters()), "lr": self.cfg.critic_learning_rate})
+        # fused AdamW is a single kernel per step on CPU and GPU (torch >= 2.4)
+        optimizer = torch.optim.AdamW(
+            groups, lr=lr, weight_decay=self.opt_cfg.weight_decay, eps=self.opt_cfg.adam_eps, fused=True
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(self.opt_cfg.lr_scheduler_type,
+                                                                           self.opt_cfg.warmup_ratio, steps))
+        return optimizer, scheduler
+
+    def _prepare_with_accelerator(self) -> None:
+        acc = self.accelerator
+        self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
+        if self.value_model is not None:
+            self.value_model, self.critic_optimizer = acc.prepare(self.value_model, self.critic_optimizer)
+        if self.value_head is not None:
+            self.value_head = acc.prepare(self.value_head)
+
+    def unwrapped_policy(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.policy) if self.accelerator is not None else self.policy
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device = next(self.policy.parameters()).device.type
+        return torch.autocast(device_type=device, dtype=self.autocast_dtype)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.opt_cfg.mini_batch_size // self.opt_cfg.gradient_accumulation_steps
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ------------------------------------------------------------------ model calls
+    def _policy_forward(self, model: nn.Module, mb: TrainBatch, want_hidden: bool = False):
+        with self._autocast():
+            out = model(
+                input_ids=mb.input_ids,
+                attention_mask=mb.attention_mask,
+                use_cache=False,
+                output_hidden_states=want_hidden,
+            )
+        return out
+
+    def _logprobs_entropy(self, logits: torch.Tensor, mb: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        # logits at t-1 predict token t: compute on [:, :-1] against tokens [:, 1:], then align.
+        lp = M.logprobs_from_logits(logits[:, :-1], mb.input_ids[:, 1:], self.temperature)
+        ent = M.entropy_from_logits(logits[:, :-1], self.temperature)
+        return torch.nn.functional.pad(lp, (1, 0)), torch.nn.functional.pad(ent, (1, 0))
+
+    def _values(self, mb: TrainBatch, policy_out=None) -> torch.Tensor | None:
+        if self.value_model is not None:
+            with self._autocast():
+                v = self.value_model(mb.input_ids, mb.attention_mask)
+            return shift_align(v.float())
+        if self.value_head is not None:
+            hidden = policy_out.hidden_states[-1]
+            return shift_align(self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float())
+        return None
+
+    # ------------------------------------------------------------------ 1. forward
+    @torch.no_grad()
+    def forward_batch(self, batch: TrainBatch) -> Forwarded:
+        """Old log-probs, reference log-probs, values and entropy in micro-batches (no grad)."""
+        B, T = batch.input_ids.shape
+        old = torch.zeros(B, T)
+        ref = torch.zeros(B, T)
+        ent = torch.zeros(B, T)
+        values = torch.zeros(B, T) if self.cfg.uses_critic else None
+        self.policy.eval()
+        for start in range(0, B, self.micro_batch_size):
+            idx = torch.arange(start, min(start + self.micro_batch_size, B))
+            mb = batch.select(idx)
+            L = mb.input_ids.shape[1]
+            out = self._policy_forward(self.policy, mb, want_hidden=self.value_head is not None)
+            lp, e = self._logprobs_entropy(out.logits, mb)
+            old[idx, :L], ent[idx, :L] = lp, e
+            if values is not None:
+                values[idx, :L] = self._values(mb, out)
+            del out
+            with reference_mode(self.unwrapped_policy(), self.ref_model) as ref_model:
+                ref_logits = self._policy_forward(ref_model, mb).logits
+            ref[idx, :L] = self._logprobs_entropy(ref_logits, mb)[0]
+        return Forwarded(old_logprobs=old, ref_logprobs=ref, values=values, entropy=ent)
+
+    # ------------------------------------------------------------------ 2. advantages
+    def compute_advantages(self, batch: TrainBatch, fw: Forwarded) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """Advantages [B, T] (and returns for the critic) plus the objective/* statistics."""
+        opt = self.opt_cfg
+        mask = batch.action_mask
+        beta = self.kl_ctl.value
+        kl = M.kl_penalty(fw.old_logprobs, fw.ref_logprobs, opt.kl_estimator)
+        kl = torch.where(mask, kl, torch.zeros_like(kl))
+        kl_per_seq = kl.sum(1)
+        returns = None
+        if opt.estimator == "gae":
+            rewards = M.token_rewards(batch.placed_scores, kl, mask, beta if self.cfg.kl_in_reward else 0.0)
+            if opt.whiten_rewards:
+                rewards = M.masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = M.gae(rewards, fw.values, mask, opt.gamma, opt.lam)
+            if opt.whiten_advantages:
+                advantages = M.masked_whiten(advantages, mask)
+        elif opt.estimator == "reinforce_pp":
+            # REINFORCE++ (Hu 2025): token rewards with KL, discounted returns, batch-whitened.
+            rewards = M.token_rewards(batch.placed_scores, kl, mask, beta if self.cfg.kl_in_reward else 0.0)
+            advantages = M.masked_whiten(M.discounted_returns(rewards, mask, opt.gamma), mask)
+        else:
+            seq = batch.seq_scores - (beta * kl_per_seq if self.cfg.kl_in_reward else 0.0)
+            seq_adv = M.group_advantages(seq, batch.group_size, opt.estimator, scale_std=opt.grpo_scale_std)
+            advantages = torch.where(mask, seq_adv[:, None].expand_as(mask), torch.zeros(mask.shape))
+        non_score = -beta * kl_per_seq
+        stats = {
+            "objective/kl": kl_per_seq.mean().item(),
+            "objective/kl_coef": beta,
+            "objective/scores": batch.seq_scores.mean().item(),
+            "objective/non_score_reward": non_score.mean().item(),
+            "objective/rlhf_reward": (batch.seq_scores + non_score).mean().item(),
+            # sequence entropy estimate: sum of -log pi over the sampled tokens (open-instruct)
+            "objective/entropy": (-M.masked_sum(fw.old_logprobs, mask, dim=1)).mean().item(),
+            "val/sequence_lengths": mask.sum(1).float().mean().item(),
+            "val/num_stop_token_ids": batch.stopped.float().sum().item(),
+        }
+        return advantages, returns, stats
+
+    # ------------------------------------------------------------------ 3. optimise
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        """One PPO step on `batch`; returns flat float metrics."""
+        timings = {}
+        t0 = time.perf_counter()
+        fw = self.forward_batch(batch)
+        timings["time/forward"] = time.perf_counter() - t0
+        if not all(torch.isfinite(x).all() for x in (fw.old_logprobs, fw.ref_logprobs)):
+            return self._bad_step("old or reference log-probs are not finite (the weights may hold NaN)", timings)
+
+        t0 = time.perf_counter()
+        advantages, returns, stats = self.compute_advantages(batch, fw)
+        if batch.engine_logprobs is not None:
+            # A large gap between the engine's and the learner's log-probs of the same tokens is the
+            # classic sign of a weight-sync or temperature bug.
+            gap = (fw.old_logprobs - batch.engine_logprobs).abs()
+            stats["val/engine_logprob_diff"] = M.masked_mean(gap, batch.action_mask).item()
+        timings["time/advantages"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        acc = self._optimise(batch, fw, advantages, returns)
+        timings["time/optimize"] = time.perf_counter() - t0
+
+        lr_used = self.lr
+        self.scheduler.step()
+        if self.critic_scheduler is not None:
+            self.critic_scheduler.step()
+        self.kl_ctl.update(stats["objective/kl"], n_steps=len(batch))
+        self.global_step += 1
+
+        skipped = acc.pop("_skipped")
+        updates = acc.pop("_updates")
+        if skipped:
+            self.consecutive_bad_steps += 1
+            self.skipped_updates += skipped
+            if self.consecutive_bad_steps >= self.opt_cfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self.consecutive_bad_steps} steps in a row had a non-finite loss or gradient "
+                    f"({self.skipped_updates} optimiser updates skipped in all). Lower learning_rate, enable "
+                    "max_grad_norm, check the reward scale, or use fp32 instead of fp16."
+                )
+        else:
+            self.consecutive_bad_steps = 0
+        stats.update({k: (v / max(updates, 1)) for k, v in acc.items()})
+        stats["objective/loss"] = stats["loss/policy_avg"] + self.opt_cfg.vf_coef * stats.get("loss/value_avg", 0.0)
+        stats["optim/skipped_steps"] = float(skipped)
+        stats["lr"] = lr_used
+        if fw.values is not None:
+            stats["val/explained_variance"] = M.explained_variance(fw.values, returns, batch.action_mask).item()
+        stats.update(timings)
+        return stats
+
+    def _optimise(self, batch, fw, advantages, returns) -> dict[str, float]:
+        opt = self.opt_cfg
+        B = len(batch)
+        acc: dict[str, float] = defaultdict(float)
+        agg = self.cfg.loss_aggregation
+        beta = self.kl_ctl.value
+        models = [m for m in (self.policy, self.value_model, self.value_head) if m is not None]
+        for m in models:
+            m.train()
+        for _epoch in range(opt.ppo_epochs):
+            order = torch.randperm(B, generator=self.generator)
+            for mb_start in range(0, B, opt.mini_batch_size):
+                mb_idx = order[mb_start : mb_start + opt.mini_batch_size]
+                num_tokens = float(batch.action_mask[mb_idx].sum())
+                num_seqs = float(len(mb_idx))
+                self._zero_grad()
+                mb_stats: dict[str, float] = defaultdict(float)
+                finite = True
+                micro_chunks = mb_idx.split(self.micro_batch_size)
+                for i, micro_idx in enumerate(micro_chunks):
+                    last = i == len(micro_chunks) - 1
+                    with self._no_sync(not last):
+                        finite &= self._micro_step(
+                            batch.select(micro_idx), fw, advantages, returns, micro_idx,
+                            num_tokens, num_seqs, agg, beta, mb_stats,
+                        )
+                grad_norm = self._clip_and_norm()
+                if finite and math.isfinite(grad_norm):
+                    self.optimizer.step()
+                    if self.critic_optimizer is not None:
+                        self.critic_optimizer.step()
+                    acc["_updates"] += 1
+                    for k, v in mb_stats.items():
+                        acc[k] += v
+                else:
+                    # Skip: weights and optimiser state stay as they were before this minibatch.
+                    acc["_skipped"] += 1
+                self._zero_grad()
+        for m in models:
+            m.eval()
+        acc.setdefault("_skipped", 0)
+        acc.setdefault("_updates", 0)
+        return acc
+
+    def _micro_step(self, mb, fw, advantages, returns, idx, num_tokens, num_seqs, agg, beta, stats) -> bool:
+        opt = self.opt_cfg
+        L = mb.input_ids.shape[1]
+        mask = mb.action_mask
+        old_lp = fw.old_logprobs[idx, :L]
+        adv = advantages[idx, :L]
+        norm_len = float(self.cfg.generation.max_new_tokens)
+        out = self._policy_forward(self.policy, mb, want_hidden=self.value_head is not None)
+        logp, entropy = self._logprobs_entropy(out.logits, mb)
+        pg_mat, clipped, ratio = M.clipped_policy_loss(logp, old_lp, adv, opt.cliprange, opt.dual_clip)
+        if not self.cfg.kl_in_reward and beta > 0:
+            # GRPO puts the KL in the loss, per token (DeepSeekMath eq. 3).
+            pg_mat = pg_mat + beta * M.kl_penalty(logp, fw.ref_logprobs[idx, :L], opt.kl_estimator)
+        pg_loss = M.aggregate(pg_mat, mask, agg, num_tokens, num_seqs, norm_len)
+        loss = pg_loss
+        if returns is not None:
+            values = self._values(mb, out)
+            vf_mat, vf_clipped = M.clipped_value_loss(values, fw.values[idx, :L], returns[idx, :L], opt.cliprange_value)
+            vf_loss = M.aggregate(vf_mat, mask, "token-mean", num_tokens, num_seqs)
+            loss = loss + opt.vf_coef * vf_loss
+            stats["loss/value_avg"] += vf_loss.item()
+            stats["val/clipfrac_avg"] += M.masked_sum(vf_clipped.float(), mask).item() / max(num_tokens, 1)
+        if not torch.isfinite(loss):
+            return False
+        self._backward(loss)
+        w = 1.0 / max(num_tokens, 1)
+        with torch.no_grad():
+            stats["loss/policy_avg"] += pg_loss.item()
+            stats["policy/approxkl_avg"] += M.masked_sum(M.approx_kl(logp, old_lp), mask).item() * w
+            stats["policy/clipfrac_avg"] += M.masked_sum(clipped.float(), mask).item() * w
+            stats["policy/entropy_avg"] += M.masked_sum(entropy, mask).item() * w
+            stats["val/ratio"] += M.masked_sum(ratio, mask).item() * w
+        return True
+
+    # ------------------------------------------------------------------ distributed-aware bits
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def _no_sync(self, skip_sync: bool):
+        # With DDP, all-reduce only on the last micro-batch of a minibatch.
+        if self.accelerator is None or not skip_sync:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for m in (self.policy, self.value_model):
+            if m is not None:
+                stack.enter_context(self.accelerator.no_sync(m))
+        return stack
+
+    def _trainable(self) -> list[nn.Parameter]:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        for m in (self.value_model, self.value_head):
+            if m is not None:
+                params += [p for p in m.parameters() if p.requires_grad]
+        return params
+
+    def _clip_and_norm(self) -> float:
+        params = [p for p in self._trainable() if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.opt_cfg.max_grad_norm if self.opt_cfg.max_grad_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+
+    def _bad_step(self, why: str, timings: dict) -> dict[str, float]:
+        self.consecutive_bad_steps += 1
+        self.skipped_updates += 1
+        if self.consecutive_bad_steps >= self.opt_cfg.max_bad_steps:
+            raise TrainingDiverged(f"{self.consecutive_bad_steps} steps in a row were skipped: {why}")
+        return {"optim/skipped_steps": 1.0, "lr": self.lr, **timings}
+
+    # ------------------------------------------------------------------ state (checkpoints)
+    def state_dict(self) -> dict:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "generator": self.generator.get_state(),
+            "global_step": self.global_step,
+            "consecutive_bad_steps": self.consecutive_bad_steps,
+            "skipped_updates": self.skipped_updates,
+        }
+        if self.critic_optimizer is not None:
+            state["critic_optimizer"] = self.critic_optimizer.state_dict()
+            state["critic_scheduler"] = self.critic_scheduler.state_dict()
+        if self.value_head is not None:
+            state["value_head"] = self.value_head.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.generator.set_state(state["generator"])
+        self.global_step = state["global_step"]
+        self.consecutive_bad_steps = state["consecutive_bad_steps"]
+        self.skipped_updates = state["skipped_updates"]
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+            self.critic_scheduler.load_state_dict(state["critic_scheduler"])
+        if self.value_head is not None:
+            self.value_head.load_state_dict(state["value_head"])
+
+
+def _schedule(kind: str, warmup_ratio: float, total_steps: int):
+    warmup = int(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def value_model_for_saving(learner: Learner) -> ValueModel | None:
+    if learner.value_model is None:
+        return None
+    return learner.accelerator.unwrap_model(learner.value_model) if learner.accelerator else learner.value_model
+
+
+__all__ = ["Forwarded", "Learner", "TrainBatch", "TrainingDiverged", "is_peft_model"]

@@ -1,0 +1,192 @@
+"""The library API, in the style of the design documents (TRL's classic PPOTrainer loop):
+
+    from lampo import PPOConfig, PPOTrainer
+    trainer = PPOTrainer(config, model, tokenizer, ref_model=None)
+    responses = trainer.generate(query_tensors, max_new_tokens=16)
+    stats = trainer.step(query_tensors, responses, scores)
+    trainer.save_model("out/")
+
+The training application (`lampo.ppo_vllm`) uses the same Learner with its own rollout engine.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lampo.config import LampoConfig
+from lampo.optimize import maths as M
+from lampo.optimize.learner import Learner, TrainBatch
+from lampo.optimize.models import is_peft_model, prepare_policy
+
+
+class PPOTrainer:
+    """Generate with the policy, then `step` on (queries, responses, scores)."""
+
+    def __init__(
+        self,
+        config: LampoConfig,
+        model: nn.Module,
+        tokenizer,
+        ref_model: nn.Module | None = None,
+        value_model: nn.Module | None = None,
+        num_training_steps: int | None = None,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token before building PPOTrainer")
+        # Seed first: LoRA and value-head initialisation draw from torch's global generator.
+        torch.manual_seed(config.train.seed)
+        self.model = prepare_policy(model, config.model)
+        self.learner = Learner(
+            config, self.model, ref_model=ref_model, value_model=value_model, num_training_steps=num_training_steps
+        )
+        self.stop_token_id = _stop_token_id(tokenizer, config.generation.stop_token)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self, query_tensors: list[torch.Tensor], return_logprobs: bool = False, **overrides
+    ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Sample one response per query (1-D LongTensors, prompt not included).
+
+        Queries are left-padded into one batch (open-instruct detail 1). Responses are cut
+        after the stop token. With `return_logprobs`, also the sampling log-probs of each
+        response token at the sampling temperature (log softmax(logits / T)).
+        Keyword overrides: max_new_tokens, min_new_tokens, temperature, top_p, top_k, do_sample.
+        """
+        g = self.config.generation
+        temperature = overrides.pop("temperature", g.temperature)
+        kwargs = dict(
+            max_new_tokens=overrides.pop("max_new_tokens", g.max_new_tokens),
+            min_new_tokens=overrides.pop("min_new_tokens", g.min_new_tokens),
+            do_sample=overrides.pop("do_sample", True),
+            temperature=temperature,
+            top_p=overrides.pop("top_p", g.top_p),
+            top_k=overrides.pop("top_k", g.top_k),
+            repetition_penalty=overrides.pop("repetition_penalty", g.repetition_penalty),
+        )
+        if overrides:
+            raise TypeError(f"unknown generate() arguments: {sorted(overrides)}")
+        pad = self.tokenizer.pad_token_id
+        width = max(len(q) for q in query_tensors)
+        input_ids = torch.full((len(query_tensors), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, q in enumerate(query_tensors):
+            input_ids[i, width - len(q) :] = q
+            attention[i, width - len(q) :] = 1
+        model = self.learner.unwrapped_policy()
+        model.eval()
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            eos_token_id=self.stop_token_id,
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+            output_logits=return_logprobs,
+            **kwargs,
+        )
+        generated = out.sequences[:, width:]
+        responses, logprobs = [], []
+        for i in range(len(query_tensors)):
+            row = generated[i]
+            stop = (row == self.stop_token_id).nonzero()
+            end = int(stop[0]) + 1 if len(stop) else len(row)
+            responses.append(row[:end].clone())
+            if return_logprobs:
+                logits = torch.stack([step_logits[i] for step_logits in out.logits[:end]])
+                logprobs.append(M.logprobs_from_logits(logits, row[:end], temperature))
+        return (responses, logprobs) if return_logprobs else responses
+
+    # ------------------------------------------------------------------ optimisation
+    def step(
+        self,
+        query_tensors: list[torch.Tensor],
+        response_tensors: list[torch.Tensor],
+        scores: list[float] | list[torch.Tensor],
+        response_masks: list[torch.Tensor] | None = None,
+    ) -> dict[str, float]:
+        """One PPO step; `response_masks` (optional, per sample, 1 = train this token) lets a
+        multi-turn response be trained on its assistant turns only. Returns flat metrics."""
+        batch = self.make_batch(query_tensors, response_tensors, scores, response_masks)
+        return self.learner.train(batch)
+
+    def make_batch(self, queries, responses, scores, response_masks=None) -> TrainBatch:
+        n = len(queries)
+        if not (len(responses) == n and len(scores) == n):
+            raise ValueError(f"got {n} queries, {len(responses)} responses and {len(scores)} scores: they must match")
+        if response_masks is not None and len(response_masks) != n:
+            raise ValueError(f"got {len(response_masks)} response_masks for {n} responses")
+        seq_len = max(len(q) + len(r) for q, r in zip(queries, responses, strict=True))
+        seq_len = max(seq_len, 2)
+        ids = torch.full((n, seq_len), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((n, seq_len), dtype=torch.long)
+        action = torch.zeros((n, seq_len), dtype=torch.bool)
+        last_positions: list[list[int]] = []
+        raw = torch.tensor([float(s) for s in scores])
+        if not torch.isfinite(raw).all():
+            raise ValueError(f"scores must be finite numbers, got {raw.tolist()}")
+        stopped = torch.tensor([len(r) > 0 and int(r[-1]) == self.stop_token_id for r in responses])
+        for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
+            lq, lr = len(q), len(r)
+            ids[i, :lq] = q
+            ids[i, lq : lq + lr] = r
+            attention[i, : lq + lr] = 1
+            if response_masks is not None:
+                m = response_masks[i].bool()
+                if len(m) != lr:
+                    raise ValueError(f"response_masks[{i}] has {len(m)} entries for a response of {lr} tokens")
+                action[i, lq : lq + lr] = m
+            else:
+                action[i, lq : lq + lr] = True
+            trained = action[i].nonzero()
+            # An empty response has no action: its score lands nowhere and it takes no loss.
+            last_positions.append([int(trained[-1])] if len(trained) else [])
+        seq_scores = M.apply_nonstop_penalty(raw, stopped, self.config.optim.penalty_reward_value) \
+            if self.config.optim.non_stop_penalty else raw
+        placed = M.place_scores(
+            [[float(s)] if pos else [] for s, pos in zip(seq_scores, last_positions, strict=True)],
+            last_positions,
+            (n, seq_len),
+        )
+        return TrainBatch(
+            input_ids=ids,
+            attention_mask=attention,
+            action_mask=action,
+            placed_scores=placed,
+            seq_scores=seq_scores,
+            stopped=stopped,
+            group_size=self.config.generation.num_generations,
+        )
+
+    # ------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | Path, merged: bool = False) -> Path:
+        """Save the policy and tokenizer, loadable with `from_pretrained`.
+
+        With LoRA: the adapter (load with peft), and with `merged=True` the merged full
+        weights instead (load with AutoModelForCausalLM).
+        """
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.learner.unwrapped_policy()
+        if is_peft_model(model) and merged:
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        return out
+
+
+def _stop_token_id(tokenizer, stop_token: str | None) -> int:
+    """The end-of-turn token: `stop_token` if given (must be one token), else eos."""
+    if stop_token is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token: set stop_token in the config")
+        return tokenizer.eos_token_id
+    ids = tokenizer.convert_tokens_to_ids(stop_token)
+    if ids is None or ids == tokenizer.unk_token_id:
+        raise ValueError(f"config key 'stop_token' = {stop_token!r} is not a single token of the tokenizer")
+    return ids
