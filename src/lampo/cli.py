@@ -1,0 +1,61 @@
+"""`lampo demo | train | reward-server | tiny-model | plot | config`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="lampo", description="RL fine-tuning of language models (PPO, GRPO).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="build a tiny model, start a reward server, train, show the result (no arguments)")
+    sub.add_parser("train", help="train: lampo train --config cfg.yaml [--key value ...] (= python -m lampo.ppo_vllm)",
+                   add_help=False)
+    sub.add_parser("reward-server", help="= python -m lampo.reward_server", add_help=False)
+    tiny = sub.add_parser("tiny-model", help="build an offline Llama model + ChatML tokenizer")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--kind", choices=["causal-lm", "classifier"], default="causal-lm")
+    tiny.add_argument("--overwrite", action="store_true")
+    plot = sub.add_parser("plot", help="draw reward, KL, entropy, loss and step time of a run into a PNG")
+    plot.add_argument("run_dir")
+    sub.add_parser("config", help="print the resolved config (--config F, overrides) or --docs", add_help=False)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        from lampo.ppo_vllm import main as train_main
+
+        return train_main(rest)
+    if args.command == "reward-server":
+        from lampo.reward_server import main as server_main
+
+        return server_main(rest) or 0
+    if args.command == "config":
+        from lampo.config import main as config_main
+
+        return config_main(rest)
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    if args.command == "demo":
+        from lampo.demo import run_demo
+
+        return run_demo()
+    if args.command == "tiny-model":
+        from lampo.testing.tiny import build_tiny_model, num_parameters
+
+        path = build_tiny_model(args.out_dir, size=args.size, seed=args.seed, kind=args.kind, overwrite=args.overwrite)
+        print(f"{args.kind} model ({args.size}, {num_parameters(path):,} parameters) in {path}")
+        return 0
+    if args.command == "plot":
+        from lampo.plot import plot_run
+
+        print(plot_run(args.run_dir))
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

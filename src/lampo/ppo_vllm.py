@@ -1,0 +1,37 @@
+"""`accelerate launch -m lampo.ppo_vllm --config cfg.yaml [--key value ...]` (or `python -m ...`).
+
+The training application: reads the YAML config, applies command-line overrides, and runs
+the Trainer (rollout with vLLM or transformers, reward server, PPO/GRPO optimisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from lampo.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lampo.ppo_vllm",
+        description="Train a policy with PPO/GRPO. Any config key can follow as --key value.",
+    )
+    parser.add_argument("--config", help="YAML config file (see docs/config.md)")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"lampo: {exc}", file=sys.stderr)
+        return 2
+    raw = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    from lampo.trainer import run
+
+    return run(cfg, raw or {})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

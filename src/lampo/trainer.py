@@ -1,0 +1,493 @@
+"""The training application: rollout -> reward -> optimise -> weight sync, step after step.
+
+One step, top to bottom (each phase timed):
+  1. rollout     generate every step of every conversation (vLLM or transformers engine)
+  2. reward      plain-text conversations to the reward server (or an in-process model)
+  3. forward     old log-probs, reference log-probs, values          } Learner.train
+  4. advantages  KL-shaped rewards, then GAE or a group estimator      }
+  5. optimise    ppo_epochs over minibatches                           }
+  6. sync        push the new policy weights into the engine
+  7. log, checkpoint
+
+Asynchronous mode (Noukhovitch et al. 2024, "Asynchronous RLHF"; the queue design in
+open-instruct's notes): phases 1-2 of batch k+1 run in a background thread while phases 3-5
+of batch k run here, with the weights from before that optimisation: one step off-policy.
+The engine is idle again before phase 6 pushes new weights, so a batch is always generated
+by exactly one policy version, which it records.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lampo import checkpoint as ckpt
+from lampo.config import LampoConfig
+from lampo.data.formats import PromptRow
+from lampo.data.loading import load_prompt_dataset
+from lampo.optimize import maths as M
+from lampo.optimize.learner import Learner, TrainBatch
+from lampo.optimize.models import ValueModel, is_peft_model, load_policy
+from lampo.rollout.batch import RolloutBatch
+from lampo.rollout.engines import make_engine
+from lampo.rollout.multistep import rollout
+from lampo.rollout.weight_sync import engine_weights
+from lampo.tracking import Tracker
+
+log = logging.getLogger("lampo")
+
+
+class RunStopped(RuntimeError):
+    """The run stopped early (reward server gone, signal); a checkpoint was saved."""
+
+
+@dataclass
+class Produced:
+    """One rollout batch with its rewards: what the actor hands the learner."""
+
+    batch: RolloutBatch
+    scores: list[Any]
+    step: int
+    times: dict[str, float] = field(default_factory=dict)
+    reward_stats: dict[str, float] = field(default_factory=dict)
+
+
+class PromptSampler:
+    """Deterministic data order: pass e over the prompts uses permutation(seed + e).
+
+    When a run asks for more episodes than the dataset has prompts, the prompts are reshuffled
+    each pass and reused (open-instruct's implementation detail 5). The rows of a step depend
+    only on the step number, so a resumed run sees exactly the same data order.
+    """
+
+    def __init__(self, rows: list[PromptRow], rows_per_step: int, seed: int, rank: int = 0, world: int = 1):
+        if not rows:
+            raise ValueError("query_dataset has no training rows")
+        self.rows, self.per_step, self.seed, self.rank, self.world = rows, rows_per_step, seed, rank, world
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(pass over the data, index within the pass) of the first row of `step`."""
+        start = step * self.per_step * self.world
+        return divmod(start, len(self.rows))
+
+    def rows_for(self, step: int) -> list[PromptRow]:
+        n = len(self.rows)
+        start = step * self.per_step * self.world + self.rank * self.per_step
+        out = []
+        for k in range(start, start + self.per_step):
+            epoch, i = divmod(k, n)
+            order = np.random.default_rng(self.seed + epoch).permutation(n)
+            out.append(self.rows[order[i]])
+        return out
+
+
+class Trainer:
+    """Builds everything from a LampoConfig and runs the loop."""
+
+    def __init__(self, cfg: LampoConfig, raw_config: dict | None = None, accelerator=None):
+        self.cfg = cfg
+        self.acc = accelerator
+        self.rank = accelerator.process_index if accelerator else 0
+        self.world = accelerator.num_processes if accelerator else 1
+        self.is_main = self.rank == 0
+        self.num_steps = cfg.num_steps
+        self.stop_requested: str | None = None
+        _seed_everything(cfg.train.seed + self.rank)
+
+        # The reward server must answer before minutes go into loading models.
+        from lampo.reward import make_scorer
+
+        self.scorer = make_scorer(cfg.reward, raw_config if raw_config is not None else cfg.to_dict())
+        self.scorer.check_available()
+
+        from transformers import AutoTokenizer
+
+        tok_path = cfg.model.tokenizer_name_or_path or cfg.model.model_name_or_path
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.model.trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        splits = load_prompt_dataset(cfg.data, seed=cfg.train.seed)
+        self.test_rows = splits.get("test", [])
+        self.sampler = PromptSampler(splits["train"], cfg.optim.batch_size, cfg.train.seed, self.rank, self.world)
+
+        self.resume_from = ckpt.resolve_checkpoint(cfg.train.output_dir, cfg.train.resume_from_checkpoint)
+        policy, value_model = self._load_models(self.resume_from)
+        self.learner = Learner(cfg, policy, value_model=value_model, num_training_steps=self.num_steps,
+                               accelerator=accelerator if self.world > 1 else None)
+        self.engine = make_engine(cfg.generation, cfg.model.model_name_or_path, self.tokenizer,
+                                  max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed + self.rank)
+        self.start_step, self.policy_version, self.pending = 0, 0, None
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+            self._sync_weights()
+        self.engine_version = self.policy_version
+        self.tracker = Tracker(cfg, cfg.to_dict(), self.num_steps, is_main_process=self.is_main,
+                               resume_step=self.start_step if self.resume_from else None)
+        if self.resume_from is not None:
+            self.tracker.print(f"resumed from {self.resume_from} at step {self.start_step}")
+
+    # ------------------------------------------------------------------ models
+    def _load_models(self, resume: Path | None):
+        cfg = self.cfg
+        if resume is None:
+            return load_policy(cfg.model), None
+        policy_dir = ckpt.model_path(resume, "policy")
+        if cfg.model.use_peft:
+            from peft import PeftModel
+
+            from lampo.optimize.models import prepare_policy
+
+            base = load_policy(_no_peft(cfg.model))
+            policy = PeftModel.from_pretrained(base, policy_dir, is_trainable=True)
+            policy = prepare_policy(policy, cfg.model)
+        else:
+            policy = load_policy(cfg.model, path=str(policy_dir))
+        value = None
+        if cfg.uses_critic and cfg.model.value_model == "separate":
+            value = ValueModel.from_pretrained(ckpt.model_path(resume, "value_model"))
+        return policy, value
+
+    def _restore(self, path: Path) -> None:
+        states, trainer_state = ckpt.load_checkpoint(path, weights_only=False)
+        self.learner.load_state_dict(states["learner"])
+        ckpt.set_rng_state(states["rng"])
+        self.start_step = int(trainer_state["step"])
+        self.policy_version = int(trainer_state["policy_version"])
+        pending = states.get("pending") or {}
+        if pending.get("produced") is not None:
+            self.pending = pending["produced"]
+
+    # ------------------------------------------------------------------ phases 1-2: the actor
+    def produce(self, step: int, rows: list[PromptRow] | None = None) -> Produced:
+        """Rollout then reward for `step` (runs in the background thread in async mode)."""
+        t0 = time.perf_counter()
+        rows = self.sampler.rows_for(step) if rows is None else rows
+        batch = rollout(self.engine, self.tokenizer, rows, self.cfg.generation, self.cfg.data,
+                        policy_version=self.engine_version, seed=self._sampling_seed(step))
+        t1 = time.perf_counter()
+        scores = self.scorer.score(batch.messages) if len(batch) else []
+        t2 = time.perf_counter()
+        return Produced(batch, scores, step, {"time/rollout": t1 - t0, "time/reward": t2 - t1},
+                        self.scorer.stats())
+
+    def _sampling_seed(self, step: int) -> int:
+        # Sampling depends only on (seed, rank, step): a resumed run draws the same samples.
+        return (self.cfg.train.seed * 1_000_003 + self.rank * 10_007 + step) % (2**31 - 1)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        async_mode = cfg.train.async_mode
+        start = time.perf_counter()
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lampo-actor")
+        pending: concurrent.futures.Future | None = None
+        if self.pending is not None:
+            pending = _done_future(self.pending)
+        last_stats: dict[str, float] = {}
+        self._install_signal_handlers()
+        step = self.start_step
+        try:
+            while step < self.num_steps:
+                t_step = time.perf_counter()
+                # 1-2. rollout and reward (already under way in async mode)
+                if pending is None:
+                    pending = _done_future_or_error(lambda s=step: self.produce(s))
+                produced = self._result(pending, step)
+                pending = None
+                if async_mode and step + 1 < self.num_steps:
+                    pending = executor.submit(self.produce, step + 1)
+
+                # 3-5. forward, advantages, optimise
+                train_batch = self.to_train_batch(produced)
+                stats = self.learner.train(train_batch)
+                self.policy_version += 1
+
+                # 6. weight sync, once the actor is idle (it generates with one version only)
+                if pending is not None:
+                    concurrent.futures.wait([pending])
+                t0 = time.perf_counter()
+                self._sync_weights()
+                stats["time/weight_sync"] = time.perf_counter() - t0
+
+                # 7. log, evaluate, checkpoint
+                step += 1
+                stats.update(self._step_metrics(produced, train_batch, step, time.perf_counter() - t_step, start))
+                stats = self._reduce(stats)
+                last_stats = stats
+                self.tracker.log(step, stats)
+                if cfg.train.log_samples_steps and step % cfg.train.log_samples_steps == 0:
+                    self.tracker.log_samples(step, self._samples(produced))
+                if cfg.train.eval_steps and step % cfg.train.eval_steps == 0:
+                    self.tracker.log(step, self.evaluate())
+                stop = self._early_stop(stats)
+                if cfg.train.save_step and step % cfg.train.save_step == 0 or self.stop_requested:
+                    self.save_checkpoint(step, pending)
+                if self.stop_requested:
+                    raise RunStopped(
+                        f"stopped by {self.stop_requested} after step {step}; checkpoint saved in "
+                        f"{cfg.train.output_dir}. Resume with the same command plus --resume_from_checkpoint auto"
+                    )
+                if stop:
+                    self.tracker.print(f"early stop at step {step}: {stop}")
+                    break
+            self.save_final()
+        except RewardFailure as exc:
+            self.save_checkpoint(step, None)
+            raise RunStopped(
+                f"{exc}\nThe run stopped after {step} trained steps, none of them on a made-up reward; a checkpoint "
+                f"is in {cfg.train.output_dir}. Restart the reward server, then resume with "
+                "--resume_from_checkpoint auto"
+            ) from exc.__cause__
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+            self.tracker.close()
+        return last_stats
+
+    def _result(self, future: concurrent.futures.Future, step: int) -> Produced:
+        from lampo.reward import RewardError
+
+        try:
+            return future.result()
+        except RewardError as exc:
+            raise RewardFailure(f"reward phase of step {step + 1} failed: {exc}") from exc
+
+    # ------------------------------------------------------------------ batch conversion
+    def to_train_batch(self, produced: Produced) -> TrainBatch:
+        """Place each score on its turn's last token, apply the non-stop penalty."""
+        b, opt = produced.batch, self.cfg.optim
+        stopped = b.stopped
+        per_turn, positions, totals = [], [], []
+        for i, (score, ends) in enumerate(zip(produced.scores, b.turn_ends, strict=True)):
+            if not ends:  # no assistant turn (nothing generated): nothing to place
+                per_turn.append([]), positions.append([]), totals.append(0.0)
+                continue
+            if isinstance(score, list):
+                if len(score) != len(ends):
+                    raise ValueError(f"conversation {i}: the reward model gave {len(score)} per-turn scores for "
+                                     f"{len(ends)} assistant turns")
+                turn_scores, turn_pos = list(score), list(ends)
+            else:
+                turn_scores, turn_pos = [float(score)], [ends[-1]]
+            if opt.non_stop_penalty and not bool(stopped[i]):
+                turn_scores, turn_pos = [opt.penalty_reward_value], [ends[-1]]
+            per_turn.append(turn_scores)
+            positions.append(turn_pos)
+            totals.append(sum(turn_scores))
+        placed = M.place_scores(per_turn, positions, tuple(b.input_ids.shape))
+        return TrainBatch(
+            input_ids=b.input_ids,
+            attention_mask=b.attention_mask,
+            action_mask=b.action_mask,
+            placed_scores=placed,
+            seq_scores=torch.tensor(totals, dtype=torch.float32),
+            stopped=stopped,
+            group_size=self.cfg.generation.num_generations,
+            engine_logprobs=b.engine_logprobs,
+        )
+
+    # ------------------------------------------------------------------ weight sync
+    def _sync_weights(self) -> None:
+        policy = self.learner.unwrapped_policy()
+        self.engine.update_weights(engine_weights(policy))
+        self.engine_version = self.policy_version
+
+    # ------------------------------------------------------------------ metrics
+    def _step_metrics(self, produced: Produced, tb: TrainBatch, step: int, step_time: float, start: float):
+        b = produced.batch
+        rows_per_pass = len(self.sampler.rows)
+        episodes = step * self.cfg.rollout_batch_size * self.world
+        metrics = {
+            "episode": float(episodes),
+            "epoch": step * self.cfg.optim.batch_size * self.world / rows_per_pass,
+            "policy/version_lag": float(self.policy_version - 1 - b.policy_version),
+            "time/training": step_time,
+            "time/from_scratch": time.perf_counter() - start,
+            "perf/tokens_per_second": float(tb.action_mask.sum()) / max(step_time, 1e-9),
+            "data/skipped_rows": float(b.skipped_rows),
+            **produced.times,
+            **produced.reward_stats,
+        }
+        if getattr(self.scorer, "verifiable", False):
+            flat = [s if not isinstance(s, list) else (s[-1] if s else 0.0) for s in produced.scores]
+            metrics["objective/verifiable_correct_rate"] = float(np.mean([x >= 1.0 for x in flat])) if flat else 0.0
+        return metrics
+
+    def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
+        """Mean of every metric across ranks (episode/epoch are already global)."""
+        if self.world == 1:
+            return stats
+        keys = sorted(stats)
+        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+        t = self.acc.reduce(t, reduction="mean")
+        return dict(zip(keys, t.tolist(), strict=True))
+
+    def _samples(self, produced: Produced, n: int = 3) -> list[dict]:
+        b = produced.batch
+        return [
+            {"messages": b.messages[i], "score": produced.scores[i], "finish_reasons": b.finish_reasons[i],
+             "policy_version": b.policy_version}
+            for i in range(min(n, len(b)))
+        ]
+
+    def _early_stop(self, stats: dict[str, float]) -> str | None:
+        for metric, threshold in (self.cfg.train.early_stop or {}).items():
+            value = stats.get(metric)
+            if value is not None and value >= threshold:
+                return f"{metric} = {value:.4g} reached {threshold}"
+        return None
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Roll out the first `eval_batches` batches of the test split; no training."""
+        if not self.test_rows:
+            return {}
+        per = self.cfg.optim.batch_size
+        scores, lengths, stops = [], [], []
+        for k in range(self.cfg.train.eval_batches):
+            rows = self.test_rows[k * per : (k + 1) * per]
+            if not rows:
+                break
+            p = self.produce(-1 - k, rows=rows)
+            tb = self.to_train_batch(p)
+            scores += tb.seq_scores.tolist()
+            lengths += tb.action_mask.sum(1).tolist()
+            stops += tb.stopped.tolist()
+        return {"eval/scores": float(np.mean(scores)), "eval/sequence_lengths": float(np.mean(lengths)),
+                "eval/num_stop_token_ids": float(np.sum(stops))}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int, pending: concurrent.futures.Future | None) -> Path | None:
+        """Everything needed to continue exactly; in async mode that includes the batch already
+        generated for the next step (its weights no longer exist after this step's update)."""
+        produced = None
+        if pending is not None and pending.done() and pending.exception() is None:
+            produced = pending.result()
+        path = None
+        if self.is_main:
+            models = {"policy": self.learner.unwrapped_policy()}
+            if self.learner.value_model is not None:
+                v = self.learner.value_model
+                models["value_model"] = self.acc.unwrap_model(v) if self.acc and self.world > 1 else v
+            epoch, position = self.sampler.position(step)
+            path = ckpt.save_checkpoint(
+                self.cfg.train.output_dir, step,
+                models=models,
+                states={"learner": self.learner.state_dict(), "rng": ckpt.rng_state(),
+                        "pending": {"produced": produced}},
+                trainer_state={"step": step, "policy_version": self.policy_version,
+                               "episode": step * self.cfg.rollout_batch_size * self.world,
+                               "data_pass": epoch, "data_position": position, "seed": self.cfg.train.seed},
+                save_total_limit=self.cfg.train.save_total_limit,
+            )
+        if self.acc is not None and self.world > 1:
+            self.acc.wait_for_everyone()
+        return path
+
+    def save_final(self) -> None:
+        """The final policy in output_dir (full model, or the adapter and optionally merged weights)."""
+        if self.acc is not None and self.world > 1:
+            self.acc.wait_for_everyone()
+        if not self.is_main:
+            return
+        out = Path(self.cfg.train.output_dir)
+        policy = self.learner.unwrapped_policy()
+        policy.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        if is_peft_model(policy) and self.cfg.train.save_merged:
+            import copy
+
+            merged = copy.deepcopy(policy).merge_and_unload()
+            merged.save_pretrained(out / "merged")
+            self.tokenizer.save_pretrained(out / "merged")
+        self.tracker.print(f"final model saved in {out}")
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> None:
+        if threading_is_main():
+            def handler(signum, _frame):
+                self.stop_requested = signal.Signals(signum).name
+                self.tracker.print(f"{self.stop_requested} received: finishing this step, then saving a checkpoint")
+
+            signal.signal(signal.SIGINT, handler)
+            signal.signal(signal.SIGTERM, handler)
+
+    def close(self) -> None:
+        self.scorer.close()
+        self.engine.close()
+
+
+class RewardFailure(RuntimeError):
+    """The reward phase failed after every retry."""
+
+
+def _no_peft(model_cfg):
+    import dataclasses
+
+    return dataclasses.replace(model_cfg, use_peft=False)
+
+
+def _done_future(value) -> concurrent.futures.Future:
+    f: concurrent.futures.Future = concurrent.futures.Future()
+    f.set_result(value)
+    return f
+
+
+def _done_future_or_error(fn) -> concurrent.futures.Future:
+    f: concurrent.futures.Future = concurrent.futures.Future()
+    try:
+        f.set_result(fn())
+    except BaseException as exc:  # handed to _result, which turns reward errors into RewardFailure
+        f.set_exception(exc)
+    return f
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def run(cfg: LampoConfig, raw_config: dict | None = None) -> int:
+    """Entry point shared by `python -m lampo.ppo_vllm` and `lampo train`."""
+    logging.basicConfig(level=os.environ.get("LAMPO_LOG_LEVEL", "INFO"), format="%(message)s")
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    from lampo.reward import RewardUnavailable
+
+    try:
+        trainer = Trainer(cfg, raw_config, accelerator)
+    except RewardUnavailable as exc:
+        print(f"lampo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    except RunStopped as exc:
+        print(f"lampo: {exc}", file=sys.stderr)
+        return 0 if trainer.stop_requested else 3
+    finally:
+        trainer.close()
+    return 0
+
+
+__all__ = ["PromptSampler", "Produced", "RunStopped", "Trainer", "run"]
