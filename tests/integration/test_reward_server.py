@@ -68,6 +68,14 @@ class Probe(RewardModelTemplate):
         return out
 
 
+class SyncProbe(RewardModelTemplate):
+    """A heavy synchronous model: a plain `def compute` that blocks; per-turn scores."""
+
+    def compute(self, messages):
+        time.sleep(float(messages[0][-1]))
+        return [[float(len(turn)) for turn in conversation[1::2]] for conversation in messages]
+
+
 class NotATemplate:
     pass
 
@@ -301,6 +309,31 @@ def test_sigterm_finishes_in_flight_requests_then_unloads(folder):
         assert result["reply"].status_code == 200 and result["reply"].json() == {"scores": [9.0]}  # len("sleep 1.5")
         assert server.wait_exit(timeout=20) == 0, server.output()
         assert marker.read_text() == "unloaded"
+    finally:
+        server.stop()
+
+
+def test_health_answers_while_a_sync_model_scores(folder):
+    server = ServerProcess(folder, model="probe_models.SyncProbe")
+    try:
+        server.wait_healthy()
+        result: dict = {}
+
+        def slow_request():
+            result["reply"] = post(server.url, json={"messages": [["u", "abc", "u", "1.5"]]})
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        time.sleep(0.3)
+        start = time.monotonic()
+        health = httpx.get(f"{server.url}/health", timeout=5)
+        answered_in = time.monotonic() - start
+        assert health.status_code == 200
+        assert answered_in < 0.8, f"/health took {answered_in:.2f} s while compute blocked its thread"
+        thread.join(timeout=20)
+        assert not result["reply"].is_error and "scores" in result["reply"].json()
+        # per-turn scores: one per assistant turn, "abc" -> 3, "1.5" -> 3
+        assert result["reply"].json() == {"scores": [[3.0, 3.0]]}
     finally:
         server.stop()
 
