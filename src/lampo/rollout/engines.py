@@ -177,8 +177,12 @@ class HFEngine:
         # 3. Log-prob of each chosen token under the processed distribution, step by step
         # (one [rows, vocab] log-softmax at a time keeps memory at one step's worth).
         lp = torch.empty(new.shape, dtype=torch.float32)
-        for t, scores in enumerate(res.scores):
-            lp[:, t] = torch.log_softmax(scores.float(), dim=-1).gather(1, new[:, t : t + 1].to(scores.device)).squeeze(1).cpu()
+        rows, vocab = res.scores[0].shape if res.scores else (1, 1)
+        span = max(1, (1 << 26) // (rows * vocab))  # steps per block: at most 2^26 logits at once
+        for t0 in range(0, len(res.scores), span):
+            block = torch.stack(res.scores[t0 : t0 + span], dim=1).float()  # [rows, steps, vocab]
+            chosen = new[:, t0 : t0 + block.shape[1], None].to(block.device)
+            lp[:, t0 : t0 + block.shape[1]] = torch.log_softmax(block, dim=-1).gather(2, chosen).squeeze(2).cpu()
         stop = set(s.stop_token_ids)
         tokens, logprobs = new.tolist(), lp.tolist()
         gens: list[list[Generation]] = []
@@ -290,6 +294,7 @@ class VLLMEngine:
                 # Stop only at the tokens we were given (the model's eos is among them by default).
                 ignore_eos=True,
                 logprobs=0,  # the chosen token's log-prob only
+                flat_logprobs=True,  # plain float lists instead of one dict per token (less GC)
                 detokenize=False,
                 # vLLM gives sample k of a request the seed `seed + k`; spread prompts apart.
                 seed=None if s.seed is None else s.seed + i * s.n,
@@ -311,7 +316,7 @@ class VLLMEngine:
                 result.append([])
             for comp in sorted(req.outputs, key=lambda c: c.index):
                 tokens = list(comp.token_ids)
-                lps = [entry[t].logprob for t, entry in zip(tokens, comp.logprobs, strict=True)]
+                lps = _sampled_logprobs(tokens, comp.logprobs)
                 length, stopped = _truncate_at_stop(tokens, stop)
                 result[-1].append(Generation(tokens[:length], lps[:length], "stop" if stopped else "length"))
         return result
@@ -335,6 +340,14 @@ class VLLMEngine:
                     log.debug("vLLM shutdown: %s", exc)
             del llm
         gc.collect()
+
+
+def _sampled_logprobs(tokens: list[int], logprobs: Any) -> list[float]:
+    """The sampled tokens' log-probs from vLLM's output (flat lists, or one dict per position)."""
+    flat = getattr(logprobs, "logprobs", None)
+    if flat is not None and len(flat) == len(tokens) and list(logprobs.token_ids) == tokens:
+        return list(flat)  # logprobs=0: exactly the sampled token at each position
+    return [entry[t].logprob for t, entry in zip(tokens, logprobs, strict=True)]
 
 
 def vllm_available() -> bool:
