@@ -72,6 +72,9 @@ def measure(bare, lampo, runs: int) -> dict:
     out = {k: statistics.median(v) for k, v in rates.items()}
     out["runs"] = {k: [round(x, 1) for x in v] for k, v in rates.items()}
     out["ratio"] = out["lampo"] / out["bare"]
+    # On a shared machine the best run is the least disturbed one: report it beside the median.
+    out["best_bare"], out["best_lampo"] = max(rates["bare"]), max(rates["lampo"])
+    out["best_ratio"] = out["best_lampo"] / out["best_bare"]
     return out
 
 
@@ -138,7 +141,7 @@ def bench_vllm(engine, tok, batch: int, runs: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--engines", default="hf,vllm")
     ap.add_argument("--sizes", default="tiny,small")
     ap.add_argument("--batches", default="64,256")
@@ -198,13 +201,14 @@ def render(results: list[dict], runs: int) -> str:
         f"# Engine throughput: bare vs Lampo's rollout phase ({NEW_TOKENS} new tokens, fp32, sampling, "
         f"median of {runs} runs)",
         "",
-        "| engine | model | batch | bare tok/s | Lampo tok/s | Lampo / bare | target >= 90% |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| engine | model | batch | bare tok/s | Lampo tok/s | Lampo / bare | target >= 90% | best bare | best Lampo "
+        "| best ratio |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in results:
         ok = "yes" if r["ratio"] >= TARGET else "NO"
         lines.append(f"| {r['engine']} | {r['model']} | {r['batch']} | {r['bare']:,.0f} | {r['lampo']:,.0f} | "
-                     f"{r['ratio']:.0%} | {ok} |")
+                     f"{r['ratio']:.0%} | {ok} | {r['best_bare']:,.0f} | {r['best_lampo']:,.0f} | {r['best_ratio']:.0%} |")
     return "\n".join(lines)
 
 

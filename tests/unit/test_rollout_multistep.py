@@ -243,3 +243,44 @@ def test_unused_namespace_config_is_accepted(tok):
     ns = SimpleNamespace(**{k: getattr(data_cfg, k) for k in DataConfig.__dataclass_fields__})
     batch = rollout(ScriptedEngine(tok), tok, [PromptRow(0, ("a",))], gen_cfg, ns, policy_version=0)
     assert len(batch) == 1
+
+
+LLAMA3_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def test_another_template_is_read_off_the_template(tiny_model_path):
+    # A Llama-3 style template: end of turn <|eot_id|>, no separator, a BOS in the template text.
+    from transformers import AutoTokenizer
+
+    from lampo.rollout.chat import ChatFormat
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
+                                                          "<|end_header_id|>", "<|eot_id|>"]})
+    tok.chat_template = LLAMA3_TEMPLATE
+    fmt = ChatFormat(tok)
+    assert fmt.end_of_turn == "<|eot_id|>" and fmt.separator == ""
+    eot = fmt.end_of_turn_id
+    engine = ScriptedEngine(tok)
+    engine.answer = lambda k, i, j: f"answer {k}"
+    real_generate = engine.generate
+
+    def generate(prompts, settings):  # answers end with <|eot_id|> instead of <|im_end|>
+        out = real_generate(prompts, settings)
+        return [[Generation(g.token_ids[:-1] + [eot], g.logprobs, "stop") for g in row] for row in out]
+
+    engine.generate = generate
+    gen_cfg, data_cfg = cfgs()
+    batch = rollout(engine, tok, [PromptRow(0, ("Hi.", "Why?"))], gen_cfg, data_cfg, policy_version=0)
+    assert engine.settings[0].stop_token_ids[0] == eot
+    msgs = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "answer 0"},
+            {"role": "user", "content": "Why?"}]
+    assert tok.decode(engine.calls[1][0]) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert batch.messages[0] == ["Hi.", "answer 0", "Why?", "answer 1"]
+    templated = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>" \
+                "<|start_header_id|>user<|end_header_id|>\n\nHello there<|eot_id|>"
+    assert fmt.user_text(templated) == "Hello there"

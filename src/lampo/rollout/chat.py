@@ -31,22 +31,26 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         vocab = tokenizer.get_vocab()
-        self.end_of_turn = next((t for t in ("<|im_end|>", "<|eot_id|>", "<|end|>") if t in vocab), tokenizer.eos_token)
-        if self.end_of_turn is None:
-            raise ValueError("the tokenizer has no end-of-turn or eos token; set stop_token to a string")
-        self.end_of_turn_id = vocab[self.end_of_turn]
         pad = tokenizer.pad_token
         specials = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", True)}
         specials |= set(getattr(tokenizer, "all_special_tokens", []))
         self.markers = tuple(sorted((s for s in specials if s and s != pad), key=len, reverse=True))
         self._split = re.compile("|".join(re.escape(m) for m in self.markers)) if self.markers else None
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
-        self.separator = ""
+        # The end-of-turn token is the special token the template writes right after an
+        # assistant message; what follows it, before the next turn, is the separator.
+        self.end_of_turn, self.separator = None, ""
         if self.has_template:
             text = self._render([("user", _PROBE_USER), ("assistant", _PROBE_ASSISTANT)], False)
-            at = text.rfind(_PROBE_ASSISTANT + self.end_of_turn)
-            if at >= 0:
-                self.separator = text[at + len(_PROBE_ASSISTANT) + len(self.end_of_turn) :]
+            after = text[text.rfind(_PROBE_ASSISTANT) + len(_PROBE_ASSISTANT) :]
+            marker = next((m for m in self.markers if after.startswith(m) and m in vocab), None)
+            if marker is not None:
+                self.end_of_turn, self.separator = marker, after[len(marker) :]
+        if self.end_of_turn is None:
+            self.end_of_turn = next((t for t in ("<|im_end|>", "<|eot_id|>", "<|end|>") if t in vocab), tokenizer.eos_token)
+        if self.end_of_turn is None:
+            raise ValueError("the tokenizer has no end-of-turn or eos token; set stop_token to a string")
+        self.end_of_turn_id = vocab[self.end_of_turn]
 
     # --- rendering ---------------------------------------------------------------------------
     def _render(self, turns: list[tuple[str, str]], generation_prompt: bool) -> str:
