@@ -110,3 +110,9 @@ def test_errors_name_the_source_and_the_split(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "text1": ""}, {"text": "b", "text1": "", "text2": "c"}])
     with pytest.raises(DataFormatError, match=r"row \d, column 'text2': filled after the empty cell 'text1'"):
         load_prompt_dataset(DataConfig(query_dataset=str(bad), test_split_ratio=0.0), seed=0)
+
+
+def test_a_missing_relative_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataFormatError, match="'examples/data/multistep' does not exist.*current directory"):
+        load_prompt_dataset(DataConfig(query_dataset="examples/data/multistep"), seed=0)

@@ -72,8 +72,12 @@ def _load_splits(source: str) -> dict[str, tuple[list[dict], list[str]]]:
             ds = datasets.DatasetDict({"train": ds})
     elif path.is_dir():
         ds = _load_file_dir(path)
-    elif path.exists() or source.startswith(("/", "./", "../")) or source.endswith(tuple(FILE_TYPES)):
-        raise DataFormatError(f"query_dataset '{source}' does not exist (or is not a file or directory)")
+    elif path.exists() or source.startswith(("/", ".")) or source.count("/") > 1 or source.endswith(tuple(FILE_TYPES)):
+        # Hub ids are `name` or `owner/name`; anything else is a local path that is not there.
+        raise DataFormatError(
+            f"query_dataset '{source}' does not exist (or is not a file or directory); relative paths are "
+            f"resolved from the current directory {Path.cwd()}"
+        )
     else:
         ds = datasets.load_dataset(source)  # a hub id
     return {name: (split.to_list(), list(split.column_names)) for name, split in ds.items()}
