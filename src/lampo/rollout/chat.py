@@ -40,6 +40,7 @@ class ChatFormat:
         # The end-of-turn token is the special token the template writes right after an
         # assistant message; what follows it, before the next turn, is the separator.
         self.end_of_turn, self.separator = None, ""
+        self._probe_text: str | None = None
         if self.has_template:
             text = self._render([("user", _PROBE_USER), ("assistant", _PROBE_ASSISTANT)], False)
             after = text[text.rfind(_PROBE_ASSISTANT) + len(_PROBE_ASSISTANT) :]
@@ -85,7 +86,9 @@ class ChatFormat:
         if self.is_templated(cell):
             return cell.removeprefix(self.separator) if self.separator else cell
         probe = [("user", _PROBE_USER), ("assistant", _PROBE_ASSISTANT)]
-        before = self._render(probe, False)
+        if self._probe_text is None:
+            self._probe_text = self._render(probe, False)
+        before = self._probe_text
         after = self._render(probe + [("user", cell)], True)
         if not after.startswith(before):
             raise ValueError("the chat template does not extend a conversation by appending text; "

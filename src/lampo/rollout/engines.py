@@ -176,13 +176,11 @@ class HFEngine:
         new = res.sequences[:, width:].cpu()
         # 3. Log-prob of each chosen token under the processed distribution, step by step
         # (one [rows, vocab] log-softmax at a time keeps memory at one step's worth).
+        # log p = score[chosen] - logsumexp(scores): no [rows, vocab] log-softmax is written out.
         lp = torch.empty(new.shape, dtype=torch.float32)
-        rows, vocab = res.scores[0].shape if res.scores else (1, 1)
-        span = max(1, (1 << 26) // (rows * vocab))  # steps per block: at most 2^26 logits at once
-        for t0 in range(0, len(res.scores), span):
-            block = torch.stack(res.scores[t0 : t0 + span], dim=1).float()  # [rows, steps, vocab]
-            chosen = new[:, t0 : t0 + block.shape[1], None].to(block.device)
-            lp[:, t0 : t0 + block.shape[1]] = torch.log_softmax(block, dim=-1).gather(2, chosen).squeeze(2).cpu()
+        for t, scores in enumerate(res.scores):
+            chosen = new[:, t : t + 1].to(scores.device)
+            lp[:, t] = (scores.gather(1, chosen).squeeze(1).float() - torch.logsumexp(scores.float(), dim=-1)).cpu()
         stop = set(s.stop_token_ids)
         tokens, logprobs = new.tolist(), lp.tolist()
         gens: list[list[Generation]] = []

@@ -107,8 +107,8 @@ def rollout(
     # 1. Step-0 prompts, with the truncation policy.
     firsts: list[tuple[PromptRow, list[int]]] = []
     skipped = 0
-    for row in rows:
-        ids = _encode(tokenizer, fmt.first_prompt(row))
+    encoded = _encode(tokenizer, [fmt.first_prompt(row) for row in rows])
+    for row, ids in zip(rows, encoded, strict=True):
         if len(ids) > max_len:
             if data_cfg.truncation == "error":
                 raise PromptTooLongError(
@@ -125,30 +125,38 @@ def rollout(
 
     # 2. Step 0: one request per row with n samples, so engines can share the prompt's prefix.
     convs: list[_Conversation] = []
+    gens: list[Generation] = []
     results = engine.generate([ids for _, ids in firsts], sampling_settings(tokenizer, generation_cfg, n, seed))
     for (row, ids), samples in zip(firsts, results, strict=True):
         if len(samples) != n:
             raise RuntimeError(f"engine returned {len(samples)} samples for row {row.index}, expected {n}")
+        user = fmt.user_text(row.steps[0])
         for gen in samples:
             c = _Conversation(row=row, ids=list(ids), actions=[False] * len(ids), logprobs=[0.0] * len(ids))
             # The reward model sees the fixed history too (PaddleNLP `tgt`, earlier `messages`).
             c.messages += [content for role, content in row.history if role != "system"]
-            c.messages.append(fmt.user_text(row.steps[0]))
-            _append_response(c, gen, tokenizer, stop_string)
+            c.messages.append(user)
             convs.append(c)
+            gens.append(gen)
+    _append_responses(convs, gens, tokenizer, stop_string)
 
     # 3. Later steps: every live conversation gets its next segment, then one batched call.
     cut_by_length = 0
     num_steps = max((len(r.steps) for r, _ in firsts), default=0)
     for step in range(1, num_steps):
-        live: list[tuple[_Conversation, list[int]]] = []
+        going: list[_Conversation] = []
         for c in convs:
             if c.done:
                 continue
             if step >= len(c.row.steps) or c.reasons[-1] != "stop":
                 c.done = True  # empty later cell, or a cut-off answer: the conversation ends here
                 continue
-            glue = _glue(c, fmt, tokenizer, c.row.steps[step])
+            going.append(c)
+        segments = _encode(tokenizer, [fmt.separator + fmt.next_segment(c.row.steps[step]) for c in going])
+        live: list[tuple[_Conversation, list[int]]] = []
+        for c, segment in zip(going, segments, strict=True):
+            # The model wrote the end-of-turn token when it stopped at it; else it is added here.
+            glue = ([] if c.ids[-1] == fmt.end_of_turn_id else [fmt.end_of_turn_id]) + segment
             if len(c.ids) + len(glue) > max_len:
                 c.done = True
                 cut_by_length += 1
@@ -159,49 +167,51 @@ def rollout(
         step_seed = None if seed is None else seed + 7919 * step
         prompts = [c.ids + glue for c, glue in live]
         results = engine.generate(prompts, sampling_settings(tokenizer, generation_cfg, 1, step_seed))
-        for (c, glue), samples in zip(live, results, strict=True):
+        for (c, glue), _samples in zip(live, results, strict=True):
             c.ids += glue
             c.actions += [False] * len(glue)
             c.logprobs += [0.0] * len(glue)
             c.messages.append(fmt.user_text(c.row.steps[step]))
-            _append_response(c, samples[0], tokenizer, stop_string)
+        _append_responses([c for c, _ in live], [samples[0] for samples in results], tokenizer, stop_string)
 
     batch = _to_batch(convs, tokenizer, policy_version, skipped)
     batch.extras["conversations_cut_at_max_prompt_len"] = cut_by_length
     return batch
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    # The template text carries every special token it needs (BOS included when it has one).
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, in one batched tokenizer call.
+
+    The template text carries every special token it needs (BOS included when it has one).
+    """
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _glue(c: _Conversation, fmt: ChatFormat, tokenizer: Any, cell: str) -> list[int]:
-    """Tokens between the last response and the next step's generation: [eot] + separator + segment."""
-    ids = [] if c.ids and c.ids[-1] == fmt.end_of_turn_id else [fmt.end_of_turn_id]
-    return ids + _encode(tokenizer, fmt.separator + fmt.next_segment(cell))
-
-
-def _append_response(c: _Conversation, gen: Generation, tokenizer: Any, stop_string: str | None) -> None:
-    tokens, logprobs, reason = list(gen.token_ids), list(gen.logprobs), gen.finish_reason
-    if len(logprobs) != len(tokens):
-        raise RuntimeError(f"engine returned {len(logprobs)} log-probs for {len(tokens)} tokens")
-    text = None
-    if stop_string:
-        cut = _stop_string_cut(tokens, tokenizer, stop_string)
-        if cut is not None:
-            tokens, logprobs, reason = tokens[:cut], logprobs[:cut], "stop"
-            full = tokenizer.decode(tokens, skip_special_tokens=True)
-            text = full[: full.find(stop_string)] if stop_string in full else full
-    if text is None:
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-    start = len(c.ids)
-    c.ids += tokens
-    c.actions += [True] * len(tokens)
-    c.logprobs += logprobs
-    c.spans.append((start, len(c.ids)))
-    c.reasons.append(reason)
-    c.messages.append(text)
+def _append_responses(convs: list[_Conversation], gens: list[Generation], tokenizer: Any, stop: str | None) -> None:
+    """Append one engine response to each conversation (stop string cut, then one batched decode)."""
+    cut: list[tuple[list[int], list[float], str]] = []
+    for gen in gens:
+        tokens, logprobs, reason = list(gen.token_ids), list(gen.logprobs), gen.finish_reason
+        if len(logprobs) != len(tokens):
+            raise RuntimeError(f"engine returned {len(logprobs)} log-probs for {len(tokens)} tokens")
+        if stop:
+            k = _stop_string_cut(tokens, tokenizer, stop)
+            if k is not None:
+                tokens, logprobs, reason = tokens[:k], logprobs[:k], "stop"
+        cut.append((tokens, logprobs, reason))
+    texts = tokenizer.batch_decode([t for t, _, _ in cut], skip_special_tokens=True) if cut else []
+    for c, (tokens, logprobs, reason), text in zip(convs, cut, texts, strict=True):
+        if stop and stop in text:  # the stop string and anything after it are not the answer
+            text = text[: text.find(stop)]
+        start = len(c.ids)
+        c.ids += tokens
+        c.actions += [True] * len(tokens)
+        c.logprobs += logprobs
+        c.spans.append((start, len(c.ids)))
+        c.reasons.append(reason)
+        c.messages.append(text)
 
 
 def _stop_string_cut(tokens: list[int], tokenizer: Any, stop: str) -> int | None:
@@ -218,17 +228,13 @@ def _to_batch(convs: list[_Conversation], tokenizer: Any, policy_version: int, s
     """Right-pad the conversations into the batch tensors."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max((len(c.ids) for c in convs), default=0)
-    b = len(convs)
-    input_ids = torch.full((b, width), pad, dtype=torch.long)
-    attention = torch.zeros((b, width), dtype=torch.long)
-    actions = torch.zeros((b, width), dtype=torch.bool)
-    logprobs = torch.zeros((b, width), dtype=torch.float32)
-    for i, c in enumerate(convs):
-        k = len(c.ids)
-        input_ids[i, :k] = torch.tensor(c.ids, dtype=torch.long)
-        attention[i, :k] = 1
-        actions[i, :k] = torch.tensor(c.actions, dtype=torch.bool)
-        logprobs[i, :k] = torch.tensor(c.logprobs, dtype=torch.float32)
+    # Pad as Python lists and convert once (one tensor per field, not one per conversation).
+    input_ids = torch.tensor([c.ids + [pad] * (width - len(c.ids)) for c in convs], dtype=torch.long)
+    attention = torch.tensor([[1] * len(c.ids) + [0] * (width - len(c.ids)) for c in convs], dtype=torch.long)
+    actions = torch.tensor([c.actions + [False] * (width - len(c.ids)) for c in convs], dtype=torch.bool)
+    logprobs = torch.tensor([c.logprobs + [0.0] * (width - len(c.ids)) for c in convs], dtype=torch.float32)
+    if not convs:
+        input_ids, attention, actions, logprobs = (t.reshape(0, 0) for t in (input_ids, attention, actions, logprobs))
     return RolloutBatch(
         input_ids=input_ids,
         attention_mask=attention,
