@@ -316,7 +316,8 @@ class Learner:
         else:
             self.consecutive_bad_steps = 0
         stats.update({k: (v / max(updates, 1)) for k, v in acc.items()})
-        stats["objective/loss"] = stats["loss/policy_avg"] + self.opt_cfg.vf_coef * stats.get("loss/value_avg", 0.0)
+        if "loss/policy_avg" in stats:  # absent when every minibatch of the step was skipped
+            stats["objective/loss"] = stats["loss/policy_avg"] + self.opt_cfg.vf_coef * stats.get("loss/value_avg", 0.0)
         stats["optim/skipped_steps"] = float(skipped)
         stats["lr"] = lr_used
         if fw.values is not None:

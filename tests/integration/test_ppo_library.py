@@ -1,0 +1,220 @@
+"""The library API (PPOTrainer.generate/step/save_model) on the offline tiny model."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lampo import PPOConfig, PPOTrainer
+from lampo.optimize import maths as M
+from lampo.optimize.learner import TrainingDiverged
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def tok(tiny_model_path):
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture()
+def model(tiny_model_path):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+
+
+def prompt_ids(tok, text="Say something.") -> torch.Tensor:
+    templated = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return torch.tensor(tok(templated).input_ids)
+
+
+def vowel_share(text: str) -> float:
+    """Rule-based reward in [0, 1]: the share of characters that are lowercase vowels or spaces."""
+    text = text.replace("<|im_end|>", "")
+    return sum(c in "aeiou " for c in text) / len(text) if text else 0.0
+
+
+def base_config(**kw):
+    defaults = dict(batch_size=8, mini_batch_size=8, max_new_tokens=8, non_stop_penalty=False, seed=0,
+                    lr_scheduler_type="constant")
+    defaults.update(kw)
+    return PPOConfig(**defaults)
+
+
+def test_step_logprobs_equal_generate_scores_at_same_temperature(model, tok):
+    cfg = base_config(temperature=0.7)
+    trainer = PPOTrainer(cfg, model, tok)
+    queries = [prompt_ids(tok, t) for t in ("Hi.", "What is your name?", "Tell me a short story.", "Hi.")]
+    responses, gen_logprobs = trainer.generate(queries, return_logprobs=True)
+    batch = trainer.make_batch(queries, responses, [0.0] * 4)
+    fw = trainer.learner.forward_batch(batch)
+    for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
+        recomputed = fw.old_logprobs[i, len(q) : len(q) + len(r)]
+        assert torch.allclose(recomputed, gen_logprobs[i], atol=1e-5), (recomputed, gen_logprobs[i])
+    # A different temperature gives different log-probs: the check above is not vacuous.
+    other = M.logprobs_from_logits(torch.randn(3, 8), torch.tensor([0, 1, 2]), 1.0)
+    assert not torch.allclose(other, M.logprobs_from_logits(torch.randn(3, 8), torch.tensor([0, 1, 2]), 0.7))
+
+
+def _grads_of_one_step(model, tok, accumulation: int, estimator: str = "gae"):
+    kw = dict(estimator=estimator, gradient_accumulation_steps=accumulation, max_grad_norm=0.0)
+    if estimator == "grpo":
+        kw.update(batch_size=2, num_generations=4)
+    trainer = PPOTrainer(base_config(**kw), copy.deepcopy(model), tok)
+    torch.manual_seed(1)
+    queries = [prompt_ids(tok, t) for t in ["Hi.", "What time is it?", "Can you help me?", "Why?"] * 2]
+    responses = [torch.randint(4, 1000, (n,)) for n in (3, 8, 5, 1, 8, 2, 6, 4)]  # ragged on purpose
+    scores = [float(i) / 8 for i in range(8)]
+    grads = {}
+
+    def record(*_args, **_kw):
+        for name, p in trainer.learner.policy.named_parameters():
+            grads[f"policy.{name}"] = p.grad.clone()
+        if trainer.learner.value_model is not None:
+            for name, p in trainer.learner.value_model.named_parameters():
+                grads[f"value.{name}"] = p.grad.clone()
+
+    trainer.learner.optimizer.step = record
+    if trainer.learner.critic_optimizer is not None:
+        trainer.learner.critic_optimizer.step = lambda *a, **k: None
+    trainer.step(queries, responses, scores)
+    return grads
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_one_minibatch_of_8_equals_8_accumulated_micro_batches_of_1(model, tok, estimator):
+    one = _grads_of_one_step(model, tok, accumulation=1, estimator=estimator)
+    eight = _grads_of_one_step(model, tok, accumulation=8, estimator=estimator)
+    assert one.keys() == eight.keys() and len(one) > 10
+    assert any(g.abs().max() > 1e-4 for g in one.values())  # real gradients, not zeros
+    for name in one:
+        assert torch.allclose(one[name], eight[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_lora_reference_is_the_base_model_with_adapter_disabled(model, tok):
+    base = copy.deepcopy(model)
+    cfg = base_config(use_peft=True, lora_r=4, lora_alpha=8, learning_rate=1e-2)
+    trainer = PPOTrainer(cfg, model, tok)
+    assert trainer.learner.ref_model is None  # no second copy of the weights
+    # Move the adapter away from its zero initialisation so that policy != reference.
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    queries = [prompt_ids(tok, "Hi."), prompt_ids(tok, "Why is the sky blue?")]
+    responses = trainer.generate(queries)
+    batch = trainer.make_batch(queries, responses, [0.0, 1.0])
+    fw = trainer.learner.forward_batch(batch)
+    with torch.no_grad():
+        logits = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    base_lp = torch.nn.functional.pad(M.logprobs_from_logits(logits[:, :-1], batch.input_ids[:, 1:]), (1, 0))
+    mask = batch.action_mask
+    assert torch.allclose(fw.ref_logprobs[mask], base_lp[mask], atol=1e-5)
+    assert not torch.allclose(fw.old_logprobs[mask], base_lp[mask], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "estimator,kw",
+    [
+        # The score's spread (std ~0.06) is tiny next to an untrained critic's noise (~1): whitening
+        # the rewards (lm-human-preferences' reward normalisation) restores the signal.
+        ("gae", dict(learning_rate=3e-3, ppo_epochs=4, kl_coef=0.01, whiten_rewards=True)),
+        ("grpo", dict(learning_rate=3e-3, ppo_epochs=4, kl_coef=0.01, num_generations=4, batch_size=4)),
+    ],
+)
+def test_learning_rule_reward_rises_by_04_within_80_steps(model, tok, estimator, kw):
+    cfg = base_config(estimator=estimator, max_new_tokens=12, **{"batch_size": 16, "mini_batch_size": 16, **kw})
+    trainer = PPOTrainer(cfg, model, tok)
+    ref_before = {k: v.clone() for k, v in trainer.learner.ref_model.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    queries = [prompt_ids(tok)] * 16
+    history = []
+    for _ in range(80):
+        responses = trainer.generate(queries)
+        scores = [vowel_share(tok.decode(r)) for r in responses]
+        stats = trainer.step(queries, responses, scores)
+        assert all(isinstance(v, float) for v in stats.values())
+        history.append(statistics.mean(scores))
+    first, last = statistics.mean(history[:10]), statistics.mean(history[-10:])
+    assert last >= first + 0.4, (first, last, history)
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, policy_before[k])]
+    assert len(changed) == len(policy_before)
+    for k, v in trainer.learner.ref_model.state_dict().items():
+        assert torch.equal(v, ref_before[k]), f"reference weight {k} changed"
+
+
+def test_non_finite_loss_skips_the_update_and_stops_after_max_bad_steps(model, tok, monkeypatch):
+    trainer = PPOTrainer(base_config(max_bad_steps=2), model, tok)
+    queries = [prompt_ids(tok)] * 8
+    responses = trainer.generate(queries)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real = M.clipped_policy_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, clipped, ratio = real(*args, **kwargs)
+        return loss * float("nan"), clipped, ratio
+
+    monkeypatch.setattr(M, "clipped_policy_loss", nan_loss)
+    stats = trainer.step(queries, responses, [0.5] * 8)
+    assert stats["optim/skipped_steps"] == 1.0
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(TrainingDiverged, match="2 steps in a row"):
+        trainer.step(queries, responses, [0.5] * 8)
+    monkeypatch.setattr(M, "clipped_policy_loss", real)
+
+
+def test_empty_responses_and_all_masked_minibatches_give_finite_stats(model, tok):
+    trainer = PPOTrainer(base_config(mini_batch_size=2, batch_size=4), model, tok)
+    queries = [prompt_ids(tok)] * 4
+    responses = [torch.tensor([], dtype=torch.long), torch.tensor([5, 6, 3]), torch.tensor([], dtype=torch.long),
+                 torch.tensor([7])]
+    masks = [torch.zeros(0), torch.zeros(3), torch.zeros(0), torch.zeros(1)]
+    stats = trainer.step(queries, responses, [1.0, 0.0, 1.0, 0.0], response_masks=masks)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()), stats
+    stats = trainer.step(queries, responses, [1.0, 0.0, 1.0, 0.0])
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()), stats
+
+
+def test_response_mask_limits_training_to_masked_tokens(model, tok):
+    trainer = PPOTrainer(base_config(batch_size=2, mini_batch_size=2), model, tok)
+    queries = [prompt_ids(tok)] * 2
+    responses = [torch.tensor([5, 6, 7, 3]), torch.tensor([8, 9, 3])]
+    masks = [torch.tensor([1, 1, 0, 0]), torch.tensor([0, 1, 1])]
+    batch = trainer.make_batch(queries, responses, [1.0, 0.0], response_masks=masks)
+    q = len(queries[0])
+    assert batch.action_mask[0].nonzero().flatten().tolist() == [q, q + 1]
+    assert batch.action_mask[1].nonzero().flatten().tolist() == [q + 1, q + 2]
+    # the score sits on the last trained token of each sample
+    assert batch.placed_scores[0, q + 1] == 1.0 and batch.placed_scores.sum() == 1.0
+
+
+def test_nonstop_penalty_applies_to_responses_without_stop_token(model, tok):
+    trainer = PPOTrainer(base_config(batch_size=2, mini_batch_size=2, non_stop_penalty=True), model, tok)
+    queries = [prompt_ids(tok)] * 2
+    stop = tok.eos_token_id
+    batch = trainer.make_batch(queries, [torch.tensor([5, stop]), torch.tensor([5, 6])], [0.9, 0.9])
+    assert batch.seq_scores.tolist() == pytest.approx([0.9, -10.0])
+
+
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_save_model_loads_with_from_pretrained(model, tok, tmp_path, use_peft):
+    cfg = base_config(use_peft=use_peft, lora_r=4, lora_alpha=8)
+    trainer = PPOTrainer(cfg, model, tok)
+    queries = [prompt_ids(tok)] * 8
+    trainer.step(queries, trainer.generate(queries), [1.0] * 8)
+    out = trainer.save_model(tmp_path / "model", merged=True)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = queries[0][None]
+    with torch.no_grad():
+        expected = trainer.learner.policy(input_ids=ids).logits
+        assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-4)
+    if use_peft:
+        from peft import AutoPeftModelForCausalLM
+
+        adapter_dir = trainer.save_model(tmp_path / "adapter")
+        assert (adapter_dir / "adapter_config.json").exists()
+        assert AutoPeftModelForCausalLM.from_pretrained(adapter_dir) is not None
