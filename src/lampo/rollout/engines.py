@@ -10,8 +10,8 @@ engine's tokenizer or text handling:
 Log-probs. Both engines report, for each generated token, the log-probability of that token
 under the distribution it was actually sampled from: log softmax of the logits after the
 repetition penalty and the min-new-tokens mask, divided by the temperature, renormalised over
-the tokens top-k / top-p keep (vLLM's `logprobs_mode="processed_logprobs"`; transformers'
-`output_scores`, which are the scores after all logits processors and warpers). Greedy decoding
+the tokens top-k / top-p keep (vLLM's `logprobs_mode="processed_logprobs"`; in the transformers
+engine Lampo's own sampler computes the same quantity, see `_Sampler`). Greedy decoding
 (temperature 0) reports log softmax(logits) at temperature 1. With Lampo's defaults (top_p 1,
 top_k 0, repetition_penalty 1) this is exactly log softmax(logits / temperature), the quantity the
 learner recomputes; with top-k / top-p on it is the renormalised (filtered) log-prob, which is
@@ -125,20 +125,11 @@ class HFEngine:
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[Generation]]:
         if not prompts:
             return []
-        # transformers refuses num_return_sequences > 1 with greedy decoding: repeat the prompts.
-        copies = settings.n if settings.temperature <= 0 and settings.n > 1 else 1
-        if copies > 1:
-            prompts = [p for p in prompts for _ in range(copies)]
-            settings = dataclasses.replace(settings, n=1)
         chunk = self.max_batch_size or len(prompts)
         out: list[list[Generation]] = []
-        with self._lock, torch.inference_mode(), torch.random.fork_rng(devices=[]):
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
+        with self._lock, torch.inference_mode():
             for start in range(0, len(prompts), chunk):
                 out.extend(self._generate_chunk(prompts[start : start + chunk], settings))
-        if copies > 1:
-            out = [[g for row in out[i : i + copies] for g in row] for i in range(0, len(out), copies)]
         return out
 
     def _generate_chunk(self, prompts: list[list[int]], s: SamplingSettings) -> list[list[Generation]]:
@@ -152,35 +143,29 @@ class HFEngine:
             if p:
                 ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
                 mask[i, width - len(p) :] = 1
-        greedy = s.temperature <= 0
+        # 2. Generate. transformers runs its processors (repetition penalty, min new tokens),
+        # then our sampler draws the token and records its log-prob; generate itself runs greedy
+        # over the sampler's one-hot output (see _Sampler).
+        sampler = _Sampler(s, self.device)
         gen_cfg = GenerationConfig(
-            do_sample=not greedy,
-            temperature=None if greedy else s.temperature,
-            top_p=None if greedy else s.top_p,
-            top_k=None if greedy else s.top_k,
+            do_sample=False,
             repetition_penalty=s.repetition_penalty,
             max_new_tokens=s.max_new_tokens,
             min_new_tokens=s.min_new_tokens or None,
-            num_return_sequences=s.n,
+            num_return_sequences=1,
             eos_token_id=list(s.stop_token_ids) or None,
             pad_token_id=self.pad_token_id,
             bos_token_id=None,
             use_cache=True,
-            output_scores=True,
-            return_dict_in_generate=True,
         )
-        # 2. Generate; `scores` are the logits after every processor and warper.
-        res = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=gen_cfg
+        # n samples per prompt: repeat each prompt n times, contiguously.
+        ids, mask = ids.repeat_interleave(s.n, dim=0), mask.repeat_interleave(s.n, dim=0)
+        out = self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=gen_cfg,
+            logits_processor=[sampler],
         )
-        new = res.sequences[:, width:].cpu()
-        # 3. Log-prob of each chosen token under the processed distribution, step by step
-        # (one [rows, vocab] log-softmax at a time keeps memory at one step's worth).
-        # log p = score[chosen] - logsumexp(scores): no [rows, vocab] log-softmax is written out.
-        lp = torch.empty(new.shape, dtype=torch.float32)
-        for t, scores in enumerate(res.scores):
-            chosen = new[:, t : t + 1].to(scores.device)
-            lp[:, t] = (scores.gather(1, chosen).squeeze(1).float() - torch.logsumexp(scores.float(), dim=-1)).cpu()
+        new = out[:, width:].cpu()
+        lp = sampler.logprobs(new.shape[1])
         stop = set(s.stop_token_ids)
         tokens, logprobs = new.tolist(), lp.tolist()
         gens: list[list[Generation]] = []
@@ -200,6 +185,65 @@ class HFEngine:
     def close(self) -> None:
         self.model = None
         gc.collect()
+
+
+class _Sampler:
+    """A logits processor that samples the next token itself and records its log-prob.
+
+    It runs after transformers' own processors (repetition penalty, min new tokens), applies the
+    temperature, top-k and top-p, and draws from the result by inverse CDF (one uniform number
+    per row, searched in the cumulative probabilities: an exact sample). It returns a one-hot of
+    the drawn token, so `generate`, running greedy, emits exactly that token. This replaces
+    `torch.multinomial`, about a third of transformers' sampling time on the tiny model here, and
+    yields the log-probs without keeping every step's scores. With temperature 0 it picks the
+    argmax and leaves the scores alone.
+    """
+
+    def __init__(self, s: SamplingSettings, device: torch.device) -> None:
+        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+        self.greedy = s.temperature <= 0
+        self.temperature = s.temperature
+        self.warpers = []
+        if not self.greedy and s.top_k > 0:
+            self.warpers.append(TopKLogitsWarper(top_k=s.top_k))
+        if not self.greedy and s.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=s.top_p))
+        self.generator = None
+        if s.seed is not None and not self.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(s.seed)
+        self.steps: list[torch.Tensor] = []
+        self._onehot: torch.Tensor | None = None
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float()
+        if self.greedy:
+            choice = scores.argmax(dim=-1, keepdim=True)
+            self.steps.append(scores.gather(1, choice).squeeze(1) - torch.logsumexp(scores, dim=-1))
+            return scores
+        scores = scores / self.temperature
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        logp = torch.log_softmax(scores, dim=-1)
+        # Inverse-CDF draw: one uniform per row (filling a [rows, vocab] tensor with random
+        # numbers, as multinomial or an exponential race do, costs more than the model here).
+        cdf = logp.exp().cumsum_(dim=-1)
+        u = torch.rand((scores.shape[0], 1), generator=self.generator, device=scores.device) * cdf[:, -1:]
+        choice = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[1] - 1)
+        self.steps.append(logp.gather(1, choice).squeeze(1))
+        # A one-hot that generate's greedy argmax reads at once: reuse one buffer, only the
+        # previous step's ones are cleared.
+        if self._onehot is None or self._onehot.shape != scores.shape:
+            self._onehot = torch.zeros_like(scores)
+        elif self._last is not None:
+            self._onehot.scatter_(1, self._last, 0.0)
+        self._last = choice
+        return self._onehot.scatter_(1, choice, 1.0)
+
+    def logprobs(self, num_steps: int) -> torch.Tensor:
+        """[rows, num_steps] log-probs of the drawn tokens (steps after a row stopped are junk)."""
+        return torch.stack(self.steps[:num_steps], dim=1).cpu() if self.steps else torch.zeros(0, 0)
 
 
 def _standalone_copy(model: torch.nn.Module) -> torch.nn.Module:
