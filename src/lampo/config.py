@@ -115,7 +115,7 @@ class GenerationConfig:
     vllm_gpu_memory_utilization: float = 0.5
     """Share of GPU memory vLLM may take (GPU only)."""
     vllm_max_model_len: int | None = None
-    """vLLM context length; null uses max_prompt_len plus all generated turns."""
+    """vLLM context length; null uses max_prompt_len + max_new_tokens (every step's prompt, earlier turns included, fits max_prompt_len)."""
 
 
 @dataclass

@@ -284,3 +284,17 @@ def test_another_template_is_read_off_the_template(tiny_model_path):
     templated = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>" \
                 "<|start_header_id|>user<|end_header_id|>\n\nHello there<|eot_id|>"
     assert fmt.user_text(templated) == "Hello there"
+
+
+def test_engine_logprob_diff_is_the_mean_over_action_tokens():
+    from lampo.rollout.batch import RolloutBatch
+    from lampo.rollout.multistep import engine_logprob_diff
+
+    batch = RolloutBatch(
+        input_ids=torch.zeros((1, 4), dtype=torch.long), attention_mask=torch.ones((1, 4), dtype=torch.long),
+        action_mask=torch.tensor([[False, True, True, False]]),
+        engine_logprobs=torch.tensor([[0.0, -1.0, -2.0, 0.0]]),
+        turn_spans=[[(1, 3)]], finish_reasons=[["stop"]], messages=[["u", "a"]], prompt_index=torch.tensor([0]),
+    )
+    # |-1 - (-1.5)| = 0.5 and |-2 - (-2.1)| = 0.1 on the two actions; position 3 (not an action) is ignored.
+    assert abs(engine_logprob_diff(batch, torch.tensor([[9.0, -1.5, -2.1, 9.0]])) - 0.3) < 1e-6

@@ -247,3 +247,18 @@ def _to_batch(convs: list[_Conversation], tokenizer: Any, policy_version: int, s
         policy_version=policy_version,
         skipped_rows=skipped,
     )
+
+
+def engine_logprob_diff(batch: RolloutBatch, learner_logprobs: torch.Tensor) -> float:
+    """Mean |engine log-prob - learner log-prob| over action tokens (`val/engine_logprob_diff`).
+
+    learner_logprobs: [B, T], aligned with `input_ids` like `engine_logprobs` (entry t is the
+    log-prob of token t, from the logits at t - 1, at the sampling temperature). Near 0 when the
+    engine has the learner's weights; a large value is the classic sign of a sync or
+    temperature bug.
+    """
+    mask = batch.action_mask
+    if not bool(mask.any()):
+        return 0.0
+    diff = (batch.engine_logprobs - learner_logprobs.to(batch.engine_logprobs.dtype)).abs()
+    return float(diff[mask].mean())
