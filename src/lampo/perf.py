@@ -1,0 +1,238 @@
+"""Performance accounting: the FLOPs of each phase of a step, this machine's matmul peak, and MFU.
+
+The cost model follows Kaplan et al. 2020 (section 2.1) and nanoGPT's `estimate_mfu`: a forward
+pass costs 2 FLOPs per matmul parameter per token (one multiply, one add), a training pass 6
+(forward 2, backward 4: gradients with respect to activations and to weights), plus attention:
+a token at position t attends to t+1 keys, so QK^T and attention x V cost 2 * 2 * (t+1) * d_attn
+per layer in the forward pass, three times that in training. Embedding look-ups, norms,
+activations, softmax and the optimiser are left out: on the models trained here they are a few
+percent of the matmuls. Counts are of USEFUL work: real tokens only, causal attention only, so
+padding and masked-out attention entries count as waste, not as work.
+
+Per PPO step, with N the policy's matmul parameters and a batch of sequences of lengths T_i
+(prompt plus response):
+  rollout   generation with a KV cache: each token passes once through the model, so the same
+            count as one forward over the final sequence.
+  forward   old log-probs (policy), reference log-probs (unless skipped), values (a separate
+            critic: one more forward of the critic).
+  optimize  ppo_epochs x (training pass of the policy [+ critic]). With LoRA the frozen weights
+            need no weight gradient: 4N per token instead of 6N. Gradient checkpointing adds
+            one more forward: +2N.
+
+MFU = counted FLOPs / (seconds x peak FLOP/s), with the peak measured on this machine by
+`measure_peak` (a 2048 x 2048 matmul) rather than taken from a data sheet.
+
+    shape = ModelShape.from_model(policy)
+    flops = count_flops(shape, seq_lens=[40, 52, ...], ppo_epochs=1)
+    peak = measure_peak(torch.float32, "best")
+    metrics = step_mfu({"time/rollout": 1.2, "time/forward": 0.3, "time/optimize": 0.9}, flops, peak)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PHASES = ("rollout", "forward", "optimize")
+"""The phases that run the model; their times are logged as time/<phase>."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs to know about a decoder-only transformer."""
+
+    matmul_params: int
+    """Parameters that take part in a matmul per token: every Linear, the LM head included, the
+    input embedding excluded (a look-up, no arithmetic)."""
+    num_layers: int
+    attn_dim: int
+    """num_attention_heads x head_dim: the width of the query/key products."""
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ModelShape:
+        """Read the shape off a transformers causal LM (a PEFT wrapper or a Lampo ValueModel too)."""
+        from lampo.optimize.models import base_causal_lm
+
+        base = base_causal_lm(model)
+        cfg = base.config
+        embeddings = {id(m.weight) for m in base.modules() if isinstance(m, nn.Embedding)}
+        params = 0
+        seen: set[int] = set()
+        for module in base.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+                seen.add(id(module.weight))
+                # A tied LM head is still a matmul over the vocabulary: count it.
+                params += module.weight.numel()
+        if not seen and embeddings:
+            raise ValueError("the model has no nn.Linear layers: ModelShape cannot count its matmuls")
+        return cls.from_config(cfg, matmul_params=params)
+
+    @classmethod
+    def from_config(cls, cfg, matmul_params: int) -> ModelShape:
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(matmul_params=int(matmul_params), num_layers=int(cfg.num_hidden_layers), attn_dim=heads * head_dim)
+
+
+def forward_flops(shape: ModelShape, seq_lens: Iterable[int]) -> float:
+    """FLOPs of one causal forward pass over sequences of the given (unpadded) lengths.
+
+    2 N T for the matmuls plus 4 L d sum_{t=1..T} t = 2 L d T (T + 1) for attention.
+    """
+    total = 0.0
+    for T in seq_lens:
+        T = int(T)
+        total += 2.0 * shape.matmul_params * T + 2.0 * shape.num_layers * shape.attn_dim * T * (T + 1)
+    return total
+
+
+def training_flops(shape: ModelShape, seq_lens: Iterable[int], lora: bool = False, recompute: bool = False) -> float:
+    """FLOPs of one forward + backward pass over the sequences.
+
+    Full fine-tuning: 3x the forward (6N per token). LoRA: the frozen weights need no weight
+    gradient, so 2x the forward (4N; the adapters' own FLOPs are negligible at small rank).
+    Gradient checkpointing recomputes the forward once more.
+    """
+    lens = list(seq_lens)
+    factor = (2.0 if lora else 3.0) + (1.0 if recompute else 0.0)
+    return factor * forward_flops(shape, lens)
+
+
+def count_flops(
+    shape: ModelShape,
+    seq_lens: Iterable[int],
+    *,
+    ppo_epochs: int = 1,
+    reference: bool = True,
+    critic: ModelShape | None = None,
+    lora: bool = False,
+    recompute: bool = False,
+) -> dict[str, float]:
+    """FLOPs of each phase of one step over sequences of lengths `seq_lens` (prompt + response).
+
+    reference: whether the reference log-probs are computed (False when kl_coef is 0 and the
+    learner skips them). critic: the shape of a separate value model (None for a value head on
+    the policy, whose cost is negligible, or for critic-free estimators).
+    Returns {"rollout", "forward", "optimize"} in FLOPs.
+    """
+    lens = [int(t) for t in seq_lens]
+    if ppo_epochs < 1:
+        raise ValueError(f"ppo_epochs must be >= 1, got {ppo_epochs}")
+    fwd = forward_flops(shape, lens)
+    forward = fwd * (2 if reference else 1)
+    optimize = ppo_epochs * training_flops(shape, lens, lora=lora, recompute=recompute)
+    if critic is not None:
+        forward += forward_flops(critic, lens)
+        optimize += ppo_epochs * training_flops(critic, lens, recompute=recompute)
+    return {"rollout": fwd, "forward": forward, "optimize": optimize}
+
+
+def step_mfu(phase_times: dict[str, float], flops: dict[str, float], peak_flops: float) -> dict[str, float]:
+    """Model FLOPs utilisation per phase and for the step.
+
+    phase_times: seconds per phase as logged, `time/<phase>` (e.g. time/rollout, time/forward,
+    time/optimize); `time/training`, when present, is the whole step's wall time, otherwise the
+    sum of the phases' times is used. flops: from `count_flops`. peak_flops: FLOP/s.
+    Returns perf/mfu, perf/mfu_<phase> for each timed phase, and perf/flops_per_second.
+    A phase without a time (or with time 0) gets no entry rather than a made-up number.
+    """
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops must be positive, got {peak_flops}")
+    out: dict[str, float] = {}
+    timed_total = 0.0
+    for phase, f in flops.items():
+        seconds = phase_times.get(f"time/{phase}")
+        if seconds is None or seconds <= 0:
+            continue
+        timed_total += seconds
+        out[f"perf/mfu_{phase}"] = f / seconds / peak_flops
+    wall = phase_times.get("time/training", timed_total)
+    if wall > 0:
+        total = sum(flops.values())
+        out["perf/flops_per_second"] = total / wall
+        out["perf/mfu"] = total / wall / peak_flops
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Machine peak
+# ---------------------------------------------------------------------------------------
+
+
+def onednn_linear_available() -> bool:
+    """Whether torch has oneDNN's prepacked linear (the kernels torch.compile's CPU backend uses)."""
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    try:
+        return (
+            torch.backends.mkldnn.is_available()
+            and hasattr(mkldnn, "_reorder_linear_weight")
+            and hasattr(mkldnn, "_linear_pointwise")
+        )
+    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the build
+        return False
+
+
+def measure_peak(dtype: torch.dtype = torch.float32, kind: str = "matmul", n: int = 2048, repeats: int = 5) -> float:
+    """Measured matmul rate in FLOP/s: the median of `repeats` timed n x n x n products.
+
+    kind: "matmul" (torch.matmul, the default kernels), "onednn" (oneDNN's linear with a
+    prepacked weight), or "best" (the larger of the available ones).
+    Each product costs 2 n^3 FLOPs. One untimed warm-up run precedes the timed ones.
+    """
+    if kind == "best":
+        rates = [measure_peak(dtype, "matmul", n, repeats)]
+        if onednn_linear_available():
+            rates.append(measure_peak(dtype, "onednn", n, repeats))
+        return max(rates)
+    if kind not in ("matmul", "onednn"):
+        raise ValueError(f"kind must be 'matmul', 'onednn' or 'best', got {kind!r}")
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    w = torch.randn(n, n, generator=gen).to(dtype)
+    if kind == "matmul":
+        def run():
+            return torch.matmul(a, w)
+    else:
+        if not onednn_linear_available():
+            raise RuntimeError("this torch build has no oneDNN prepacked linear; use kind='matmul'")
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, n)
+
+        def run():
+            return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    times = []
+    with torch.no_grad():
+        run()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / statistics.median(times)
+
+
+_PEAK_CACHE: dict[tuple, float] = {}
+
+
+def machine_peak(dtype: torch.dtype = torch.float32, kind: str = "best") -> float:
+    """`measure_peak`, measured once per process and cached (about a second for fp32)."""
+    key = (dtype, kind, torch.get_num_threads())
+    if key not in _PEAK_CACHE:
+        _PEAK_CACHE[key] = measure_peak(dtype, kind)
+    return _PEAK_CACHE[key]
+
+
+__all__ = [
+    "PHASES",
+    "ModelShape",
+    "count_flops",
+    "forward_flops",
+    "machine_peak",
+    "measure_peak",
+    "onednn_linear_available",
+    "step_mfu",
+    "training_flops",
+]

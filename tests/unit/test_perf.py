@@ -1,0 +1,91 @@
+"""The FLOP cost model and MFU arithmetic of lampo.perf, against numbers worked out by hand."""
+
+import pytest
+import torch
+
+from lampo import perf
+from lampo.perf import ModelShape, count_flops, forward_flops, step_mfu, training_flops
+
+# A toy shape: N = 1000 matmul parameters, L = 2 layers, d_attn = 4.
+TOY = ModelShape(matmul_params=1000, num_layers=2, attn_dim=4)
+
+
+def test_forward_flops_hand_numbers():
+    # T = 3: matmuls 2 * 1000 * 3 = 6000.
+    # Attention: token t attends to t + 1 keys, 4 * d * (t + 1) per layer -> 4 * 4 * (1 + 2 + 3) = 96,
+    # times 2 layers = 192. Total 6192.
+    assert forward_flops(TOY, [3]) == 6192
+    # Two sequences add: T = 1 gives 2000 + 2 * 2 * 4 * 1 * 2 = 2032.
+    assert forward_flops(TOY, [3, 1]) == 6192 + 2032
+
+
+def test_training_is_three_forwards_lora_two_checkpointing_one_more():
+    assert training_flops(TOY, [3]) == 3 * 6192  # 6N per token
+    assert training_flops(TOY, [3], lora=True) == 2 * 6192  # no weight gradients for frozen weights
+    assert training_flops(TOY, [3], recompute=True) == 4 * 6192  # one more forward
+
+
+def test_count_flops_per_phase():
+    f = count_flops(TOY, [3], ppo_epochs=2)
+    # rollout: one pass over the sequence; forward: policy + reference; optimize: 2 epochs x 3 forwards.
+    assert f == {"rollout": 6192, "forward": 2 * 6192, "optimize": 2 * 3 * 6192}
+    assert count_flops(TOY, [3], reference=False)["forward"] == 6192
+    critic = ModelShape(matmul_params=500, num_layers=1, attn_dim=4)
+    # critic forward over T = 3: 2 * 500 * 3 + 2 * 1 * 4 * 3 * 4 = 3000 + 96 = 3096
+    fc = count_flops(TOY, [3], critic=critic)
+    assert fc["forward"] == 2 * 6192 + 3096
+    assert fc["optimize"] == 3 * 6192 + 3 * 3096
+    assert fc["rollout"] == 6192  # the critic does not generate
+    with pytest.raises(ValueError, match="ppo_epochs"):
+        count_flops(TOY, [3], ppo_epochs=0)
+
+
+def test_small_model_numbers():
+    # The benchmark model: hidden 512, 8 layers, 8 heads of 64, MLP 1408, vocab 1024, untied head.
+    # Per layer 4 * 512^2 + 3 * 512 * 1408 = 1,048,576 + 2,162,688 = 3,211,264; x 8 = 25,690,112;
+    # LM head 512 * 1024 = 524,288 -> N = 26,214,400.
+    small = ModelShape(matmul_params=26_214_400, num_layers=8, attn_dim=512)
+    # T = 48: 2 * N * 48 = 2,516,582,400; attention 2 * 8 * 512 * 48 * 49 = 19,267,584.
+    assert forward_flops(small, [48]) == 2_535_849_984
+
+
+@pytest.mark.slow  # imports transformers (several seconds on this machine)
+def test_model_shape_from_a_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=False)
+    shape = ModelShape.from_model(LlamaForCausalLM(cfg))
+    # per layer 4 * 64^2 + 3 * 64 * 128 = 16,384 + 24,576 = 40,960; x 2 = 81,920; head 64 * 1024 = 65,536.
+    assert shape == ModelShape(matmul_params=147_456, num_layers=2, attn_dim=64)
+
+
+def test_step_mfu_per_phase_and_total():
+    times = {"time/rollout": 2.0, "time/forward": 1.0, "time/optimize": 4.0, "time/reward": 9.0}
+    flops = {"rollout": 100.0, "forward": 50.0, "optimize": 300.0}
+    out = step_mfu(times, flops, peak_flops=100.0)
+    assert out["perf/mfu_rollout"] == pytest.approx(0.5)  # 100 / 2 / 100
+    assert out["perf/mfu_forward"] == pytest.approx(0.5)
+    assert out["perf/mfu_optimize"] == pytest.approx(0.75)  # 300 / 4 / 100
+    # Without time/training the step time is the sum of the timed model phases: 450 / 7 / 100.
+    assert out["perf/mfu"] == pytest.approx(450 / 7 / 100)
+    # With it, the whole step's wall time (reward and sync included): 450 / 9 / 100.
+    out = step_mfu({**times, "time/training": 9.0}, flops, peak_flops=100.0)
+    assert out["perf/mfu"] == pytest.approx(0.5)
+    assert out["perf/flops_per_second"] == pytest.approx(50.0)
+
+
+def test_step_mfu_leaves_out_untimed_phases_and_rejects_bad_peak():
+    out = step_mfu({"time/optimize": 2.0}, {"rollout": 10.0, "optimize": 10.0}, peak_flops=10.0)
+    assert "perf/mfu_rollout" not in out
+    assert out["perf/mfu_optimize"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="peak_flops"):
+        step_mfu({}, {}, peak_flops=0.0)
+
+
+def test_measure_peak_is_a_positive_rate():
+    assert perf.measure_peak(torch.float32, "matmul", n=64, repeats=1) > 0
+    if perf.onednn_linear_available():
+        assert perf.measure_peak(torch.float32, "onednn", n=64, repeats=1) > 0
+    with pytest.raises(ValueError, match="kind"):
+        perf.measure_peak(torch.float32, "gpu")
