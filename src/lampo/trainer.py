@@ -100,7 +100,9 @@ class Trainer:
         self.rank = accelerator.process_index if accelerator else 0
         self.world = accelerator.num_processes if accelerator else 1
         self.is_main = self.rank == 0
-        self.num_steps = cfg.num_steps
+        # total_episodes counts conversations over all ranks; each rank rolls out its own batch.
+        episodes = cfg.train.total_episodes
+        self.num_steps = max(1, episodes // (cfg.rollout_batch_size * self.world)) if episodes else cfg.num_steps
         self.stop_requested: str | None = None
         _seed_everything(cfg.train.seed + self.rank)
 
@@ -468,6 +470,7 @@ def _seed_everything(seed: int) -> None:
 def run(cfg: LampoConfig, raw_config: dict | None = None) -> int:
     """Entry point shared by `python -m lampo.ppo_vllm` and `lampo train`."""
     logging.basicConfig(level=os.environ.get("LAMPO_LOG_LEVEL", "INFO"), format="%(message)s")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs every weight reload at INFO
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import Accelerator

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +83,15 @@ def build_tiny_model(
     seed: int = 0,
     kind: str = "causal-lm",
     overwrite: bool = False,
+    pretrain_steps: int = 0,
 ) -> Path:
     """Create (deterministically from `seed`) a Llama model + tokenizer in `out_dir`.
 
     kind: `causal-lm` (policy) or `classifier` (a 1-label sequence classifier in the same
     vocabulary, standing in for a Hugging Face reward model). Returns the directory.
+    pretrain_steps: train the causal LM this many steps on the corpus's chat examples first,
+    so that it answers in short sentences and ends its turns with `<|im_end|>` (the demo's
+    starting point: a chat model, not random weights).
     An existing complete build is reused unless `overwrite`.
     """
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -98,6 +103,8 @@ def build_tiny_model(
     out = Path(out_dir)
     marker = out / "lampo-tiny.json"
     recipe = {"size": size, "seed": seed, "kind": kind}
+    if pretrain_steps:
+        recipe["pretrain_steps"] = pretrain_steps
     if marker.exists() and not overwrite and json.loads(marker.read_text()) == recipe:
         return out
     spec = SIZES[size]
@@ -121,7 +128,10 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     cls = LlamaForCausalLM if kind == "causal-lm" else LlamaForSequenceClassification
-    model = cls(config).to(torch.float32).eval()
+    model = cls(config).to(torch.float32)
+    if pretrain_steps and kind == "causal-lm":
+        _pretrain_on_chats(model, tokenizer, pretrain_steps, seed)
+    model.eval()
     # Build beside the target and rename when complete, so that concurrent test processes
     # never read a half-written model.
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -143,6 +153,34 @@ def build_tiny_model(
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def chat_examples() -> list[tuple[str, str]]:
+    """The (question, answer) pairs of the corpus's ChatML lines."""
+    pattern = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>\n<\|im_start\|>assistant\n(.*?)<\|im_end\|>")
+    return pattern.findall(CORPUS.read_text())
+
+
+def _pretrain_on_chats(model, tokenizer, steps: int, seed: int, batch_size: int = 16) -> None:
+    """A short supervised warm-up on 1-3-turn conversations built from the corpus's chat pairs."""
+    pairs = chat_examples()
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        texts = []
+        for _ in range(batch_size):
+            turns = int(torch.randint(1, 4, (1,), generator=gen))
+            messages = []
+            for k in torch.randint(len(pairs), (turns,), generator=gen).tolist():
+                messages += [{"role": "user", "content": pairs[k][0]}, {"role": "assistant", "content": pairs[k][1]}]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def num_parameters(path: str | Path) -> int:

@@ -1,0 +1,166 @@
+"""`lampo demo`: Lampo's main job on an embedded default, end to end, in a few minutes on a CPU.
+
+1. build a tiny chat model (offline: tokenizer and a short warm-up on Lampo's own corpus)
+2. write the example multi-step dataset (3 user turns per conversation)
+3. start a reward server in a subprocess, with a rule reward: "be polite" (each answer that
+   says "thank" and "you" scores higher; one score per assistant turn)
+4. train with PPO (vLLM engine when it is installed), showing live progress
+5. print conversations before and after, the mean reward of the first and last 10% of steps,
+   draw the training curves, stop the server, and say where everything is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from lampo.reward_model import RewardModelTemplate
+
+REPO_EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data" / "multistep"
+
+
+class PoliteReward(RewardModelTemplate):
+    """The demo's reward: per assistant turn, the share of the words "thank" and "you" it contains.
+
+    It returns one score per assistant turn, so each lands on the last token of its own turn
+    and every turn of a multi-step conversation is rewarded for itself.
+    """
+
+    WORDS = ("thank", "you")
+
+    async def compute(self, messages: list[list[str]]) -> list[list[float]]:
+        return [
+            [sum(w in turn.lower() for w in self.WORDS) / len(self.WORDS) for turn in conversation[1::2]]
+            for conversation in messages
+        ]
+
+DEMO_CONFIG = {
+    "estimator": "gae",
+    "batch_size": 8,
+    "mini_batch_size": 8,
+    "ppo_epochs": 2,
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "constant",
+    "kl_coef": 0.05,
+    "whiten_rewards": True,  # reward normalisation: the score spread is small next to a fresh critic's noise
+    "max_new_tokens": 16,
+    "max_prompt_len": 256,
+    "temperature": 1.0,
+    "max_steps": 60,
+    "save_step": 30,
+    "log_samples_steps": 10,
+    "eval_steps": 0,
+    "engine": "auto",
+    "vllm_kv_cache_gb": 0.5,
+    "seed": 0,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_dataset(out: Path) -> Path:
+    """Copy the shipped 3-step example dataset (train and test splits)."""
+    if not (REPO_EXAMPLES / "train.jsonl").exists():
+        raise FileNotFoundError(f"the example dataset is missing at {REPO_EXAMPLES}; run the demo from a clone of Lampo")
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        shutil.copyfile(REPO_EXAMPLES / f"{split}.jsonl", out / f"{split}.jsonl")
+    return out
+
+
+def start_reward_server(config_path: Path, port: int, log_path: Path) -> subprocess.Popen:
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lampo.reward_server", "--model", "lampo.demo.PoliteReward",
+         "--config", str(config_path), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the reward server exited with code {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the reward server did not become healthy in 60 s; see {log_path}")
+
+
+def show(title: str, produced) -> None:
+    print(f"\n=== {title} ===")
+    for messages, score in zip(produced.batch.messages, produced.scores, strict=False):
+        for k, text in enumerate(messages):
+            who = "user     " if k % 2 == 0 else "assistant"
+            print(f"  {who}: {text}")
+        print(f"  -> score {float(score if not isinstance(score, list) else sum(score)):.2f}\n")
+
+
+def run_demo(overrides: dict | None = None) -> int:
+    from lampo.config import load_config
+    from lampo.plot import plot_run
+    from lampo.testing.tiny import build_tiny_model
+    from lampo.tracking import read_metrics
+    from lampo.trainer import Trainer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs every weight reload at INFO
+    root = Path("build") / "demo"
+    run_dir = root / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.monotonic()
+    print("lampo demo: 1/5 building the tiny chat model (cached after the first run)")
+    model_dir = build_tiny_model(root / "tiny-chat-model", size="tiny", seed=0, pretrain_steps=300)
+    print("lampo demo: 2/5 writing the example dataset (3 user turns per conversation)")
+    data_dir = write_dataset(root / "data")
+    port = free_port()
+    config = {**DEMO_CONFIG, **(overrides or {}),
+              "model_name_or_path": str(model_dir), "query_dataset": str(data_dir),
+              "output_dir": str(run_dir), "reward_model": f"http://127.0.0.1:{port}"}
+    config_path = root / "demo.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    print(f"lampo demo: 3/5 starting the reward server on port {port} (PoliteReward: 'thank' and 'you', scored per turn)")
+    server = start_reward_server(config_path, port, root / "reward_server.log")
+    try:
+        cfg = load_config(config_path)
+        trainer = Trainer(cfg, config)
+        try:
+            sample_rows = trainer.test_rows[:2]
+            show("before training", trainer.produce(-1, rows=sample_rows))
+            print(f"lampo demo: 4/5 training {trainer.num_steps} PPO steps")
+            trainer.train()
+            show("after training", trainer.produce(-1, rows=sample_rows))
+        finally:
+            trainer.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    print("lampo demo: 5/5 drawing the curves")
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "objective/scores" in r]
+    k = max(1, len(rows) // 10)
+    first = sum(r["objective/scores"] for r in rows[:k]) / k
+    last = sum(r["objective/scores"] for r in rows[-k:]) / k
+    png = plot_run(run_dir)
+    print(f"\nmean reward, first 10% of steps: {first:.3f}   last 10%: {last:.3f}   ({time.monotonic() - t0:.0f} s)")
+    print(f"model:    {run_dir}\nmetrics:  {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
+    print(f"samples:  {run_dir / 'rollouts.jsonl'}\ncurves:   {png}\nconfig:   {config_path}")
+    (root / "summary.json").write_text(json.dumps({"first_10pct": first, "last_10pct": last}))
+    return 0
