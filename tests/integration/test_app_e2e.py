@@ -1,0 +1,342 @@
+"""End-to-end runs of the real commands (`python -m lampo.ppo_vllm`, `torchrun`, the reward
+server) on the offline tiny model: PPO and GRPO, hf and vLLM, sync and async, 2-process data
+parallel, 3-step conversations, LoRA, resume, signals and a reward server that dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "examples" / "data" / "multistep"
+
+REQUIRED_METRICS = (
+    "episode lr epoch objective/kl objective/scores objective/rlhf_reward objective/non_score_reward "
+    "objective/entropy objective/loss loss/policy_avg policy/approxkl_avg policy/clipfrac_avg policy/entropy_avg "
+    "val/ratio val/sequence_lengths val/num_stop_token_ids time/from_scratch time/training time/rollout "
+    "time/reward time/weight_sync perf/tokens_per_second policy/version_lag"
+).split()
+CRITIC_METRICS = ["loss/value_avg", "val/clipfrac_avg"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING",
+             PYTHONPATH=str(ROOT / "tests" / "integration"))
+    return e
+
+
+class RewardServer:
+    """`python -m lampo.reward_server` on a free loopback port; always stopped by the test."""
+
+    def __init__(self, tmp: Path, port: int | None = None, model: str = "lampo.reward.rules.VowelReward"):
+        self.port = port or free_port()
+        self.tmp, self.model = tmp, model
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> RewardServer:
+        log = (self.tmp / f"server-{self.port}-{time.monotonic_ns()}.log").open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "lampo.reward_server", "--model", self.model,
+                                      "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=env())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "reward server exited at start"
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("reward server did not become healthy")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture()
+def server(tmp_path):
+    s = RewardServer(tmp_path).start()
+    yield s
+    s.kill()
+
+
+def write_config(tmp_path: Path, model_path: Path, **overrides) -> Path:
+    cfg = {
+        "model_name_or_path": str(model_path),
+        "query_dataset": str(DATA),
+        "output_dir": str(tmp_path / "run"),
+        "engine": "hf",
+        "batch_size": 4,
+        "mini_batch_size": 4,
+        "max_new_tokens": 6,
+        "max_steps": 3,
+        "non_stop_penalty": False,  # a random tiny model never produces <|im_end|> within 6 tokens
+        "learning_rate": 1e-3,
+        "progress": False,
+        "log_samples_steps": 1,
+        "seed": 3,
+        "vllm_kv_cache_gb": 0.25,
+        **overrides,
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_app(config: Path, *extra: str, launcher: list[str] | None = None, timeout: float = 600):
+    cmd = (launcher or [sys.executable, "-m"]) + ["lampo.ppo_vllm", "--config", str(config), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def check_run(run_dir: Path, steps: int, critic: bool) -> list[dict]:
+    rows = [r for r in metrics(run_dir) if "objective/scores" in r]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for name in REQUIRED_METRICS + (CRITIC_METRICS if critic else []):
+        assert name in rows[-1], f"metric {name} missing"
+    assert (run_dir / "rollouts.jsonl").exists() and (run_dir / "rollouts.jsonl").read_text().strip()
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    return rows
+
+
+def assert_loads(path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model(input_ids=torch.tensor([[2, 5, 6]])).logits.shape[-1] >= 1024
+
+
+def test_ppo_hf_async_three_step_conversations_through_the_reward_server(tmp_path, tiny_model_path, server):
+    # stop_token "e": most turns stop early on a decoded "e", so conversations reach all 3 steps.
+    cfg = write_config(tmp_path, tiny_model_path, reward_model=server.url, stop_token="e", max_new_tokens=8)
+    out = run_app(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    rows = check_run(run, 3, critic=True)
+    # async: step 1 trains on data from policy 0 (lag 0), later steps on the previous policy (lag 1)
+    assert [r["policy/version_lag"] for r in rows] == [0.0, 1.0, 1.0]
+    samples = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert max(len(s["messages"]) for s in samples) == 6  # user, assistant x 3
+    assert all("<|im_start|>" not in m for s in samples for m in s["messages"])
+    assert_loads(run)
+
+
+def test_grpo_hf_sync_lora_in_process_reward(tmp_path, tiny_model_path):
+    cfg = write_config(tmp_path, tiny_model_path, estimator="grpo", num_generations=2, batch_size=2,
+                       reward_model="lampo.reward.rules.VowelReward", async_mode=False, use_peft=True,
+                       lora_r=4, lora_alpha=8, save_merged=True)
+    out = run_app(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    rows = check_run(run, 3, critic=False)
+    assert [r["policy/version_lag"] for r in rows] == [0.0, 0.0, 0.0]  # sync: always the current policy
+    assert all(r["val/engine_logprob_diff"] < 1e-4 for r in rows)  # the hf engine holds the synced weights
+    assert (run / "adapter_config.json").exists()
+    assert_loads(run / "merged")
+    from peft import AutoPeftModelForCausalLM
+
+    assert AutoPeftModelForCausalLM.from_pretrained(run) is not None
+
+
+@pytest.mark.vllm
+def test_ppo_vllm_sync_lora_weights_reach_the_engine(tmp_path, tiny_model_path):
+    pytest.importorskip("vllm")
+    cfg = write_config(tmp_path, tiny_model_path, engine="vllm", async_mode=False, use_peft=True, lora_r=4,
+                       lora_alpha=8, learning_rate=1e-2, reward_model="lampo.reward.rules.VowelReward")
+    out = run_app(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = check_run(tmp_path / "run", 3, critic=True)
+    # vLLM samples with the merged LoRA weights pushed after every step: its log-probs match the learner's.
+    assert all(r["val/engine_logprob_diff"] < 1e-3 for r in rows), [r["val/engine_logprob_diff"] for r in rows]
+    assert rows[-1]["objective/kl"] != 0.0  # the policy did move away from the reference
+
+
+@pytest.mark.vllm
+def test_grpo_vllm_async(tmp_path, tiny_model_path):
+    pytest.importorskip("vllm")
+    cfg = write_config(tmp_path, tiny_model_path, engine="vllm", estimator="grpo", num_generations=4, batch_size=2,
+                       mini_batch_size=8, reward_model="lampo.reward.rules.VowelReward")
+    out = run_app(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = check_run(tmp_path / "run", 3, critic=False)
+    assert [r["policy/version_lag"] for r in rows] == [0.0, 1.0, 1.0]
+    assert_loads(tmp_path / "run")
+
+
+def test_two_process_data_parallel(tmp_path, tiny_model_path):
+    cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.VowelReward", max_steps=2,
+                       async_mode=False)
+    out = run_app(cfg, launcher=["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = check_run(tmp_path / "run", 2, critic=True)
+    assert rows[-1]["episode"] == 2 * 2 * 4  # 2 steps x 2 ranks x 4 conversations
+    assert_loads(tmp_path / "run")
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+KILL_IN_SAVE = """
+import os, signal, sys
+import lampo.checkpoint as ckpt
+real = ckpt.save_checkpoint
+def save(output_dir, step, **kw):
+    if step == 3:  # die half-way through writing checkpoint-3: the policy is on disk, the rest is not
+        policy = kw["models"]["policy"]
+        class Dying:
+            def save_pretrained(self, path, **k):
+                policy.save_pretrained(path, **k)
+                os.kill(os.getpid(), signal.SIGKILL)
+        kw["models"] = {**kw["models"], "policy": Dying()}
+    return real(output_dir, step, **kw)
+ckpt.save_checkpoint = save
+from lampo.ppo_vllm import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_kill_during_checkpoint_write_equals_uninterrupted_run(tmp_path, tiny_model_path):
+    common = dict(reward_model="lampo.reward.rules.VowelReward", max_steps=4, save_step=1, async_mode=True)
+    a = tmp_path / "a"
+    a.mkdir()
+    out = run_app(write_config(a, tiny_model_path, **common))
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    b = tmp_path / "b"
+    b.mkdir()
+    cfg_b = write_config(b, tiny_model_path, **common)
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, "--config", str(cfg_b)], capture_output=True,
+                            text=True, env=env(), cwd=ROOT, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    from lampo.checkpoint import find_latest_checkpoint
+
+    assert find_latest_checkpoint(b / "run").name == "checkpoint-2"  # the half-written 3 does not count
+    resumed = run_app(cfg_b, "--resume_from_checkpoint", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+    wa, wb = _final_weights(a / "run"), _final_weights(b / "run")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+    ma, mb = metrics(a / "run"), metrics(b / "run")
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]
+    for ra, rb in zip(ma, mb, strict=True):
+        assert ra["objective/scores"] == pytest.approx(rb["objective/scores"], abs=1e-6)
+        assert ra["episode"] == rb["episode"]
+    sa = [json.loads(x)["messages"] for x in (a / "run" / "rollouts.jsonl").read_text().splitlines()]
+    sb = [json.loads(x)["messages"] for x in (b / "run" / "rollouts.jsonl").read_text().splitlines()]
+    assert sa == sb  # same data order and the same samples
+
+
+def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(tmp_path, tiny_model_path):
+    cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.VowelReward", max_steps=500)
+    proc = subprocess.Popen([sys.executable, "-m", "lampo.ppo_vllm", "--config", str(cfg)], env=env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics_file = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics_file.exists() and metrics_file.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "--resume_from_checkpoint auto" in stderr
+    from lampo.checkpoint import find_latest_checkpoint
+
+    latest = find_latest_checkpoint(tmp_path / "run")
+    assert latest is not None and int(latest.name.split("-")[1]) < 500
+
+
+def test_unreachable_reward_server_stops_before_loading_models(tmp_path, tiny_model_path):
+    cfg = write_config(tmp_path, tiny_model_path, reward_model=f"http://127.0.0.1:{free_port()}")
+    out = run_app(cfg, timeout=120)
+    assert out.returncode == 2
+    assert "python -m lampo.reward_server" in out.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_reward_server_dies_mid_run_then_returns(tmp_path, tiny_model_path):
+    srv = RewardServer(tmp_path).start()
+    cfg = write_config(tmp_path, tiny_model_path, reward_model=srv.url, max_steps=6, async_mode=False,
+                       reward_timeout=5.0, reward_deadline=90.0, reward_max_retries=30)
+    proc = subprocess.Popen([sys.executable, "-m", "lampo.ppo_vllm", "--config", str(cfg)], env=env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics_file = tmp_path / "run" / "metrics.jsonl"
+        while not (metrics_file.exists() and metrics_file.read_text().strip()):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+        srv.kill()
+        time.sleep(3)
+        srv.start()  # same port
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        srv.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    rows = [r for r in metrics(tmp_path / "run") if "objective/scores" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert sum(r["reward/failed_requests"] for r in rows) >= 1  # the outage was seen and retried
+
+
+def test_reward_server_dies_for_good_run_stops_with_checkpoint(tmp_path, tiny_model_path):
+    srv = RewardServer(tmp_path).start()
+    cfg = write_config(tmp_path, tiny_model_path, reward_model=srv.url, max_steps=50, async_mode=False,
+                       reward_timeout=2.0, reward_deadline=6.0, reward_max_retries=3)
+    proc = subprocess.Popen([sys.executable, "-m", "lampo.ppo_vllm", "--config", str(cfg)], env=env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics_file = tmp_path / "run" / "metrics.jsonl"
+        while not (metrics_file.exists() and metrics_file.read_text().strip()):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+        srv.kill()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, stderr[-3000:]
+    assert "reward" in stderr and "python -m lampo.reward_server" in stderr
+    assert "--resume_from_checkpoint auto" in stderr
+    from lampo.checkpoint import find_latest_checkpoint, load_checkpoint
+
+    latest = find_latest_checkpoint(tmp_path / "run")
+    _, state = load_checkpoint(latest)
+    trained = [r["step"] for r in metrics(tmp_path / "run") if "objective/scores" in r]
+    assert state["step"] == trained[-1]  # the checkpoint holds every trained step, and no more
