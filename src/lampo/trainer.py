@@ -123,8 +123,9 @@ class Trainer:
         self.sampler = PromptSampler(splits["train"], cfg.optim.batch_size, cfg.train.seed, self.rank, self.world)
 
         self.resume_from = ckpt.resolve_checkpoint(cfg.train.output_dir, cfg.train.resume_from_checkpoint)
-        policy, value_model = self._load_models(self.resume_from)
-        self.learner = Learner(cfg, policy, value_model=value_model, num_training_steps=self.num_steps,
+        policy, value_model, ref_model = self._load_models(self.resume_from)
+        self.learner = Learner(cfg, policy, ref_model=ref_model, value_model=value_model,
+                               num_training_steps=self.num_steps,
                                accelerator=accelerator if self.world > 1 else None)
         self.engine = make_engine(cfg.generation, cfg.model.model_name_or_path, self.tokenizer,
                                   max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed + self.rank)
@@ -142,7 +143,7 @@ class Trainer:
     def _load_models(self, resume: Path | None):
         cfg = self.cfg
         if resume is None:
-            return load_policy(cfg.model), None
+            return load_policy(cfg.model), None, None
         policy_dir = ckpt.model_path(resume, "policy")
         if cfg.model.use_peft:
             from peft import PeftModel
@@ -157,7 +158,10 @@ class Trainer:
         value = None
         if cfg.uses_critic and cfg.model.value_model == "separate":
             value = ValueModel.from_pretrained(ckpt.model_path(resume, "value_model"))
-        return policy, value
+        # The reference is the model the run started from, not the checkpoint's policy. With LoRA
+        # it is the base with the adapter disabled, which the checkpoint never changed.
+        ref = None if cfg.model.use_peft else load_policy(_no_peft(cfg.model))
+        return policy, value, ref
 
     def _restore(self, path: Path) -> None:
         states, trainer_state = ckpt.load_checkpoint(path, weights_only=False)
