@@ -1,0 +1,73 @@
+"""Helpers shared by the benchmark scripts: the small model, prompts, statistics, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = ROOT / "build" / "bench-models"
+
+QUESTIONS = [
+    "Why is the sky blue?", "How do bees make honey?", "What is a prime number?", "Why do cats purr?",
+    "How does a bicycle stay upright?", "What makes bread rise?", "Why is the sea salty?",
+    "How do plants drink water?", "What is an echo?", "Why do leaves change colour?",
+    "How does a compass work?", "What is a rainbow?", "Why do we sleep?", "How do birds fly?",
+    "What is thunder?", "Why is ice slippery?",
+]
+
+
+def model_dir(size: str = "small") -> Path:
+    """The offline benchmark model (built once, deterministically, under build/bench-models)."""
+    from lampo.testing import build_tiny_model
+
+    return build_tiny_model(MODELS / size, size=size)
+
+
+def write_messages_dataset(folder: Path, n: int = 16) -> Path:
+    """`n` single-turn prompts as a Lampo `messages` dataset (train.jsonl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]} for i in range(n)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def summary(values: list[float]) -> dict:
+    """Median with min and max (the issue's figure format)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+    }
+
+
+def save(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def run_worker(module: str, args: list[str], timeout: float = 3600, env: dict | None = None) -> dict:
+    """Run `python -m module args...` in a fresh process; it prints one JSON object as its last line."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{module} {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
