@@ -155,7 +155,7 @@ class OptimConfig:
     estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "dr_grpo"] = "gae"
     """Advantage estimator: `gae` (PPO with a critic), `grpo`, `rloo`, `reinforce_pp` (REINFORCE++), `dr_grpo`."""
     batch_size: int = 16
-    """Prompts (dataset rows) per step; the step trains on batch_size * num_generations conversations."""
+    """Prompts (dataset rows) per step and per process; each process trains on batch_size * num_generations conversations."""
     mini_batch_size: int = 16
     """Conversations per optimiser step (must divide batch_size * num_generations)."""
     gradient_accumulation_steps: int = 1
@@ -251,7 +251,7 @@ class TrainConfig:
     run_name: str | None = None
     """Name of the run in trackers; null derives one from output_dir."""
     early_stop: dict[str, float] | None = None
-    """Stop when a metric crosses a threshold, e.g. {"objective/scores": 0.9} (>=) or {"objective/kl": -5.0} (<= |value|)."""
+    """Stop when a logged metric reaches a threshold (value >= threshold), e.g. {"objective/scores": 0.9}."""
     progress: bool = True
     """Show the live progress bar."""
 

@@ -111,7 +111,8 @@ def show(title: str, produced) -> None:
         print(f"  -> score {float(score if not isinstance(score, list) else sum(score)):.2f}\n")
 
 
-def run_demo(overrides: dict | None = None) -> int:
+def run_demo(overrides: dict | None = None, pretrain_steps: int = 300) -> int:
+    """Run the demo in ./build/demo; `overrides` and `pretrain_steps` exist for the smoke test."""
     from lampo.config import load_config
     from lampo.plot import plot_run
     from lampo.testing.tiny import build_tiny_model
@@ -125,7 +126,7 @@ def run_demo(overrides: dict | None = None) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.monotonic()
     print("lampo demo: 1/5 building the tiny chat model (cached after the first run)")
-    model_dir = build_tiny_model(root / "tiny-chat-model", size="tiny", seed=0, pretrain_steps=300)
+    model_dir = build_tiny_model(root / "tiny-chat-model", size="tiny", seed=0, pretrain_steps=pretrain_steps)
     print("lampo demo: 2/5 writing the example dataset (3 user turns per conversation)")
     data_dir = write_dataset(root / "data")
     port = free_port()
