@@ -110,7 +110,14 @@ class Learner:
         self.accelerator = accelerator
         self.temperature = config.generation.temperature
         self.policy = policy
-        self.ref_model = ref_model if ref_model is not None else build_reference(policy, config.model)
+        # With kl_coef 0 (and no adaptive controller that could raise it) the reference never
+        # enters a reward or a loss: skip its forward pass and its copy of the weights. Its
+        # log-probs are then the old policy's, so objective/kl reads exactly 0 (as beta = 0 in TRL).
+        self.uses_reference = config.optim.kl_coef > 0 or config.optim.adaptive_kl
+        if not self.uses_reference:
+            self.ref_model = None
+        else:
+            self.ref_model = ref_model if ref_model is not None else build_reference(policy, config.model)
         self.value_head: nn.Linear | None = None
         self.value_model: nn.Module | None = None
         if config.uses_critic:
@@ -141,6 +148,7 @@ class Learner:
         self.skipped_updates = 0
         self.global_step = 0
         self.autocast_dtype = torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else None
+        self._fused_old = False
 
     # ------------------------------------------------------------------ set-up helpers
     def _make_optimizer(self, model: nn.Module, extra_head: nn.Module | None, lr: float, steps: int):
@@ -209,28 +217,54 @@ class Learner:
         return None
 
     # ------------------------------------------------------------------ 1. forward
+    def fuses_old_logprobs(self, batch: TrainBatch) -> bool:
+        """Whether the old log-probs can come from the first (only) training pass.
+
+        With one epoch and one minibatch, every micro-batch is trained on the weights that
+        sampled the batch, so pi_old = pi_theta detached: a separate no-grad forward would
+        compute the same numbers again. Without a reference or a critic nothing else needs that
+        forward, and the phase disappears (TRL's GRPOTrainer does the same with num_iterations=1).
+        """
+        return (
+            self.opt_cfg.ppo_epochs == 1
+            and self.opt_cfg.mini_batch_size >= len(batch)
+            and not self.uses_reference
+            and not self.cfg.uses_critic
+        )
+
     @torch.no_grad()
-    def forward_batch(self, batch: TrainBatch) -> Forwarded:
-        """Old log-probs, reference log-probs, values and entropy in micro-batches (no grad)."""
+    def forward_batch(self, batch: TrainBatch, policy_pass: bool = True) -> Forwarded:
+        """Old log-probs, reference log-probs, values and entropy in micro-batches (no grad).
+
+        Without `policy_pass` the old log-probs are left at 0 for the training pass to fill
+        (see `fuses_old_logprobs`). Without a reference pass (kl_coef 0) the reference
+        log-probs are the same tensor as the old ones.
+        """
         B, T = batch.input_ids.shape
         old = torch.zeros(B, T)
-        ref = torch.zeros(B, T)
+        ref = torch.zeros(B, T) if self.uses_reference else old
         ent = torch.zeros(B, T)
         values = torch.zeros(B, T) if self.cfg.uses_critic else None
+        if not policy_pass and not self.uses_reference and values is None:
+            return Forwarded(old_logprobs=old, ref_logprobs=ref, values=values, entropy=ent)
         self.policy.eval()
         for start in range(0, B, self.micro_batch_size):
             idx = torch.arange(start, min(start + self.micro_batch_size, B))
             mb = batch.select(idx)
             L = mb.input_ids.shape[1]
-            out = self._policy_forward(self.policy, mb, want_hidden=self.value_head is not None)
-            lp, e = self._logprobs_entropy(out.logits, mb)
-            old[idx, :L], ent[idx, :L] = lp, e
-            if values is not None:
-                values[idx, :L] = self._values(mb, out)
-            del out
-            with reference_mode(self.unwrapped_policy(), self.ref_model) as ref_model:
-                ref_logits = self._policy_forward(ref_model, mb).logits
-            ref[idx, :L] = self._logprobs_entropy(ref_logits, mb)[0]
+            if policy_pass or values is not None:
+                out = self._policy_forward(self.policy, mb, want_hidden=self.value_head is not None)
+                lp, e = self._logprobs_entropy(out.logits, mb)
+                old[idx, :L], ent[idx, :L] = lp, e
+                if values is not None:
+                    values[idx, :L] = self._values(mb, out)
+                del out
+            if self.uses_reference:
+                with reference_mode(self.unwrapped_policy(), self.ref_model) as ref_model:
+                    ref_logits = self._policy_forward(ref_model, mb).logits
+                # log-probs only: the reference's entropy is never used
+                ref_lp = M.logprobs_from_logits(ref_logits[:, :-1], mb.input_ids[:, 1:], self.temperature)
+                ref[idx, :L] = torch.nn.functional.pad(ref_lp, (1, 0))
         return Forwarded(old_logprobs=old, ref_logprobs=ref, values=values, entropy=ent)
 
     # ------------------------------------------------------------------ 2. advantages
@@ -277,23 +311,28 @@ class Learner:
         """One PPO step on `batch`; returns flat float metrics."""
         timings = {}
         t0 = time.perf_counter()
-        fw = self.forward_batch(batch)
+        self._fused_old = self.fuses_old_logprobs(batch)
+        fw = self.forward_batch(batch, policy_pass=not self._fused_old)
         timings["time/forward"] = time.perf_counter() - t0
-        if not all(torch.isfinite(x).all() for x in (fw.old_logprobs, fw.ref_logprobs)):
+        if not self._fused_old and not all(torch.isfinite(x).all() for x in (fw.old_logprobs, fw.ref_logprobs)):
             return self._bad_step("old or reference log-probs are not finite (the weights may hold NaN)", timings)
 
         t0 = time.perf_counter()
+        # With fused old log-probs these are still zeros here; that is safe because then there is
+        # no reference and no critic: the KL is old - old = 0 and the group advantages use scores only.
         advantages, returns, stats = self.compute_advantages(batch, fw)
-        if batch.engine_logprobs is not None:
-            # A large gap between the engine's and the learner's log-probs of the same tokens is the
-            # classic sign of a weight-sync or temperature bug.
-            gap = (fw.old_logprobs - batch.engine_logprobs).abs()
-            stats["val/engine_logprob_diff"] = M.masked_mean(gap, batch.action_mask).item()
         timings["time/advantages"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         acc = self._optimise(batch, fw, advantages, returns)
         timings["time/optimize"] = time.perf_counter() - t0
+        if self._fused_old:  # the training pass has filled in the old log-probs only now
+            stats["objective/entropy"] = (-M.masked_sum(fw.old_logprobs, batch.action_mask, dim=1)).mean().item()
+        if batch.engine_logprobs is not None:
+            # A large gap between the engine's and the learner's log-probs of the same tokens is the
+            # classic sign of a weight-sync or temperature bug.
+            gap = (fw.old_logprobs - batch.engine_logprobs).abs()
+            stats["val/engine_logprob_diff"] = M.masked_mean(gap, batch.action_mask).item()
 
         lr_used = self.lr
         self.scheduler.step()
@@ -378,6 +417,10 @@ class Learner:
         norm_len = float(self.cfg.generation.max_new_tokens)
         out = self._policy_forward(self.policy, mb, want_hidden=self.value_head is not None)
         logp, entropy = self._logprobs_entropy(out.logits, mb)
+        if self._fused_old:
+            # First and only pass on the sampling weights: pi_old is pi_theta, detached.
+            old_lp = logp.detach()
+            fw.old_logprobs[idx, :L] = old_lp
         pg_mat, clipped, ratio = M.clipped_policy_loss(logp, old_lp, adv, opt.cliprange, opt.dual_clip)
         if not self.cfg.kl_in_reward and beta > 0:
             # GRPO puts the KL in the loss, per token (DeepSeekMath eq. 3).
