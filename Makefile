@@ -41,7 +41,7 @@ bench:
 	$(PY) -m benchmarks.run
 
 docs: venv
-	$(PY) -m lampo.config --docs > docs/config.md
+	$(PY) -m lampo.cli config --docs > docs/config.md
 
 clean:
 	rm -rf .venv

@@ -137,7 +137,8 @@ def assert_loads(path: Path) -> None:
 
 def test_ppo_hf_async_three_step_conversations_through_the_reward_server(tmp_path, tiny_model_path, server):
     # stop_token "e": most turns stop early on a decoded "e", so conversations reach all 3 steps.
-    cfg = write_config(tmp_path, tiny_model_path, reward_model=server.url, stop_token="e", max_new_tokens=8)
+    cfg = write_config(tmp_path, tiny_model_path, reward_model=server.url, stop_token="e", max_new_tokens=8,
+                       eval_steps=2)
     out = run_app(cfg)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "run"
@@ -147,17 +148,20 @@ def test_ppo_hf_async_three_step_conversations_through_the_reward_server(tmp_pat
     samples = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
     assert max(len(s["messages"]) for s in samples) == 6  # user, assistant x 3
     assert all("<|im_start|>" not in m for s in samples for m in s["messages"])
+    evals = [r for r in metrics(run) if "eval/scores" in r]
+    assert [r["step"] for r in evals] == [2] and 0.0 <= evals[0]["eval/scores"] <= 1.0
     assert_loads(run)
 
 
 def test_grpo_hf_sync_lora_in_process_reward(tmp_path, tiny_model_path):
     cfg = write_config(tmp_path, tiny_model_path, estimator="grpo", num_generations=2, batch_size=2,
                        reward_model="lampo.reward.rules.VowelReward", async_mode=False, use_peft=True,
-                       lora_r=4, lora_alpha=8, save_merged=True)
+                       lora_r=4, lora_alpha=8, save_merged=True, max_steps=10, early_stop={"episode": 12.0})
     out = run_app(cfg)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "run"
-    rows = check_run(run, 3, critic=False)
+    rows = check_run(run, 3, critic=False)  # early_stop: episode 12 = 3 steps x 2 prompts x 2 samples
+    assert "early stop at step 3" in out.stdout + out.stderr
     assert [r["policy/version_lag"] for r in rows] == [0.0, 0.0, 0.0]  # sync: always the current policy
     assert all(r["val/engine_logprob_diff"] < 1e-4 for r in rows)  # the hf engine holds the synced weights
     assert (run / "adapter_config.json").exists()
