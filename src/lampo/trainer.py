@@ -328,14 +328,18 @@ class Trainer:
             metrics["objective/verifiable_correct_rate"] = float(np.mean([x >= 1.0 for x in flat])) if flat else 0.0
         return metrics
 
+    SUMMED = ("val/num_stop_token_ids", "reward/retries", "reward/failed_requests", "data/skipped_rows",
+              "optim/skipped_steps")
+
     def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
-        """Mean of every metric across ranks (episode/epoch are already global)."""
+        """Across ranks: counts are summed, everything else averaged (episode/epoch are already global)."""
         if self.world == 1:
             return stats
         keys = sorted(stats)
         t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
-        t = self.acc.reduce(t, reduction="mean")
-        return dict(zip(keys, t.tolist(), strict=True))
+        mean = self.acc.reduce(t.clone(), reduction="mean")
+        total = self.acc.reduce(t.clone(), reduction="sum")
+        return {k: float(total[i] if k in self.SUMMED else mean[i]) for i, k in enumerate(keys)}
 
     def _samples(self, produced: Produced, n: int = 3) -> list[dict]:
         b = produced.batch
