@@ -129,7 +129,9 @@ class HFEngine:
         out: list[list[Generation]] = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(prompts), chunk):
-                out.extend(self._generate_chunk(prompts[start : start + chunk], settings))
+                # Each chunk its own random stream (a seeded chunk must not replay the previous one).
+                s = settings if settings.seed is None else dataclasses.replace(settings, seed=settings.seed + start)
+                out.extend(self._generate_chunk(prompts[start : start + chunk], s))
         return out
 
     def _generate_chunk(self, prompts: list[list[int]], s: SamplingSettings) -> list[list[Generation]]:
