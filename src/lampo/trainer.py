@@ -37,7 +37,7 @@ from lampo.data.formats import PromptRow
 from lampo.data.loading import load_prompt_dataset
 from lampo.optimize import maths as M
 from lampo.optimize.learner import Learner, TrainBatch
-from lampo.optimize.models import ValueModel, is_peft_model, load_policy
+from lampo.optimize.models import ValueModel, check_same_vocab, is_peft_model, load_policy
 from lampo.rollout.batch import RolloutBatch
 from lampo.rollout.engines import make_engine
 from lampo.rollout.multistep import rollout
@@ -127,6 +127,7 @@ class Trainer:
         self.learner = Learner(cfg, policy, ref_model=ref_model, value_model=value_model,
                                num_training_steps=self.num_steps,
                                accelerator=accelerator if self.world > 1 else None)
+        self._check_reward_vocab(policy)
         self.engine = make_engine(cfg.generation, cfg.model.model_name_or_path, self.tokenizer,
                                   max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed + self.rank)
         self.start_step, self.policy_version, self.pending = 0, 0, None
@@ -162,6 +163,14 @@ class Trainer:
         # it is the base with the adapter disabled, which the checkpoint never changed.
         ref = None if cfg.model.use_peft else load_policy(_no_peft(cfg.model))
         return policy, value, ref
+
+    def _check_reward_vocab(self, policy) -> None:
+        """An in-process Hugging Face reward model must share the policy's vocabulary (open-instruct)."""
+        from transformers import PreTrainedModel
+
+        reward_net = getattr(getattr(self.scorer, "model", None), "model", None)
+        if isinstance(reward_net, PreTrainedModel):
+            check_same_vocab(policy, reward_net)
 
     def _restore(self, path: Path) -> None:
         states, trainer_state = ckpt.load_checkpoint(path, weights_only=False)

@@ -194,6 +194,18 @@ def test_grpo_vllm_async(tmp_path, tiny_model_path):
     rows = check_run(tmp_path / "run", 3, critic=False)
     assert [r["policy/version_lag"] for r in rows] == [0.0, 1.0, 1.0]
     assert_loads(tmp_path / "run")
+    # The final model also loads in vLLM, like any hub model.
+    script = (
+        "import os; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'; os.environ['VLLM_CPU_KVCACHE_SPACE'] = '1'\n"
+        "from vllm import LLM, SamplingParams\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM(model={str(tmp_path / 'run')!r}, dtype='float32', max_model_len=256, enforce_eager=True)\n"
+        "    out = llm.generate(['<|im_start|>user\\nHi.<|im_end|>\\n<|im_start|>assistant\\n'],\n"
+        "                       SamplingParams(max_tokens=4, temperature=0))\n"
+        "    print('TOKENS', len(out[0].outputs[0].token_ids))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=300)
+    assert "TOKENS 4" in loaded.stdout, loaded.stderr[-3000:]
 
 
 def test_two_process_data_parallel(tmp_path, tiny_model_path):

@@ -1,0 +1,60 @@
+"""Offline tiny models, model construction details (value head, dropout) and the vocabulary check."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
+
+from lampo.config import ModelConfig
+from lampo.optimize.models import ValueModel, check_same_vocab, init_value_head, load_policy
+from lampo.testing import build_tiny_model
+from lampo.testing.tiny import num_parameters
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_model_is_deterministic_small_and_loads(tmp_path):
+    a = build_tiny_model(tmp_path / "a", seed=7)
+    b = build_tiny_model(tmp_path / "b", seed=7)
+    c = build_tiny_model(tmp_path / "c", seed=8)
+    wa, wb, wc = (load_file(str(p / "model.safetensors")) for p in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert num_parameters(a) < 1_000_000
+    model = AutoModelForCausalLM.from_pretrained(a)
+    assert model.config.head_dim == 64  # vLLM's CPU attention rejects 16
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|pad|>" and tok.padding_side == "left"
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi."}], add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_value_head_init_and_dropout_disabled(tiny_model_path):
+    torch.manual_seed(0)
+    head = init_value_head(1023)  # std = 1/sqrt(1024) = 0.03125
+    assert head.weight.std().item() == pytest.approx(1 / math.sqrt(1024), rel=0.05)
+    assert torch.all(head.bias == 0)
+    policy = load_policy(ModelConfig(model_name_or_path=str(tiny_model_path)))
+    policy.config.attention_dropout = 0.5
+    from lampo.optimize.models import disable_dropout
+
+    disable_dropout(policy)
+    assert policy.config.attention_dropout == 0.0
+    value = ValueModel.from_policy(policy)
+    ids = torch.tensor([[2, 10, 11, 12]])
+    assert value(ids, torch.ones_like(ids)).shape == (1, 4)
+
+
+def test_in_process_reward_model_with_another_vocabulary_is_a_value_error(tiny_model_path):
+    policy = load_policy(ModelConfig(model_name_or_path=str(tiny_model_path)))
+    other = LlamaForSequenceClassification(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=64,
+                                                       num_hidden_layers=1, num_attention_heads=1, num_labels=1))
+    with pytest.raises(ValueError, match=r"policy vocab_size \(1024\) differs from the reward model's \(512\)"):
+        check_same_vocab(policy, other)
+    same = LlamaForSequenceClassification(LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=64,
+                                                      num_hidden_layers=1, num_attention_heads=1, num_labels=1))
+    check_same_vocab(policy, same)
