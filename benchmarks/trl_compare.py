@@ -5,15 +5,23 @@ temperature 1, one optimisation epoch with one optimiser step per batch, no refe
 (TRL beta = 0, Lampo kl_coef = 0), the same in-process reward function
 (`benchmarks.rewards.vowel_share`), learning rate 1e-6, seed 0.
 
-- TRL: `GRPOTrainer` with transformers `generate` (no vLLM), fp32.
-- Lampo: the real application loop (`lampo.trainer.Trainer`, the code behind
-  `python -m lampo.ppo_vllm`) with the `hf` engine, synchronous mode, fp32 and bf16 autocast
-  (fp32 master weights).
+- trl: `GRPOTrainer` with transformers `generate` (no vLLM), fp32.
+- lampo-fp32 / lampo-bf16: the application's Trainer (`lampo.trainer.Trainer`, the code behind
+  `python -m lampo.ppo_vllm`) with the `hf` engine, synchronous mode; bf16 = autocast with fp32
+  master weights. A Lampo step is the body of `Trainer.train` in synchronous mode, phase by
+  phase: produce (rollout + reward), to_train_batch, learner.train (forward, advantages,
+  optimise), weight sync.
+- lampo-bf16gen: as lampo-bf16, and the hf engine generates with bf16 weights (what the trainer
+  would do if it handed the dtype to make_engine).
+- lampo-fp32-before: the learner as it was before the optimisation log in docs/performance.md
+  (reference pass despite kl_coef 0, separate pass for the old log-probs).
 
-Each framework runs in its own fresh process, one after the other in the same invocation:
-`--warmup` steps, then `--steps` measured steps. A step is the whole RL step (generation,
-reward, log-probs, optimisation, weight sync). Figures: seconds per step and trained
-(completion) tokens per second, median with min and max, and the ratio to TRL fp32.
+All runs live in ONE process and take turns step by step: at the end of each TRL step (a
+TrainerCallback) every Lampo variant runs one step. On a machine shared with other jobs the
+load changes from minute to minute; taking turns exposes every run to the same load. The first
+`--warmup` steps of each run are not measured. Figures: seconds per step and trained
+(completion) tokens per second, median with min and max, ratio to TRL; MFU per phase from
+lampo.perf against the best fp32 peak measured in the same run.
 
     .venv/bin/python -m benchmarks.trl_compare [--steps 5] [--warmup 1] [--quick]
 
@@ -23,189 +31,203 @@ Writes benchmarks/results/trl_compare.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, model_dir, run_worker, save, summary, write_messages_dataset
+from benchmarks.common import QUESTIONS, machine, model_dir, save, summary, write_messages_dataset
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 16, 4, 32, 1e-6
+RUNS = "trl,lampo-fp32,lampo-bf16,lampo-bf16gen,lampo-fp32-before"
 
 
-# ----------------------------------------------------------------------------- TRL worker
-def trl_worker(steps: int, warmup: int) -> dict:
+def lampo_trainer(folder: Path, name: str, steps: int):
+    """A Lampo application Trainer for the variant `name` (see the module docstring)."""
+    from lampo.config import LampoConfig
+    from lampo.trainer import Trainer
+
+    bf16 = "bf16" in name
+    cfg = LampoConfig(
+        model_name_or_path=str(model_dir("small")), bf16=bf16,
+        query_dataset=str(write_messages_dataset(folder / "data", PROMPTS)), max_prompt_len=128,
+        engine="hf", temperature=1.0, max_new_tokens=NEW_TOKENS, num_generations=GROUP,
+        reward_model="benchmarks.rewards.VowelShare", non_stop_penalty=False,
+        estimator="grpo", batch_size=PROMPTS, mini_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1,
+        ppo_epochs=1, learning_rate=LR, lr_scheduler_type="constant", kl_coef=0.0,
+        output_dir=str(folder / name), seed=0, max_steps=steps, async_mode=False, logging_steps=1,
+        eval_steps=0, log_samples_steps=0, save_step=0, report_to=[],
+    )
+    trainer = Trainer(cfg, cfg.to_dict())
+    if name.endswith("-before"):
+        from lampo.optimize.models import build_reference
+
+        learner = trainer.learner
+        learner.uses_reference = True
+        learner.ref_model = build_reference(learner.policy, cfg.model)
+        learner.fuses_old_logprobs = lambda batch: False
+    if name.endswith("-bf16gen"):
+        from lampo.rollout.engines import make_engine
+
+        trainer.engine = make_engine(cfg.generation, cfg.model.model_name_or_path, trainer.tokenizer,
+                                     max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed, dtype="bfloat16")
+    return trainer
+
+
+def lampo_step(trainer, step: int) -> dict:
+    """One synchronous step of the application loop, phase by phase, timed like Trainer.train."""
+    from lampo import perf
+
+    t_step = time.perf_counter()
+    produced = trainer.produce(step)  # 1-2. rollout and reward
+    batch = trainer.to_train_batch(produced)
+    flops = perf.learner_step_flops(trainer.learner, batch)
+    stats = trainer.learner.train(batch)  # 3-5. forward, advantages, optimise
+    trainer.policy_version += 1
+    t0 = time.perf_counter()
+    trainer._sync_weights()  # 6. weight sync
+    stats["time/weight_sync"] = time.perf_counter() - t0
+    step_s = time.perf_counter() - t_step
+    phases = {k: v for k, v in {**stats, **produced.times}.items() if k.startswith("time/")}
+    phases["time/training"] = step_s
+    return {"step_s": step_s, "trained_tokens": float(batch.action_mask.sum()), "phases": phases, "flops": flops,
+            "score": sum(float(s) for s in produced.scores) / max(len(produced.scores), 1)}
+
+
+def run_all(runs: list[str], steps: int, warmup: int) -> dict[str, dict]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from benchmarks.common import QUESTIONS
     from benchmarks.rewards import vowel_share
 
-    path = model_dir("small")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     total = steps + warmup
-    # Every step draws 16 distinct prompts: repeat the 16 questions once per step.
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q in QUESTIONS[:PROMPTS]] * total)
-
-    def reward(completions, **_):
-        return [vowel_share(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
-
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times, self.lengths, self.t0 = [], [], 0.0
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "completions/mean_length" in logs:
-                self.lengths.append(float(logs["completions/mean_length"]))
-
-    out = tempfile.mkdtemp(prefix="lampo-bench-trl-")
-    args = GRPOConfig(
-        output_dir=out, per_device_train_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1,
-        num_generations=GROUP, max_completion_length=NEW_TOKENS, beta=0.0, num_iterations=1,
-        learning_rate=LR, max_steps=total, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
-        save_strategy="no", temperature=1.0, seed=0, shuffle_dataset=False, disable_dropout=True,
-    )
-    timer = Timer()
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=ds, processing_class=tok,
-                          callbacks=[timer])
-    trainer.train()
-    prompt_len = [len(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=False)) for q in QUESTIONS[:PROMPTS]]
-    times = timer.times[warmup:]
-    lengths = timer.lengths[warmup:] if len(timer.lengths) >= total else [timer.lengths[-1]] * len(times)
-    tokens = [m * PROMPTS * GROUP for m in lengths]
-    return {"step_s": times, "trained_tokens": tokens, "prompt_lens": prompt_len, "completion_mean": lengths}
-
-
-# ----------------------------------------------------------------------------- Lampo worker
-def lampo_config(folder: Path, dtype: str, steps: int, extra: dict | None = None):
-    from lampo.config import LampoConfig
-
-    keys = dict(
-        model_name_or_path=str(model_dir("small")), bf16=dtype == "bf16",
-        query_dataset=str(write_messages_dataset(folder / "data", PROMPTS)), max_prompt_len=128,
-        engine="hf", temperature=1.0, max_new_tokens=NEW_TOKENS, num_generations=GROUP,
-        reward_model="benchmarks.rewards.VowelShare",
-        estimator="grpo", batch_size=PROMPTS, mini_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1,
-        ppo_epochs=1, learning_rate=LR, lr_scheduler_type="constant", kl_coef=0.0,
-        output_dir=str(folder / "run"), seed=0, max_steps=steps, async_mode=False, logging_steps=1,
-        eval_steps=0, log_samples_steps=0, save_step=0, report_to=[],
-    )
-    keys.update(extra or {})
-    return LampoConfig(**keys)
-
-
-def lampo_worker(steps: int, warmup: int, dtype: str, extra: dict | None = None) -> dict:
-    from lampo import perf
-    from lampo.trainer import Trainer
-
     folder = Path(tempfile.mkdtemp(prefix="lampo-bench-"))
-    cfg = lampo_config(folder, dtype, steps + warmup, extra)
-    trainer = Trainer(cfg, cfg.to_dict())
-    seq_lens: list[list[int]] = []
-    train = trainer.learner.train
+    lampo = {name: lampo_trainer(folder, name, total) for name in runs if name != "trl"}
+    records: dict[str, list[dict]] = {name: [] for name in runs}
 
-    def recording_train(batch):
-        seq_lens.append(batch.attention_mask.sum(1).tolist())
-        return train(batch)
+    def lampo_turn(step: int) -> None:
+        for name, trainer in lampo.items():
+            records[name].append(lampo_step(trainer, step))
+            print(f"step {step + 1}/{total} {name:18s} {records[name][-1]['step_s']:.2f} s", file=sys.stderr)
 
-    trainer.learner.train = recording_train
-    try:
+    if "trl" not in runs:
+        for step in range(total):
+            lampo_turn(step)
+    else:
+        path = model_dir("small")
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        # Every step draws the 16 questions (the dataset repeats them once per step).
+        ds = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q in QUESTIONS[:PROMPTS]] * total)
+
+        def reward(completions, **_):
+            return [vowel_share(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
+
+        class TakeTurns(TrainerCallback):
+            t0, length = 0.0, float("nan")
+
+            def on_step_begin(self, args, state, control, **kw):
+                self.t0 = time.perf_counter()
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "completions/mean_length" in logs:
+                    self.length = float(logs["completions/mean_length"])
+
+            def on_step_end(self, args, state, control, **kw):
+                seconds = time.perf_counter() - self.t0
+                records["trl"].append({"step_s": seconds, "completion_mean": self.length})
+                print(f"step {state.global_step}/{total} trl                {seconds:.2f} s", file=sys.stderr)
+                lampo_turn(state.global_step - 1)
+
+        args = GRPOConfig(
+            output_dir=str(folder / "trl"), per_device_train_batch_size=PROMPTS * GROUP,
+            gradient_accumulation_steps=1, num_generations=GROUP, max_completion_length=NEW_TOKENS, beta=0.0,
+            num_iterations=1, learning_rate=LR, max_steps=total, logging_steps=1, report_to="none", use_cpu=True,
+            bf16=False, save_strategy="no", temperature=1.0, seed=0, shuffle_dataset=False, disable_dropout=True,
+        )
+        turns = TakeTurns()
+        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=ds, processing_class=tok,
+                              callbacks=[turns])
         trainer.train()
-    finally:
-        trainer.close()
-    rows = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "time/training" in r][warmup:]
-    shape = perf.ModelShape.from_model(trainer.learner.unwrapped_policy())
-    out = {"step_s": [], "trained_tokens": [], "phases": [], "flops": []}
-    for r, lens in zip(rows, seq_lens[warmup:], strict=True):
-        out["step_s"].append(r["time/training"])
-        out["trained_tokens"].append(r["perf/tokens_per_second"] * r["time/training"])
-        out["phases"].append({k: v for k, v in r.items() if k.startswith("time/")})
-        out["flops"].append(perf.count_flops(shape, lens, ppo_epochs=1,
-                                             reference=getattr(trainer.learner, "uses_reference", True)))
+        # logs arrive after on_step_end: each step's mean completion length is in the next record's slot
+        lengths = [r["completion_mean"] for r in records["trl"]][1:] + [turns.length]
+        for r, length in zip(records["trl"], lengths, strict=True):
+            r["trained_tokens"] = length * PROMPTS * GROUP
+    for t in lampo.values():
+        t.close()
+    return {name: {k: [r[k] for r in recs[warmup:] if k in r] for k in recs[0]} for name, recs in records.items()}
+
+
+def describe(name: str, raw: dict, peak: float) -> dict:
+    from lampo import perf
+
+    out = {"name": name, "step_s": summary(raw["step_s"]),
+           "tokens_per_s": summary([t / s for t, s in zip(raw["trained_tokens"], raw["step_s"], strict=True)]),
+           "raw": raw}
+    if raw.get("flops"):
+        mfu = [perf.step_mfu(ph, fl, peak) for ph, fl in zip(raw["phases"], raw["flops"], strict=True)]
+        out["mfu_vs_fp32_peak"] = {k: summary([m[k] for m in mfu if k in m])["median"] for k in mfu[0]}
+        out["phases_median_s"] = {k: summary([p[k] for p in raw["phases"]])["median"] for k in raw["phases"][0]}
     return out
-
-
-# ----------------------------------------------------------------------------- driver
-def describe(name: str, raw: dict) -> dict:
-    step = summary(raw["step_s"])
-    tps = summary([t / s for t, s in zip(raw["trained_tokens"], raw["step_s"], strict=True)])
-    return {"name": name, "step_s": step, "tokens_per_s": tps, "raw": raw}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="measured steps per run")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="3 measured steps, no bf16 run")
-    ap.add_argument("--runs", default="trl,lampo-fp32,lampo-bf16")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
-    ap.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="3 measured steps, TRL and Lampo fp32/bf16 only")
+    ap.add_argument("--runs", default=RUNS, help=f"comma-separated subset of {RUNS}")
+    ap.add_argument("--name", default="trl_compare", help="results file name (benchmarks/results/NAME.json)")
     args = ap.parse_args(argv)
-    if args.worker == "trl":
-        print(json.dumps(trl_worker(args.steps, args.warmup)))
-        return 0
-    if args.worker == "lampo":
-        print(json.dumps(lampo_worker(args.steps, args.warmup, args.dtype, json.loads(args.extra))))
-        return 0
-
     steps = 3 if args.quick else args.steps
-    runs = [r for r in args.runs.split(",") if not (args.quick and r == "lampo-bf16")]
+    runs = ["trl", "lampo-fp32", "lampo-bf16"] if args.quick else args.runs.split(",")
     import torch
 
     from lampo import perf
 
     peaks = {f"{dt}/{kind}": perf.measure_peak(getattr(torch, dt), kind) for dt in ("float32", "bfloat16")
              for kind in ("matmul", "onednn") if kind == "matmul" or perf.onednn_linear_available()}
-    results = []
-    for name in runs:
-        common = ["--steps", str(steps), "--warmup", str(args.warmup)]
-        if name == "trl":
-            raw = run_worker("benchmarks.trl_compare", ["--worker", "trl", *common])
-        else:
-            raw = run_worker("benchmarks.trl_compare", ["--worker", "lampo", "--dtype", name.split("-")[1], *common])
-        results.append(describe(name, raw))
-        print(f"{name:12s} {results[-1]['step_s']['median']:.2f} s/step  "
-              f"{results[-1]['tokens_per_s']['median']:.0f} tok/s", file=sys.stderr)
-    base = next((r for r in results if r["name"] == "trl"), None)
     fp32_peak = max(v for k, v in peaks.items() if k.startswith("float32"))
+    load = os.getloadavg()[0]
+    raw = run_all(runs, steps, args.warmup)
+    results = [describe(name, raw[name], fp32_peak) for name in runs]
+    base = next((r for r in results if r["name"] == "trl"), None)
     for r in results:
         if base is not None:
             r["ratio_vs_trl"] = r["tokens_per_s"]["median"] / base["tokens_per_s"]["median"]
-        if "flops" in r["raw"]:
-            per_phase = [perf.step_mfu(ph, fl, fp32_peak) for ph, fl in zip(r["raw"]["phases"], r["raw"]["flops"],
-                                                                              strict=True)]
-            r["mfu_vs_fp32_peak"] = {k: summary([p[k] for p in per_phase])["median"] for k in per_phase[0]}
-    data = {"benchmark": "trl_compare", "machine": machine(), "peaks_flops": peaks, "steps": steps,
-            "warmup": args.warmup, "setup": {"prompts": PROMPTS, "group": GROUP, "new_tokens": NEW_TOKENS},
-            "results": results}
-    save("trl_compare", data)
+    data = {"benchmark": "trl_compare", "machine": {**machine(), "load_avg_1m": load}, "peaks_flops": peaks,
+            "steps": steps, "warmup": args.warmup,
+            "setup": {"prompts": PROMPTS, "group": GROUP, "new_tokens": NEW_TOKENS, "lr": LR}, "results": results}
+    save(args.name, data)
     print(render(data))
     return 0
 
 
 def render(data: dict) -> str:
-    lines = ["| run | s/step median (min-max) | trained tok/s median (min-max) | vs TRL fp32 | MFU optimize |",
-             "|---|---|---|---|---|"]
+    lines = ["| run | s/step median (min-max) | trained tok/s median (min-max) | vs TRL | rollout s | optimize s "
+             "| MFU optimize | MFU step |", "|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         s, t = r["step_s"], r["tokens_per_s"]
-        mfu = r.get("mfu_vs_fp32_peak", {}).get("perf/mfu_optimize")
+        mfu = r.get("mfu_vs_fp32_peak", {})
+        ph = r.get("phases_median_s", {})
+
+        def pct(key, mfu=mfu):
+            return f"{mfu[key]:.0%}" if key in mfu else ""
+
+        def sec(key, ph=ph):
+            return f"{ph[key]:.1f}" if key in ph else ""
+
         lines.append(f"| {r['name']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {t['median']:.0f} "
                      f"({t['min']:.0f}-{t['max']:.0f}) | {r.get('ratio_vs_trl', float('nan')):.2f}x | "
-                     f"{'' if mfu is None else f'{mfu:.0%}'} |")
+                     f"{sec('time/rollout')} | {sec('time/optimize')} | {pct('perf/mfu_optimize')} | "
+                     f"{pct('perf/mfu')} |")
+    p = data.get("peaks_flops", {})
+    if p:
+        lines.append("\nMFU against the best fp32 peak measured in the same run: "
+                     + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in p.items()) + ".")
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ MFU = counted FLOPs / (seconds x peak FLOP/s), with the peak measured on this ma
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Iterable
@@ -108,6 +109,7 @@ def count_flops(
     seq_lens: Iterable[int],
     *,
     ppo_epochs: int = 1,
+    old_logprobs: bool = True,
     reference: bool = True,
     critic: ModelShape | None = None,
     lora: bool = False,
@@ -115,6 +117,8 @@ def count_flops(
 ) -> dict[str, float]:
     """FLOPs of each phase of one step over sequences of lengths `seq_lens` (prompt + response).
 
+    old_logprobs: whether a separate no-grad policy pass computes them (False when the learner
+    takes them from the training pass, see `Learner.fuses_old_logprobs`).
     reference: whether the reference log-probs are computed (False when kl_coef is 0 and the
     learner skips them). critic: the shape of a separate value model (None for a value head on
     the policy, whose cost is negligible, or for critic-free estimators).
@@ -124,12 +128,43 @@ def count_flops(
     if ppo_epochs < 1:
         raise ValueError(f"ppo_epochs must be >= 1, got {ppo_epochs}")
     fwd = forward_flops(shape, lens)
-    forward = fwd * (2 if reference else 1)
+    forward = fwd * (int(old_logprobs) + int(reference))
     optimize = ppo_epochs * training_flops(shape, lens, lora=lora, recompute=recompute)
     if critic is not None:
         forward += forward_flops(critic, lens)
         optimize += ppo_epochs * training_flops(critic, lens, recompute=recompute)
     return {"rollout": fwd, "forward": forward, "optimize": optimize}
+
+
+def learner_step_flops(learner, batch) -> dict[str, float]:
+    """`count_flops` for one `Learner.train(batch)` plus the rollout that produced `batch`.
+
+    Reads everything off the learner (policy shape, LoRA, gradient checkpointing, whether the
+    reference and the old-log-prob passes run, a separate critic) and the TrainBatch (real
+    lengths from its attention mask). The model shapes are cached on the learner.
+    """
+    from lampo.optimize.models import is_peft_model
+
+    shapes = getattr(learner, "_flop_shapes", None)
+    if shapes is None:
+        policy = learner.unwrapped_policy()
+        critic = learner.value_model
+        if critic is not None and learner.accelerator is not None:
+            critic = learner.accelerator.unwrap_model(critic)
+        shapes = (ModelShape.from_model(policy), ModelShape.from_model(critic.trunk) if critic is not None else None,
+                  is_peft_model(policy))
+        learner._flop_shapes = shapes
+    policy_shape, critic_shape, lora = shapes
+    return count_flops(
+        policy_shape,
+        batch.attention_mask.sum(1).tolist(),
+        ppo_epochs=learner.opt_cfg.ppo_epochs,
+        old_logprobs=not learner.fuses_old_logprobs(batch),
+        reference=learner.uses_reference,
+        critic=critic_shape,
+        lora=lora,
+        recompute=learner.cfg.model.gradient_checkpointing,
+    )
 
 
 def step_mfu(phase_times: dict[str, float], flops: dict[str, float], peak_flops: float) -> dict[str, float]:
@@ -218,10 +253,23 @@ _PEAK_CACHE: dict[tuple, float] = {}
 
 
 def machine_peak(dtype: torch.dtype = torch.float32, kind: str = "best") -> float:
-    """`measure_peak`, measured once per process and cached (about a second for fp32)."""
+    """`measure_peak`, measured once per process and cached (a few seconds on a busy CPU).
+
+    The environment variable LAMPO_PEAK_FLOPS (FLOP/s, e.g. `4.5e11`) skips the measurement:
+    for GPUs' data-sheet figures, or for test runs that should not spend the seconds.
+    """
+    fixed = os.environ.get("LAMPO_PEAK_FLOPS")
+    if fixed:
+        try:
+            value = float(fixed)
+        except ValueError:
+            raise ValueError(f"LAMPO_PEAK_FLOPS must be a number of FLOP/s such as 4.5e11, got {fixed!r}") from None
+        if value <= 0:
+            raise ValueError(f"LAMPO_PEAK_FLOPS must be positive, got {fixed!r}")
+        return value
     key = (dtype, kind, torch.get_num_threads())
     if key not in _PEAK_CACHE:
-        _PEAK_CACHE[key] = measure_peak(dtype, kind)
+        _PEAK_CACHE[key] = measure_peak(dtype, kind, repeats=3)
     return _PEAK_CACHE[key]
 
 
@@ -230,6 +278,7 @@ __all__ = [
     "ModelShape",
     "count_flops",
     "forward_flops",
+    "learner_step_flops",
     "machine_peak",
     "measure_peak",
     "onednn_linear_available",

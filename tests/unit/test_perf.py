@@ -89,3 +89,17 @@ def test_measure_peak_is_a_positive_rate():
         assert perf.measure_peak(torch.float32, "onednn", n=64, repeats=1) > 0
     with pytest.raises(ValueError, match="kind"):
         perf.measure_peak(torch.float32, "gpu")
+
+
+def test_count_flops_without_the_old_logprob_pass():
+    # Fused old log-probs and no reference: the forward phase costs nothing.
+    assert count_flops(TOY, [3], old_logprobs=False, reference=False)["forward"] == 0
+    assert count_flops(TOY, [3], old_logprobs=False)["forward"] == 6192  # the reference only
+
+
+def test_machine_peak_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LAMPO_PEAK_FLOPS", "4.5e11")
+    assert perf.machine_peak() == 4.5e11
+    monkeypatch.setenv("LAMPO_PEAK_FLOPS", "fast")
+    with pytest.raises(ValueError, match="LAMPO_PEAK_FLOPS"):
+        perf.machine_peak()

@@ -61,3 +61,19 @@ def test_fused_old_logprobs_give_the_same_update_and_stats(tiny_model_path):
     assert not two_epochs.learner.fuses_old_logprobs(batch)
     with_kl, _ = _trainer(tiny_model_path, kl_coef=0.01)
     assert not with_kl.learner.fuses_old_logprobs(batch)
+
+
+def test_learner_step_flops_follow_the_skipped_passes(tiny_model_path):
+    from lampo import perf
+
+    trainer, tok = _trainer(tiny_model_path)
+    batch = _batch(trainer, tok)
+    shape = perf.ModelShape.from_model(trainer.model)
+    lens = batch.attention_mask.sum(1).tolist()
+    flops = perf.learner_step_flops(trainer.learner, batch)
+    assert flops == perf.count_flops(shape, lens, old_logprobs=False, reference=False)
+    assert flops["forward"] == 0
+    with_kl, _ = _trainer(tiny_model_path, kl_coef=0.01, ppo_epochs=2)
+    flops = perf.learner_step_flops(with_kl.learner, batch)
+    assert flops["forward"] == 2 * flops["rollout"]  # old log-probs and reference
+    assert flops["optimize"] == 2 * 3 * flops["rollout"]  # 2 epochs x 6N
