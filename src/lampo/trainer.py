@@ -245,6 +245,8 @@ class Trainer:
                 if cfg.train.eval_steps and step % cfg.train.eval_steps == 0:
                     self.tracker.log(step, self.evaluate())
                 stop = self._early_stop(stats)
+                if self.stop_requested:
+                    self.tracker.print(f"{self.stop_requested} received: saving a checkpoint after step {step}")
                 if cfg.train.save_step and step % cfg.train.save_step == 0 or self.stop_requested:
                     self.save_checkpoint(step, pending)
                 if self.stop_requested:
@@ -434,8 +436,8 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         if threading_is_main():
             def handler(signum, _frame):
+                # Only set a flag: printing from a signal handler can re-enter a print in progress.
                 self.stop_requested = signal.Signals(signum).name
-                self.tracker.print(f"{self.stop_requested} received: finishing this step, then saving a checkpoint")
 
             signal.signal(signal.SIGINT, handler)
             signal.signal(signal.SIGTERM, handler)
