@@ -2,7 +2,7 @@
 
 Each variant runs in a fresh process: load the 26.7M-parameter model, build Lampo's
 PPOTrainer (library API) with a reference model in use (kl_coef 0.05), run two PPO steps on 64
-sequences of 32 new tokens, and report the process's peak RSS (`ru_maxrss`). With LoRA the
+sequences of 32 new tokens in micro-batches of 8, and report the process's peak RSS (`ru_maxrss`). With LoRA the
 reference is the base model with the adapter disabled, so no second copy of the weights
 exists (`learner.ref_model is None`); full fine-tuning holds a frozen reference copy, plus
 gradients and two AdamW moments of every weight.
@@ -32,7 +32,10 @@ def worker(lora: bool) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Micro-batches of 8 sequences (64 / 8 accumulation steps): with one micro-batch of 64 the
+    # activations (about 2 GB) hide what LoRA changes, the weights' copies and optimiser state.
     cfg = PPOConfig(batch_size=16, num_generations=4, estimator="grpo", mini_batch_size=64, max_new_tokens=32,
+                    gradient_accumulation_steps=8,
                     kl_coef=0.05, use_peft=lora, lora_r=16, non_stop_penalty=False, seed=0)
     trainer = PPOTrainer(cfg, model, tok)
     q = [torch.tensor(tok.apply_chat_template([{"role": "user", "content": f"Question {i}?"}],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -71,8 +72,13 @@ class RewardServer:
 
 
 def run_app(cmd_prefix: list[str], out_dir: Path, overrides: dict, timeout: float = 3600) -> list[dict]:
-    """Run the application, return its metrics.jsonl rows (one per step)."""
+    """Run the application, return its metrics.jsonl rows (one per step).
+
+    The command-line override parser of lampo.ppo_vllm turns '-' into '_' in values too (seen
+    with --output_dir=build/bench-runs/x), so the benchmark's output folders avoid dashes.
+    """
     args = [f"--{k}={v}" for k, v in overrides.items()]
+    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run, not a resumed or appended one
     proc = subprocess.run([*cmd_prefix, "-m", "lampo.ppo_vllm", "--config", str(CONFIG),
                            f"--output_dir={out_dir}", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=timeout)
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     for reward, model in REWARDS.items():
         with RewardServer(model) as server:
             for mode in ("sync", "async"):
-                out = ROOT / "build" / "bench-runs" / f"pipeline-{reward}-{mode}"
+                out = ROOT / "build" / "bench_runs" / f"pipeline_{reward}_{mode}"  # no dashes: see run_app
                 rows = run_app([sys.executable], out, {
                     "reward_model": f"http://127.0.0.1:{server.port}", "async_mode": str(mode == "async").lower(),
                     "max_steps": steps + 1})

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     for procs, prefix, threads in ((1, [sys.executable], "2"),
                                    (2, [torchrun, "--nproc_per_node", "2", "--master_port", "0"], "1")):
         os.environ["OMP_NUM_THREADS"] = threads
-        rows = run_app(prefix, ROOT / "build" / "bench-runs" / f"scaling-{procs}", overrides)
+        rows = run_app(prefix, ROOT / "build" / "bench_runs" / f"scaling_{procs}", overrides)
         r = describe(rows)
         r["conversations_per_s"] = r["steps_per_s"] * procs * 8 * 4  # batch_size 8 x num_generations 4 per rank
         results[str(procs)] = r
