@@ -141,6 +141,7 @@ def run_demo(overrides: dict | None = None, pretrain_steps: int = 300) -> int:
         cfg = load_config(config_path)
         trainer = Trainer(cfg, config)
         try:
+            print(f"lampo demo: engine {type(trainer.engine).__name__} (vLLM when it is installed)")
             sample_rows = trainer.test_rows[:2]
             show("before training", trainer.produce(-1, rows=sample_rows))
             print(f"lampo demo: 4/5 training {trainer.num_steps} PPO steps")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from lampo import checkpoint as ckpt
+from lampo import perf
 from lampo.config import LampoConfig
 from lampo.data.formats import PromptRow
 from lampo.data.loading import load_prompt_dataset
@@ -135,6 +136,8 @@ class Trainer:
             self._restore(self.resume_from)
             self._sync_weights()
         self.engine_version = self.policy_version
+        # Utilisation is reported against this machine's measured matmul peak (LAMPO_PEAK_FLOPS overrides).
+        self.peak_flops = perf.machine_peak(torch.bfloat16 if cfg.model.bf16 else torch.float32)
         self.tracker = Tracker(cfg, cfg.to_dict(), self.num_steps, is_main_process=self.is_main,
                                resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
@@ -237,6 +240,7 @@ class Trainer:
                 # 7. log, evaluate, checkpoint
                 step += 1
                 stats.update(self._step_metrics(produced, train_batch, step, time.perf_counter() - t_step, start))
+                stats.update(perf.step_mfu(stats, perf.learner_step_flops(self.learner, train_batch), self.peak_flops))
                 stats = self._reduce(stats)
                 last_stats = stats
                 self.tracker.log(step, stats)

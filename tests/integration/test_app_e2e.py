@@ -28,7 +28,7 @@ REQUIRED_METRICS = (
     "episode lr epoch objective/kl objective/scores objective/rlhf_reward objective/non_score_reward "
     "objective/entropy objective/loss loss/policy_avg policy/approxkl_avg policy/clipfrac_avg policy/entropy_avg "
     "val/ratio val/sequence_lengths val/num_stop_token_ids time/from_scratch time/training time/rollout "
-    "time/reward time/weight_sync perf/tokens_per_second policy/version_lag"
+    "time/reward time/weight_sync perf/tokens_per_second perf/mfu policy/version_lag"
 ).split()
 CRITIC_METRICS = ["loss/value_avg", "val/clipfrac_avg"]
 
@@ -41,7 +41,7 @@ def free_port() -> int:
 
 def env() -> dict:
     e = dict(os.environ)
-    e.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING",
+    e.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING", LAMPO_PEAK_FLOPS="2e11",
              PYTHONPATH=str(ROOT / "tests" / "integration"))
     return e
 
