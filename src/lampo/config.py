@@ -447,20 +447,23 @@ PPOConfig = LampoConfig
 # ---------------------------------------------------------------------------------------
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a raw dict (keys not yet checked); errors name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of keys to values")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LampoConfig:
     """Read a YAML file (optional) and apply command-line overrides; validated."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must be a mapping of keys to values")
-        values.update(loaded)
+    values: dict[str, Any] = read_yaml(path) if path is not None else {}
     values.update(parse_overrides(overrides or []))
     return LampoConfig.from_dict(values)
 

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import yaml
-
-from lampo.config import ConfigError, load_config
+from lampo.config import ConfigError, load_config, read_yaml
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"lampo: {exc}", file=sys.stderr)
         return 2
-    raw = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    raw = read_yaml(args.config) if args.config else {}
     from lampo.trainer import run
 
     return run(cfg, raw or {})

@@ -28,18 +28,16 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pydantic
 import uvicorn
-import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lampo.config import ConfigError, LampoConfig, RewardConfig
+from lampo.config import ConfigError, LampoConfig, RewardConfig, read_yaml
 from lampo.reward.loading import RewardModelLoadError, build_model, import_model_class, model_config_from
 from lampo.reward_model import RewardModelTemplate, check_scores, run_compute
 
@@ -73,16 +71,10 @@ def read_raw_config(path: str | None) -> dict[str, Any]:
     """The parsed YAML file as a dict (unknown keys kept: they belong to the user's reward model)."""
     if path is None:
         return {}
-    p = Path(path)
-    if not p.exists():
-        raise StartupError(f"config file '{p}' does not exist")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise StartupError(f"config file '{p}' is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise StartupError(f"config file '{p}' must be a mapping of keys to values")
-    return raw
+        return read_yaml(path)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def reward_config_from_raw(raw: dict[str, Any]) -> tuple[RewardConfig, set[str]]:

@@ -114,6 +114,20 @@ def run_app(config: Path, *extra: str, launcher: list[str] | None = None, timeou
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
 
 
+def start_app_and_wait_for_step_1(config: Path) -> subprocess.Popen:
+    """Start `python -m lampo.ppo_vllm` and return once metrics.jsonl has its first line."""
+    proc = subprocess.Popen([sys.executable, "-m", "lampo.ppo_vllm", "--config", str(config)], env=env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_file = yaml.safe_load(config.read_text())["output_dir"] + "/metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (Path(metrics_file).exists() and Path(metrics_file).read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no step trained: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.1)
+    return proc
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -277,14 +291,8 @@ def test_resume_after_kill_during_checkpoint_write_equals_uninterrupted_run(tmp_
 
 def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(tmp_path, tiny_model_path):
     cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.VowelReward", max_steps=500)
-    proc = subprocess.Popen([sys.executable, "-m", "lampo.ppo_vllm", "--config", str(cfg)], env=env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_app_and_wait_for_step_1(cfg)
     try:
-        metrics_file = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.monotonic() + 300
-        while not (metrics_file.exists() and metrics_file.read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-            time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
@@ -310,13 +318,8 @@ def test_reward_server_dies_mid_run_then_returns(tmp_path, tiny_model_path):
     srv = RewardServer(tmp_path).start()
     cfg = write_config(tmp_path, tiny_model_path, reward_model=srv.url, max_steps=6, async_mode=False,
                        reward_timeout=5.0, reward_deadline=90.0, reward_max_retries=30)
-    proc = subprocess.Popen([sys.executable, "-m", "lampo.ppo_vllm", "--config", str(cfg)], env=env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_app_and_wait_for_step_1(cfg)
     try:
-        metrics_file = tmp_path / "run" / "metrics.jsonl"
-        while not (metrics_file.exists() and metrics_file.read_text().strip()):
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            time.sleep(0.1)
         srv.kill()
         time.sleep(3)
         srv.start()  # same port
@@ -335,13 +338,8 @@ def test_reward_server_dies_for_good_run_stops_with_checkpoint(tmp_path, tiny_mo
     srv = RewardServer(tmp_path).start()
     cfg = write_config(tmp_path, tiny_model_path, reward_model=srv.url, max_steps=50, async_mode=False,
                        reward_timeout=2.0, reward_deadline=6.0, reward_max_retries=3)
-    proc = subprocess.Popen([sys.executable, "-m", "lampo.ppo_vllm", "--config", str(cfg)], env=env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_app_and_wait_for_step_1(cfg)
     try:
-        metrics_file = tmp_path / "run" / "metrics.jsonl"
-        while not (metrics_file.exists() and metrics_file.read_text().strip()):
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            time.sleep(0.1)
         srv.kill()
         _, stderr = proc.communicate(timeout=300)
     finally:
