@@ -5,9 +5,10 @@ server (`python -m lampo.reward_server`) started here on a free port, with two r
 from `benchmarks/rewards.py`:
 - VowelShare: trivial (microseconds); its time/reward share is the reward server's overhead;
 - SlowVowelShare: sleeps 200 ms per call, a reward model whose latency matters.
-For each, `async_mode: false` and `true`. Figures: seconds per step (median, min, max of the
-steps after the first, which in async mode has nothing to overlap with), steps per second,
-the async/sync ratio, and the mean of each logged phase time.
+For each, `async_mode: false` and `true`, taking turns `--rounds` times with the steps pooled.
+Figures: seconds per step (median, min, max of the steps after the first of each run, which in
+async mode has nothing to overlap with), steps per second, the async/sync ratio, and the mean
+of each logged phase time.
 
     .venv/bin/python -m benchmarks.pipeline [--steps 6] [--quick]
 
@@ -99,21 +100,28 @@ def describe(rows: list[dict], skip: int = 1) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="measured steps (one more runs first)")
+    ap.add_argument("--rounds", type=int, default=2, help="sync and async alternate this many times")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     steps = 3 if args.quick else args.steps
     model_dir("tiny")
     results = {}
     for reward, model in REWARDS.items():
+        pooled: dict[str, list[dict]] = {"sync": [], "async": []}
         with RewardServer(model) as server:
-            for mode in ("sync", "async"):
-                out = ROOT / "build" / "bench_runs" / f"pipeline_{reward}_{mode}"  # no dashes: see run_app
-                rows = run_app([sys.executable], out, {
-                    "reward_model": f"http://127.0.0.1:{server.port}", "async_mode": str(mode == "async").lower(),
-                    "max_steps": steps + 1})
-                results[f"{reward}/{mode}"] = describe(rows)
-                r = results[f"{reward}/{mode}"]
-                print(f"{reward:10s} {mode:5s} {r['step_s']['median']:.2f} s/step", file=sys.stderr)
+            # sync and async take turns (`--rounds` times) and their steps are pooled, so that load
+            # from other jobs on the machine hits both modes alike.
+            for rnd in range(args.rounds):
+                for mode in ("sync", "async"):
+                    out = ROOT / "build" / "bench_runs" / f"pipeline_{reward}_{mode}"  # no dashes: see run_app
+                    rows = run_app([sys.executable], out, {
+                        "reward_model": f"http://127.0.0.1:{server.port}",
+                        "async_mode": str(mode == "async").lower(), "max_steps": steps + 1})
+                    pooled[mode] += rows[1:]  # the first step has nothing to overlap with in async mode
+                    print(f"round {rnd + 1} {reward:10s} {mode:5s} "
+                          f"{statistics.median(r['time/training'] for r in rows[1:]):.2f} s/step", file=sys.stderr)
+        for mode, rows in pooled.items():
+            results[f"{reward}/{mode}"] = describe(rows, skip=0)
         results[f"{reward}/async_speedup"] = results[f"{reward}/async"]["steps_per_s"] / \
             results[f"{reward}/sync"]["steps_per_s"]
     sync = results["trivial/sync"]

@@ -21,7 +21,7 @@ import shutil
 import sys
 
 from benchmarks.common import ROOT, machine, model_dir, save
-from benchmarks.pipeline import describe, run_app
+from benchmarks.pipeline import describe, free_port, run_app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     torchrun = shutil.which("torchrun", path=str(ROOT / ".venv" / "bin")) or "torchrun"
     results = {}
     for procs, prefix, threads in ((1, [sys.executable], "2"),
-                                   (2, [torchrun, "--nproc_per_node", "2", "--master_port", "0"], "1")):
+                                   (2, [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())], "1")):
         os.environ["OMP_NUM_THREADS"] = threads
         rows = run_app(prefix, ROOT / "build" / "bench_runs" / f"scaling_{procs}", overrides)
         r = describe(rows)
