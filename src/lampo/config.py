@@ -475,7 +475,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     while i < len(args):
         arg = args[i]
         if arg.startswith("--"):
-            body = arg[2:].replace("-", "_")
+            body = arg[2:]
             if "=" in body:
                 key, raw = body.split("=", 1)
             else:
@@ -483,6 +483,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                     raise ConfigError(f"override '{arg}' has no value; write '{arg} VALUE' or '{arg}=VALUE'")
                 key, raw = body, args[i + 1]
                 i += 1
+            key = key.replace("-", "_")  # --use-peft == --use_peft; the value is kept as written
         elif "=" in arg:
             key, raw = arg.split("=", 1)
         else:

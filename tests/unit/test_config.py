@@ -63,6 +63,11 @@ def test_override_parsing_errors_and_values():
         "use_peft": True,
         "report_to": ["tensorboard", "wandb"],
     }
+    # dashes in a value are kept (only the key's dashes become underscores)
+    assert parse_overrides(["--output-dir=runs/my-run", "--run_name", "a-b"]) == {
+        "output_dir": "runs/my-run",
+        "run_name": "a-b",
+    }
     with pytest.raises(ConfigError, match="has no value"):
         parse_overrides(["--learning_rate"])
     with pytest.raises(ConfigError, match="cannot read override 'oops'"):
