@@ -225,7 +225,10 @@ def test_grpo_vllm_async(tmp_path, tiny_model_path):
 def test_two_process_data_parallel(tmp_path, tiny_model_path):
     cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.VowelReward", max_steps=2,
                        async_mode=False)
-    out = run_app(cfg, launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m"])
+    # The product command: accelerate launch with the shipped 2-process CPU config.
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    out = run_app(cfg, launcher=[accelerate, "launch", "--config_file", str(ROOT / "configs/accelerate/multi_cpu_2proc.yaml"),
+                                 "--main_process_port", str(free_port()), "-m"])
     assert out.returncode == 0, out.stderr[-3000:]
     rows = check_run(tmp_path / "run", 2, critic=True)
     assert rows[-1]["episode"] == 2 * 2 * 4  # 2 steps x 2 ranks x 4 conversations
