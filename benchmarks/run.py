@@ -93,8 +93,10 @@ def chart(data: dict[str, dict | None]) -> bool:
             med = [r["tokens_per_s"]["median"] for r in d["results"]]
             lo = [m - r["tokens_per_s"]["min"] for m, r in zip(med, d["results"], strict=True)]
             hi = [r["tokens_per_s"]["max"] - m for m, r in zip(med, d["results"], strict=True)]
-            ax.bar(names, med, yerr=[lo, hi], capsize=4, color=["#999999", "#3b7dd8", "#1f4e9c"][: len(names)])
+            colors = ["#999999" if n == "trl" else "#1f4e9c" if "bf16" in n else "#3b7dd8" for n in names]
+            ax.bar(names, med, yerr=[lo, hi], capsize=4, color=colors)
             ax.set_ylabel("trained tokens / s (median, min-max)")
+            ax.tick_params(axis="x", rotation=30)
             ax.set_title("GRPO step, small model, CPU")
         elif key == "pipeline":
             res = d["results"]
