@@ -75,8 +75,8 @@ class RewardServer:
 def run_app(cmd_prefix: list[str], out_dir: Path, overrides: dict, timeout: float = 3600) -> list[dict]:
     """Run the application, return its metrics.jsonl rows (one per step).
 
-    The command-line override parser of lampo.ppo_vllm turns '-' into '_' in values too (seen
-    with --output_dir=build/bench-runs/x), so the benchmark's output folders avoid dashes.
+    (The output folders avoid dashes: before commit efd6260 the override parser turned them
+    into underscores in `--key=value` values.)
     """
     args = [f"--{k}={v}" for k, v in overrides.items()]
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run, not a resumed or appended one
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             # from other jobs on the machine hits both modes alike.
             for rnd in range(args.rounds):
                 for mode in ("sync", "async"):
-                    out = ROOT / "build" / "bench_runs" / f"pipeline_{reward}_{mode}"  # no dashes: see run_app
+                    out = ROOT / "build" / "bench_runs" / f"pipeline_{reward}_{mode}"
                     rows = run_app([sys.executable], out, {
                         "reward_model": f"http://127.0.0.1:{server.port}",
                         "async_mode": str(mode == "async").lower(), "max_steps": steps + 1})
