@@ -201,12 +201,14 @@ def test_ppo_vllm_sync_lora_weights_reach_the_engine(tmp_path, tiny_model_path):
 @pytest.mark.vllm
 def test_grpo_vllm_async(tmp_path, tiny_model_path):
     pytest.importorskip("vllm")
+    # bf16: autocast in the learner (fp32 master weights) and a bf16 engine, synced from fp32 weights
     cfg = write_config(tmp_path, tiny_model_path, engine="vllm", estimator="grpo", num_generations=4, batch_size=2,
-                       mini_batch_size=8, reward_model="lampo.reward.rules.VowelReward")
+                       mini_batch_size=8, reward_model="lampo.reward.rules.VowelReward", bf16=True)
     out = run_app(cfg)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = check_run(tmp_path / "run", 3, critic=False)
     assert [r["policy/version_lag"] for r in rows] == [0.0, 1.0, 1.0]
+    assert rows[0]["val/engine_logprob_diff"] < 0.01  # step 1, same weights: only bf16 rounding separates them
     assert_loads(tmp_path / "run")
     # The final model also loads in vLLM, like any hub model.
     script = (
