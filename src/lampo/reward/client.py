@@ -51,12 +51,13 @@ class ClientStats:
 class RewardClient:
     """Scores conversations through a reward server. Use inside one event loop (`async with`)."""
 
+    # No defaults here: the trainer's come from RewardConfig (one place for each default).
     url: str
+    batch_size: int
+    timeout: float
+    deadline: float
+    max_retries: int
     token: str | None = None
-    batch_size: int = 64
-    timeout: float = 60.0
-    deadline: float = 600.0
-    max_retries: int = 8
     backoff_base: float = 0.5
     """First retry waits up to this many seconds (full jitter); doubles each retry."""
     backoff_max: float = 10.0
