@@ -118,10 +118,12 @@ def test_multi_cpu_accelerate_config_starts_two_ranks_that_all_reduce(tmp_path):
         from accelerate import Accelerator
         acc = Accelerator()
         t = acc.reduce(torch.tensor([acc.process_index + 1.0]), reduction="sum")
-        print(f"rank {acc.process_index}/{acc.num_processes} {acc.distributed_type} "
-              f"backend={dist.get_backend()} sum={t.item()}", flush=True)
+        # one file per rank: two processes printing to one pipe interleave their lines
+        with open(f"{OUT}/rank{acc.process_index}.txt", "w") as f:
+            f.write(f"rank {acc.process_index}/{acc.num_processes} {acc.distributed_type} "
+                    f"backend={dist.get_backend()} sum={t.item()}")
         """
-    ))
+    ).replace("{OUT}", str(tmp_path)))
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -130,7 +132,7 @@ def test_multi_cpu_accelerate_config_starts_two_ranks_that_all_reduce(tmp_path):
         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    lines = sorted((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
     # ranks contribute 1 and 2, so the all-reduced sum is 3 on both
     assert lines == [
         "rank 0/2 DistributedType.MULTI_CPU backend=gloo sum=3.0",
