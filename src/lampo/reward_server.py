@@ -57,14 +57,17 @@ class StartupError(RuntimeError):
 
 @dataclass
 class ServerSettings:
-    """What the server needs, resolved from flags, the YAML config and `RewardConfig` defaults."""
+    """What the server needs, resolved from flags, the YAML config and `RewardConfig` defaults.
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    token: str | None = None
-    max_batch_size: int = 64
-    max_wait_ms: float = 5.0
-    max_request_bytes: int = 16 * 1024 * 1024
+    No defaults here: they live in `RewardConfig` (one place for each default).
+    """
+
+    host: str
+    port: int
+    token: str | None
+    max_batch_size: int
+    max_wait_ms: float
+    max_request_bytes: int
 
 
 def read_raw_config(path: str | None) -> dict[str, Any]:
