@@ -214,6 +214,8 @@ class OptimConfig:
     """Score given to a conversation whose response never produced the stop token (non-stop penalty)."""
     max_bad_steps: int = 3
     """Consecutive steps with a non-finite loss or gradient (skipped) before training stops with an error."""
+    share_prefix: bool = True
+    """Group estimators: run each prompt once per group in the learner's passes (exact; minibatches hold whole groups)."""
 
 
 @dataclass

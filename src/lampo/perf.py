@@ -114,6 +114,7 @@ def count_flops(
     critic: ModelShape | None = None,
     lora: bool = False,
     recompute: bool = False,
+    shared_prefix_lens: Iterable[int] = (),
 ) -> dict[str, float]:
     """FLOPs of each phase of one step over sequences of lengths `seq_lens` (prompt + response).
 
@@ -122,14 +123,20 @@ def count_flops(
     reference: whether the reference log-probs are computed (False when kl_coef is 0 and the
     learner skips them). critic: the shape of a separate value model (None for a value head on
     the policy, whose cost is negligible, or for critic-free estimators).
+    shared_prefix_lens: one entry per prompt copy that the learner's policy passes do not compute
+    (a group's G answers share one prompt pass, see optimize/shared_prefix.py): a prefix of P
+    tokens is the first P positions of its sequence, so its cost is exactly `forward_flops([P])`.
     Returns {"rollout", "forward", "optimize"} in FLOPs.
     """
     lens = [int(t) for t in seq_lens]
     if ppo_epochs < 1:
         raise ValueError(f"ppo_epochs must be >= 1, got {ppo_epochs}")
     fwd = forward_flops(shape, lens)
-    forward = fwd * (int(old_logprobs) + int(reference))
-    optimize = ppo_epochs * training_flops(shape, lens, lora=lora, recompute=recompute)
+    saved = list(shared_prefix_lens)
+    policy_fwd = fwd - forward_flops(shape, saved)
+    forward = policy_fwd * (int(old_logprobs) + int(reference))
+    optimize = ppo_epochs * (training_flops(shape, lens, lora=lora, recompute=recompute)
+                             - training_flops(shape, saved, lora=lora, recompute=recompute))
     if critic is not None:
         forward += forward_flops(critic, lens)
         optimize += ppo_epochs * training_flops(critic, lens, recompute=recompute)
@@ -164,7 +171,29 @@ def learner_step_flops(learner, batch) -> dict[str, float]:
         critic=critic_shape,
         lora=lora,
         recompute=learner.cfg.model.gradient_checkpointing,
+        shared_prefix_lens=_shared_prefix_lens(learner, batch),
     )
+
+
+def _shared_prefix_lens(learner, batch) -> list[int]:
+    """Prompt copies the learner will not compute: all but the first row of each shared prefix.
+
+    Counted when whole groups fit in a micro-batch (the learner keeps groups together then); if
+    they do not, the learner still shares within each micro-batch and this count is an upper bound
+    on the FLOPs, so MFU is then slightly over-estimated.
+    """
+    if batch.group_size < 2 or learner.micro_batch_size % batch.group_size:
+        return []
+    plan = learner._prefix_plan(batch)
+    if plan is None:
+        return []
+    seen: set[int] = set()
+    saved = []
+    for row, u in enumerate(plan.row_prefix.tolist()):
+        if u in seen:
+            saved.append(int(plan.prefix_len[row]))
+        seen.add(u)
+    return saved
 
 
 def step_mfu(phase_times: dict[str, float], flops: dict[str, float], peak_flops: float) -> dict[str, float]:

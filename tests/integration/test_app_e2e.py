@@ -224,15 +224,19 @@ def test_grpo_vllm_async(tmp_path, tiny_model_path):
     assert "TOKENS 4" in loaded.stdout, loaded.stderr[-3000:]
 
 
-def test_two_process_data_parallel(tmp_path, tiny_model_path):
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_two_process_data_parallel(tmp_path, tiny_model_path, estimator):
+    # grpo: the learner runs each group's prompt once and its answers on the prompt's KV cache,
+    # two forward calls of the DDP-wrapped policy before one backward.
+    extra = dict(estimator="grpo", num_generations=2, batch_size=2) if estimator == "grpo" else {}
     cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.VowelReward", max_steps=2,
-                       async_mode=False)
+                       async_mode=False, **extra)
     # The product command: accelerate launch with the shipped 2-process CPU config.
     accelerate = str(Path(sys.executable).parent / "accelerate")
     out = run_app(cfg, launcher=[accelerate, "launch", "--config_file", str(ROOT / "configs/accelerate/multi_cpu_2proc.yaml"),
                                  "--main_process_port", str(free_port()), "-m"])
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = check_run(tmp_path / "run", 2, critic=True)
+    rows = check_run(tmp_path / "run", 2, critic=estimator == "gae")
     assert rows[-1]["episode"] == 2 * 2 * 4  # 2 steps x 2 ranks x 4 conversations
     assert_loads(tmp_path / "run")
 

@@ -66,14 +66,106 @@ def test_fused_old_logprobs_give_the_same_update_and_stats(tiny_model_path):
 def test_learner_step_flops_follow_the_skipped_passes(tiny_model_path):
     from lampo import perf
 
-    trainer, tok = _trainer(tiny_model_path)
+    trainer, tok = _trainer(tiny_model_path, share_prefix=False)  # shared prompts: the test below
     batch = _batch(trainer, tok)
     shape = perf.ModelShape.from_model(trainer.model)
     lens = batch.attention_mask.sum(1).tolist()
     flops = perf.learner_step_flops(trainer.learner, batch)
     assert flops == perf.count_flops(shape, lens, old_logprobs=False, reference=False)
     assert flops["forward"] == 0
-    with_kl, _ = _trainer(tiny_model_path, kl_coef=0.01, ppo_epochs=2)
+    with_kl, _ = _trainer(tiny_model_path, kl_coef=0.01, ppo_epochs=2, share_prefix=False)
     flops = perf.learner_step_flops(with_kl.learner, batch)
     assert flops["forward"] == 2 * flops["rollout"]  # old log-probs and reference
     assert flops["optimize"] == 2 * 3 * flops["rollout"]  # 2 epochs x 6N
+
+
+def _multi_turn_batch(tok):
+    """Two groups of three, varied prompt lengths, a user turn between two answers in one group."""
+    from lampo.optimize.learner import TrainBatch
+
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for prompt_len in (5, 9):
+        prompt = torch.randint(3, 60, (prompt_len,), generator=g).tolist()
+        for k in range(3):
+            ans = torch.randint(3, 60, (4 + k,), generator=g).tolist()
+            user = [7, 8] if prompt_len == 9 else []
+            ans2 = torch.randint(3, 60, (2,), generator=g).tolist() if user else []
+            rows.append((prompt, ans, user, ans2))
+    T = max(sum(map(len, r)) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    act = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, (p, a, u, a2) in enumerate(rows):
+        seq = p + a + u + a2
+        ids[b, : len(seq)], mask[b, : len(seq)] = torch.tensor(seq), 1
+        act[b, len(p): len(p) + len(a)] = True
+        act[b, len(p) + len(a) + len(u): len(seq)] = True
+    scores = torch.tensor([0.1, 0.9, 0.4, 0.3, 0.0, 1.0])
+    placed = torch.zeros(len(rows), T)
+    placed[torch.arange(len(rows)), mask.sum(1) - 1] = scores
+    return TrainBatch(input_ids=ids, attention_mask=mask, action_mask=act, placed_scores=placed, seq_scores=scores,
+                      stopped=torch.ones(len(rows), dtype=torch.bool), group_size=3)
+
+
+def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(tiny_model_path):
+    from lampo.optimize.shared_prefix import plan_prefixes, shared_prefix_logprobs
+
+    trainer, tok = _trainer(tiny_model_path, num_generations=3, mini_batch_size=6, temperature=0.7)
+    model = trainer.model
+    batch = _multi_turn_batch(tok)
+    plan = plan_prefixes(batch.input_ids, batch.attention_mask, batch.action_mask)
+    assert plan is not None and plan.prefix_ids.shape[0] == 2
+    lp_shared, ent_shared = shared_prefix_logprobs(model, plan, batch.input_ids.shape[1], trainer.learner.temperature)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    lp_plain, ent_plain = trainer.learner._logprobs_entropy(out.logits, batch)
+    act = batch.action_mask
+    assert torch.allclose(lp_shared[act], lp_plain[act], atol=1e-5)
+    assert torch.allclose(ent_shared[act], ent_plain[act], atol=1e-5)
+    in_prompt = torch.arange(act.shape[1])[None, :] < act.int().argmax(1)[:, None]
+    assert bool((lp_shared[in_prompt] == 0).all())  # the prompt's own tokens are never computed per row
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.linspace(0.5, 1.5, act.numel()).reshape(act.shape)  # every token's gradient counts
+    g_shared = torch.autograd.grad((lp_shared * weights)[act].sum(), params)
+    g_plain = torch.autograd.grad((lp_plain * weights)[act].sum(), params)
+    for a, b in zip(g_shared, g_plain, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.05])
+def test_share_prefix_changes_the_time_not_the_update(tiny_model_path, kl_coef):
+    # Same batch, one minibatch accumulated over two micro-batches (loss denominators are the
+    # minibatch's, so the order of the rows does not matter): same weights, same statistics.
+    shared, tok = _trainer(tiny_model_path, adam_eps=1e-3, kl_coef=kl_coef)
+    plain = copy.deepcopy(shared)
+    plain.learner.opt_cfg = copy.deepcopy(plain.learner.opt_cfg)
+    plain.learner.opt_cfg.share_prefix = False
+    batch = _batch(shared, tok)
+    assert shared.learner._prefix_plan(batch) is not None and plain.learner._prefix_plan(batch) is None
+    s_shared = shared.learner.train(batch)
+    s_plain = plain.learner.train(batch)
+    for key in ("objective/entropy", "loss/policy_avg", "val/ratio", "policy/entropy_avg", "objective/kl"):
+        assert s_shared[key] == pytest.approx(s_plain[key], abs=1e-5), key
+    for (name, a), b in zip(shared.model.named_parameters(), plain.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_shuffle_keeps_groups_together_when_sharing(tiny_model_path):
+    trainer, tok = _trainer(tiny_model_path)
+    batch = _batch(trainer, tok)
+    order = trainer.learner._shuffled(batch).tolist()
+    assert sorted(order) == list(range(8))
+    assert [sorted(order[i: i + 4]) for i in (0, 4)] in ([[0, 1, 2, 3], [4, 5, 6, 7]], [[4, 5, 6, 7], [0, 1, 2, 3]])
+
+
+def test_cost_model_counts_each_groups_prompt_once(tiny_model_path):
+    from lampo import perf
+
+    trainer, tok = _trainer(tiny_model_path)
+    batch = _batch(trainer, tok)
+    flops = perf.learner_step_flops(trainer.learner, batch)
+    prompt_lens = batch.action_mask.int().argmax(1).tolist()
+    saved = [prompt_lens[i] for i in (1, 2, 3, 5, 6, 7)]  # all but the first answer of each group
+    shape = perf.ModelShape.from_model(trainer.model)
+    assert flops == perf.count_flops(shape, batch.attention_mask.sum(1).tolist(), old_logprobs=False,
+                                     reference=False, shared_prefix_lens=saved)

@@ -20,6 +20,7 @@ from torch import nn
 
 from lampo.config import LampoConfig
 from lampo.optimize import maths as M
+from lampo.optimize import shared_prefix as SP
 from lampo.optimize.models import (
     ValueModel,
     base_causal_lm,
@@ -200,6 +201,32 @@ class Learner:
             )
         return out
 
+    def _prefix_plan(self, mb: TrainBatch) -> SP.PrefixPlan | None:
+        """A shared-prefix plan when it applies (group estimators; see optimize/shared_prefix.py).
+
+        Not with a value head (it needs the hidden state of every position) nor with gradient
+        checkpointing (transformers turns the KV cache off under it).
+        """
+        if (not self.opt_cfg.share_prefix or mb.group_size < 2 or self.value_head is not None
+                or self.cfg.model.gradient_checkpointing):
+            return None
+        return SP.plan_prefixes(mb.input_ids, mb.attention_mask, mb.action_mask)
+
+    def _policy_logprobs(self, model: nn.Module, mb: TrainBatch, with_entropy: bool = True):
+        """(log-probs, entropy or None, model output or None) of `mb`, aligned with its tokens."""
+        plan = self._prefix_plan(mb)
+        if plan is not None:
+            with self._autocast():
+                lp, ent = SP.shared_prefix_logprobs(model, plan, mb.input_ids.shape[1], self.temperature,
+                                                    with_entropy=with_entropy)
+            return lp, ent, None
+        out = self._policy_forward(model, mb, want_hidden=self.value_head is not None)
+        if not with_entropy:
+            lp = M.logprobs_from_logits(out.logits[:, :-1], mb.input_ids[:, 1:], self.temperature)
+            return torch.nn.functional.pad(lp, (1, 0)), None, out
+        lp, ent = self._logprobs_entropy(out.logits, mb)
+        return lp, ent, out
+
     def _logprobs_entropy(self, logits: torch.Tensor, mb: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         # logits at t-1 predict token t: compute on [:, :-1] against tokens [:, 1:], then align.
         lp = M.logprobs_from_logits(logits[:, :-1], mb.input_ids[:, 1:], self.temperature)
@@ -253,18 +280,15 @@ class Learner:
             mb = batch.select(idx)
             L = mb.input_ids.shape[1]
             if policy_pass or values is not None:
-                out = self._policy_forward(self.policy, mb, want_hidden=self.value_head is not None)
-                lp, e = self._logprobs_entropy(out.logits, mb)
+                lp, e, out = self._policy_logprobs(self.policy, mb)
                 old[idx, :L], ent[idx, :L] = lp, e
                 if values is not None:
                     values[idx, :L] = self._values(mb, out)
                 del out
             if self.uses_reference:
-                with reference_mode(self.unwrapped_policy(), self.ref_model) as ref_model:
-                    ref_logits = self._policy_forward(ref_model, mb).logits
                 # log-probs only: the reference's entropy is never used
-                ref_lp = M.logprobs_from_logits(ref_logits[:, :-1], mb.input_ids[:, 1:], self.temperature)
-                ref[idx, :L] = torch.nn.functional.pad(ref_lp, (1, 0))
+                with reference_mode(self.unwrapped_policy(), self.ref_model) as ref_model:
+                    ref[idx, :L] = self._policy_logprobs(ref_model, mb, with_entropy=False)[0]
         return Forwarded(old_logprobs=old, ref_logprobs=ref, values=values, entropy=ent)
 
     # ------------------------------------------------------------------ 2. advantages
@@ -374,7 +398,7 @@ class Learner:
         for m in models:
             m.train()
         for _epoch in range(opt.ppo_epochs):
-            order = torch.randperm(B, generator=self.generator)
+            order = self._shuffled(batch)
             for mb_start in range(0, B, opt.mini_batch_size):
                 mb_idx = order[mb_start : mb_start + opt.mini_batch_size]
                 num_tokens = float(batch.action_mask[mb_idx].sum())
@@ -408,6 +432,18 @@ class Learner:
         acc.setdefault("_updates", 0)
         return acc
 
+    def _shuffled(self, batch: TrainBatch) -> torch.Tensor:
+        """A random order of the rows; whole groups stay together when prefixes are shared.
+
+        Keeping a group's G answers in one micro-batch is what lets them share their prompt's
+        forward pass; the order of the groups is still random.
+        """
+        G = batch.group_size
+        if not self.opt_cfg.share_prefix or G < 2 or len(batch) % G:
+            return torch.randperm(len(batch), generator=self.generator)
+        groups = torch.randperm(len(batch) // G, generator=self.generator)
+        return (groups[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
+
     def _micro_step(self, mb, fw, advantages, returns, idx, num_tokens, num_seqs, agg, beta, stats) -> bool:
         opt = self.opt_cfg
         L = mb.input_ids.shape[1]
@@ -415,8 +451,7 @@ class Learner:
         old_lp = fw.old_logprobs[idx, :L]
         adv = advantages[idx, :L]
         norm_len = float(self.cfg.generation.max_new_tokens)
-        out = self._policy_forward(self.policy, mb, want_hidden=self.value_head is not None)
-        logp, entropy = self._logprobs_entropy(out.logits, mb)
+        logp, entropy, out = self._policy_logprobs(self.policy, mb)
         if self._fused_old:
             # First and only pass on the sampling weights: pi_old is pi_theta, detached.
             old_lp = logp.detach()
