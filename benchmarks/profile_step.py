@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import RESULTS, model_dir
+from benchmarks.common import QUESTIONS, RESULTS, model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                     kl_coef=args.kl, bf16=args.bf16, non_stop_penalty=False, seed=0)
     trainer = PPOTrainer(cfg, model, tok)
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.tensor(tok.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}],
-                                                  add_generation_prompt=True, tokenize=True, return_dict=False))
-    queries = [prompt] * 64
+    # 16 questions x 4 answers, groups contiguous (as the trainer builds them)
+    queries = [torch.tensor(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False))
+               for q in QUESTIONS[:16] for _ in range(4)]
     responses = [torch.randint(4, 1024, (32,), generator=gen) for _ in range(64)]
     scores = torch.rand(64, generator=gen).tolist()
     trainer.step(queries, responses, scores)  # warm-up

@@ -8,13 +8,15 @@ temperature 1, one optimisation epoch with one optimiser step per batch, no refe
 - trl: `GRPOTrainer` with transformers `generate` (no vLLM), fp32.
 - lampo-fp32 / lampo-bf16: the application's Trainer (`lampo.trainer.Trainer`, the code behind
   `python -m lampo.ppo_vllm`) with the `hf` engine, synchronous mode; bf16 = autocast with fp32
-  master weights. A Lampo step is the body of `Trainer.train` in synchronous mode, phase by
-  phase: produce (rollout + reward), to_train_batch, learner.train (forward, advantages,
-  optimise), weight sync.
-- lampo-bf16gen: as lampo-bf16, and the hf engine generates with bf16 weights (what the trainer
-  would do if it handed the dtype to make_engine).
+  master weights and a bf16 engine (what the trainer does with `bf16: true`). A Lampo step is the
+  body of `Trainer.train` in synchronous mode, phase by phase: produce (rollout + reward),
+  to_train_batch, learner.train (forward, advantages, optimise), weight sync.
+  bf16 runs train with `attn_implementation: eager` (faster than sdpa for bf16 on this CPU).
+- lampo-vllm-fp32 / lampo-vllm-bf16: the same with `engine: vllm` (in-process vLLM on CPU), the
+  engine the product is named after. lampo-vllm-bf16-sdpa: with transformers' default attention.
+- lampo-fp32-noshare: lampo-fp32 without the shared-prompt forward (`share_prefix: false`).
 - lampo-fp32-before: the learner as it was before the optimisation log in docs/performance.md
-  (reference pass despite kl_coef 0, separate pass for the old log-probs).
+  (reference pass despite kl_coef 0, separate pass for the old log-probs, no shared prompts).
 
 All runs live in ONE process and take turns step by step: at the end of each TRL step (a
 TrainerCallback) every Lampo variant runs one step. On a machine shared with other jobs the
@@ -40,7 +42,8 @@ from pathlib import Path
 from benchmarks.common import QUESTIONS, machine, model_dir, save, summary, write_messages_dataset
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 16, 4, 32, 1e-6
-RUNS = "trl,lampo-fp32,lampo-bf16,lampo-bf16gen,lampo-fp32-before"
+RUNS = ("trl,lampo-fp32,lampo-bf16,lampo-vllm-fp32,lampo-vllm-bf16,lampo-vllm-bf16-sdpa,lampo-fp32-noshare,"
+        "lampo-fp32-before")
 
 
 def lampo_trainer(folder: Path, name: str, steps: int):
@@ -49,14 +52,15 @@ def lampo_trainer(folder: Path, name: str, steps: int):
     from lampo.trainer import Trainer
 
     bf16 = "bf16" in name
+    attn = "eager" if bf16 and not name.endswith("-sdpa") else None
     cfg = LampoConfig(
-        model_name_or_path=str(model_dir("small")), bf16=bf16,
+        model_name_or_path=str(model_dir("small")), bf16=bf16, attn_implementation=attn,
         query_dataset=str(write_messages_dataset(folder / "data", PROMPTS)), max_prompt_len=128,
-        engine="hf", temperature=1.0, max_new_tokens=NEW_TOKENS, num_generations=GROUP,
+        engine="vllm" if "-vllm" in name else "hf", temperature=1.0, vllm_kv_cache_gb=1.0, max_new_tokens=NEW_TOKENS, num_generations=GROUP,
         reward_model="benchmarks.rewards.VowelShare", non_stop_penalty=False,
         estimator="grpo", batch_size=PROMPTS, mini_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1,
         ppo_epochs=1, learning_rate=LR, lr_scheduler_type="constant", kl_coef=0.0,
-        output_dir=str(folder / name), seed=0, max_steps=steps, async_mode=False, logging_steps=1,
+        share_prefix=not name.endswith(("-noshare", "-before")), output_dir=str(folder / name), seed=0, max_steps=steps, async_mode=False, logging_steps=1,
         eval_steps=0, log_samples_steps=0, save_step=0, report_to=[],
     )
     trainer = Trainer(cfg, cfg.to_dict())
@@ -67,11 +71,6 @@ def lampo_trainer(folder: Path, name: str, steps: int):
         learner.uses_reference = True
         learner.ref_model = build_reference(learner.policy, cfg.model)
         learner.fuses_old_logprobs = lambda batch: False
-    if name.endswith("-bf16gen"):
-        from lampo.rollout.engines import make_engine
-
-        trainer.engine = make_engine(cfg.generation, cfg.model.model_name_or_path, trainer.tokenizer,
-                                     max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed, dtype="bfloat16")
     return trainer
 
 
@@ -178,12 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5, help="measured steps per run")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="3 measured steps, TRL and Lampo fp32/bf16 only")
+    ap.add_argument("--quick", action="store_true", help="3 measured steps, TRL and Lampo's vLLM fp32/bf16 only")
     ap.add_argument("--runs", default=RUNS, help=f"comma-separated subset of {RUNS}")
     ap.add_argument("--name", default="trl_compare", help="results file name (benchmarks/results/NAME.json)")
     args = ap.parse_args(argv)
     steps = 3 if args.quick else args.steps
-    runs = ["trl", "lampo-fp32", "lampo-bf16"] if args.quick else args.runs.split(",")
+    runs = ["trl", "lampo-vllm-fp32", "lampo-vllm-bf16"] if args.quick else args.runs.split(",")
     import torch
 
     from lampo import perf

@@ -66,6 +66,8 @@ class ModelConfig:
     """Mixed precision with float16 autocast (GPU only)."""
     trust_remote_code: bool = False
     """Pass trust_remote_code to transformers when loading models."""
+    attn_implementation: str | None = None
+    """Attention kernels of the trained models (transformers' `attn_implementation`: sdpa, eager, ...); null: its default."""
 
 
 @dataclass

@@ -164,7 +164,8 @@ class Trainer:
             policy = load_policy(cfg.model, path=str(policy_dir))
         value = None
         if cfg.uses_critic and cfg.model.value_model == "separate":
-            value = ValueModel.from_pretrained(ckpt.model_path(resume, "value_model"))
+            value = ValueModel.from_pretrained(ckpt.model_path(resume, "value_model"),
+                                               attn_implementation=cfg.model.attn_implementation)
         # The reference is the model the run started from, not the checkpoint's policy. With LoRA
         # it is the base with the adapter disabled, which the checkpoint never changed.
         ref = None if cfg.model.use_peft else load_policy(_no_peft(cfg.model))

@@ -58,3 +58,15 @@ def test_in_process_reward_model_with_another_vocabulary_is_a_value_error(tiny_m
     same = LlamaForSequenceClassification(LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=64,
                                                       num_hidden_layers=1, num_attention_heads=1, num_labels=1))
     check_same_vocab(policy, same)
+
+
+def test_attn_implementation_reaches_the_trained_models(tiny_model_path):
+    default = load_policy(ModelConfig(model_name_or_path=str(tiny_model_path)))
+    eager = load_policy(ModelConfig(model_name_or_path=str(tiny_model_path), attn_implementation="eager"))
+    assert default.config._attn_implementation == "sdpa"  # transformers' own default is kept
+    assert eager.config._attn_implementation == "eager"
+    value = ValueModel.from_pretrained(tiny_model_path, attn_implementation="eager")
+    assert value.trunk.config._attn_implementation == "eager"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():  # same maths, other kernels
+        assert torch.allclose(default(input_ids=ids).logits, eager(input_ids=ids).logits, atol=1e-5)

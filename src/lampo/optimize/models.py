@@ -46,7 +46,8 @@ def load_policy(model_cfg: ModelConfig, path: str | None = None) -> nn.Module:
     name = path or model_cfg.model_name_or_path
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code
+            name, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code,
+            **_attn_kwargs(model_cfg.attn_implementation),
         )
     except OSError as exc:
         raise OSError(
@@ -55,6 +56,12 @@ def load_policy(model_cfg: ModelConfig, path: str | None = None) -> nn.Module:
             "(`lampo tiny-model build/tiny-model` builds an offline test model)."
         ) from exc
     return prepare_policy(model, model_cfg)
+
+
+def _attn_kwargs(attn_implementation: str | None) -> dict:
+    # On CPU, bf16 and sequences of ~50 tokens, "eager" trained 13% faster than the default "sdpa"
+    # (docs/performance.md, change 6); null keeps transformers' choice.
+    return {"attn_implementation": attn_implementation} if attn_implementation else {}
 
 
 def prepare_policy(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
@@ -126,12 +133,14 @@ class ValueModel(nn.Module):
         return cls(copy.deepcopy(trunk_of(policy)))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, trust_remote_code: bool = False) -> ValueModel:
+    def from_pretrained(cls, path: str | Path, trust_remote_code: bool = False,
+                        attn_implementation: str | None = None) -> ValueModel:
         """Load a trunk from `path`; load the head too when `path` is a saved ValueModel."""
         from safetensors.torch import load_file
         from transformers import AutoModel
 
-        trunk = AutoModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        trunk = AutoModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                          **_attn_kwargs(attn_implementation))
         model = cls(trunk)
         head_file = Path(path) / VALUE_HEAD_FILE
         if head_file.exists():
@@ -155,7 +164,8 @@ class ValueModel(nn.Module):
 def build_value_model(model_cfg: ModelConfig, policy: nn.Module) -> nn.Module:
     """The separate critic of `value_model: separate` (a head on the trunk is built by the learner)."""
     if model_cfg.value_model_name_or_path:
-        value = ValueModel.from_pretrained(model_cfg.value_model_name_or_path, model_cfg.trust_remote_code)
+        value = ValueModel.from_pretrained(model_cfg.value_model_name_or_path, model_cfg.trust_remote_code,
+                                           model_cfg.attn_implementation)
     else:
         value = ValueModel.from_policy(policy)
     if model_cfg.gradient_checkpointing:
