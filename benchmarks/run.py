@@ -31,7 +31,7 @@ PARTS = {
     # name: (command, extra args for --quick)
     "peak": (["-m", "benchmarks.peak"], []),
     "trl_compare": (["-m", "benchmarks.trl_compare"], ["--quick"]),
-    "engines": (["benchmarks/engines.py", "--sizes", "small", "--batches", "64,256", "--runs", "5"],
+    "engines": (["benchmarks/engines.py", "--sizes", "tiny,small", "--batches", "64,256", "--runs", "5"],
                 ["--batches", "64", "--runs", "2"]),
     "reward_server": (["benchmarks/reward_server.py"], ["--duration", "2", "--models", "trivial", "--clients", "1", "16"]),
     "pipeline": (["-m", "benchmarks.pipeline"], ["--quick"]),

@@ -104,6 +104,8 @@ class GenerationConfig:
     """Top-k sampling (0 disables it)."""
     repetition_penalty: float = 1.0
     """Repetition penalty (1.0 disables it)."""
+    engine_logprobs: bool = True
+    """Ask the engine for each sampled token's log-prob (logged as val/engine_logprob_diff, a weight-sync check)."""
     max_new_tokens: int = 32
     """Most tokens generated per assistant turn."""
     min_new_tokens: int = 0

@@ -317,7 +317,8 @@ class Trainer:
             seq_scores=torch.tensor(totals, dtype=torch.float32),
             stopped=stopped,
             group_size=self.cfg.generation.num_generations,
-            engine_logprobs=b.engine_logprobs,
+            # without them (engine_logprobs: false) the rollout holds zeros: no val/engine_logprob_diff
+            engine_logprobs=b.engine_logprobs if self.cfg.generation.engine_logprobs else None,
         )
 
     # ------------------------------------------------------------------ weight sync

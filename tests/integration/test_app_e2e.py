@@ -227,8 +227,9 @@ def test_grpo_vllm_async(tmp_path, tiny_model_path):
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])
 def test_two_process_data_parallel(tmp_path, tiny_model_path, estimator):
     # grpo: the learner runs each group's prompt once and its answers on the prompt's KV cache,
-    # two forward calls of the DDP-wrapped policy before one backward.
-    extra = dict(estimator="grpo", num_generations=2, batch_size=2) if estimator == "grpo" else {}
+    # two forward calls of the DDP-wrapped policy before one backward. It also runs without the
+    # engine's log-probs (engine_logprobs: false), which only removes their diagnostic.
+    extra = dict(estimator="grpo", num_generations=2, batch_size=2, engine_logprobs=False) if estimator == "grpo" else {}
     cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.VowelReward", max_steps=2,
                        async_mode=False, **extra)
     # The product command: accelerate launch with the shipped 2-process CPU config.
@@ -238,6 +239,7 @@ def test_two_process_data_parallel(tmp_path, tiny_model_path, estimator):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = check_run(tmp_path / "run", 2, critic=estimator == "gae")
     assert rows[-1]["episode"] == 2 * 2 * 4  # 2 steps x 2 ranks x 4 conversations
+    assert all(("val/engine_logprob_diff" in r) == (estimator == "gae") for r in rows)
     assert_loads(tmp_path / "run")
 
 

@@ -7,6 +7,8 @@ so the tests do not depend on their order.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -98,6 +100,10 @@ def test_sampling_returns_n_samples_per_prompt_in_order(base_model, prompts, vll
             assert g.finish_reason == ("stop" if g.token_ids[-1] == 3 else "length")
     again = vllm_engine.generate(prompts, s)
     assert [[g.token_ids for g in r] for r in again] == [[g.token_ids for g in r] for r in out]  # seeded
+    # engine_logprobs: false skips vLLM's log-prob bookkeeping; the samples stay the same
+    bare = vllm_engine.generate(prompts, dataclasses.replace(s, logprobs=False))
+    assert [[g.token_ids for g in r] for r in bare] == [[g.token_ids for g in r] for r in out]
+    assert all(g.logprobs == [0.0] * len(g.token_ids) for r in bare for g in r)
 
 
 def test_stop_token_truncates_and_is_kept(base_model, tok, prompts, vllm_engine):

@@ -55,6 +55,10 @@ class SamplingSettings:
     """Samples per prompt."""
     seed: int | None = None
     """Makes sampling reproducible for a given engine and batch; None draws fresh randomness."""
+    logprobs: bool = True
+    """Report each sampled token's log-prob. vLLM then keeps per-token bookkeeping (10-20% of its
+    throughput on a tiny model, under 2% on the small one); off, `Generation.logprobs` is all 0.
+    The hf engine has the scores anyway and always reports them."""
 
 
 @dataclass
@@ -337,8 +341,9 @@ class VLLMEngine:
                 stop_token_ids=list(s.stop_token_ids),
                 # Stop only at the tokens we were given (the model's eos is among them by default).
                 ignore_eos=True,
-                logprobs=0,  # the chosen token's log-prob only
-                flat_logprobs=True,  # plain float lists instead of one dict per token (less GC)
+                # the chosen token's log-prob only, as plain float lists (less GC than dicts)
+                logprobs=0 if s.logprobs else None,
+                flat_logprobs=s.logprobs,
                 detokenize=False,
                 # vLLM gives sample k of a request the seed `seed + k`; spread prompts apart.
                 seed=None if s.seed is None else s.seed + i * s.n,
@@ -360,7 +365,7 @@ class VLLMEngine:
                 result.append([])
             for comp in sorted(req.outputs, key=lambda c: c.index):
                 tokens = list(comp.token_ids)
-                lps = _sampled_logprobs(tokens, comp.logprobs)
+                lps = _sampled_logprobs(tokens, comp.logprobs) if s.logprobs else [0.0] * len(tokens)
                 length, stopped = _truncate_at_stop(tokens, stop)
                 result[-1].append(Generation(tokens[:length], lps[:length], "stop" if stopped else "length"))
         return result
