@@ -3,14 +3,14 @@
 In order (issue 6, section 2): the machine's matmul peak; Lampo vs TRL GRPOTrainer; engine
 throughput (hf vs vLLM, benchmarks/engines.py); the reward server (benchmarks/reward_server.py);
 asynchronous vs synchronous pipeline and the reward phase's share of a step; peak memory, full
-vs LoRA; 1 vs 2 data-parallel processes. Each part runs in its own process, prints its table
-and writes JSON under benchmarks/results/. At the end the tables, a PNG chart and the goals
+vs LoRA; 1 vs 2 data-parallel processes; bf16 vs fp32 reward curves. Each part runs in its own
+process, prints its table and writes JSON under benchmarks/results/. At the end the tables, a PNG chart and the goals
 (met or not) are written into the generated section of docs/performance.md; the hand-written
 part of that file (the optimisation log) is kept.
 
     .venv/bin/python -m benchmarks.run [--quick] [--only trl_compare,pipeline] [--render-only]
 
-A full run takes an hour or more on a loaded 2-core machine; --quick runs fewer steps.
+A full run takes about 27 minutes on 2 quiet cores (more on a loaded machine); --quick runs fewer steps.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ PARTS = {
     "pipeline": (["-m", "benchmarks.pipeline"], ["--quick"]),
     "memory": (["-m", "benchmarks.memory"], []),
     "scaling": (["-m", "benchmarks.scaling"], ["--quick"]),
+    "bf16_curve": (["-m", "benchmarks.bf16_curve"], ["--quick"]),
 }
 
 
@@ -74,6 +75,14 @@ def goals(trl: dict | None) -> list[str]:
             out.append(f"- optimisation phase >= 50% of the fp32 peak (fp32 run): measured {mfu:.0%}: "
                        f"**{'met' if mfu >= 0.5 else 'not met'}**")
     return out
+
+
+def curve_goal(curve: dict | None) -> list[str]:
+    if not curve:
+        return ["- bf16 reward curve within fp32's run-to-run noise: (not measured)"]
+    g = max(curve["gap_bf16_vs_fp32"].values())
+    return [f"- bf16 reward curve within fp32's run-to-run noise ({curve['steps']} steps): gap {g:.3f} vs seed-to-seed "
+            f"{curve['gap_fp32_seeds']:.3f}: **{'met' if curve['within_noise'] else 'not met'}**"]
 
 
 def chart(data: dict[str, dict | None]) -> bool:
@@ -123,9 +132,9 @@ def chart(data: dict[str, dict | None]) -> bool:
 
 
 def render() -> str:
-    from benchmarks import memory, peak, pipeline, scaling, trl_compare
+    from benchmarks import bf16_curve, memory, peak, pipeline, scaling, trl_compare
 
-    data = {k: load(k) for k in ("peak", "trl_compare", "pipeline", "memory", "scaling")}
+    data = {k: load(k) for k in ("peak", "trl_compare", "pipeline", "memory", "scaling", "bf16_curve")}
     parts = [BEGIN, "", "## Results (generated)", ""]
     if data["trl_compare"]:
         m = data["trl_compare"]["machine"]
@@ -137,6 +146,7 @@ def render() -> str:
         ("Asynchronous vs synchronous pipeline, reward overhead (items 2.3, 2.4)", "pipeline", pipeline.render),
         ("Memory, full vs LoRA (item 2.6)", "memory", memory.render),
         ("Data-parallel scaling (item 2.7)", "scaling", scaling.render),
+        ("bf16 vs fp32 reward curves (item 2.1)", "bf16_curve", bf16_curve.render),
     ]
     for title, key, fn in sections:
         parts += [f"### {title}", ""]
@@ -149,7 +159,7 @@ def render() -> str:
         # demote the included file's headings under ours
         body = "\n".join(("###" + ln) if ln.startswith("#") else ln for ln in body.splitlines())
         parts += [f"### {title}", "", body, ""]
-    parts += ["### Goals", "", *goals(data["trl_compare"]), ""]
+    parts += ["### Goals", "", *goals(data["trl_compare"]), *curve_goal(data["bf16_curve"]), ""]
     if chart(data):
         parts += [f"![benchmark chart]({CHART.name})", ""]
     parts.append(END)
