@@ -216,17 +216,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def like_for_like(r: dict) -> float:
+    """Lampo's share of the bare engine doing the same work: for vLLM the lower of Lampo with
+    log-probs vs vLLM asked for log-probs, and Lampo without them vs bare vLLM."""
+    if "ratio_vs_bare_logprobs" in r and "ratio_no_logprobs" in r:
+        return min(r["ratio_vs_bare_logprobs"], r["ratio_no_logprobs"])
+    return r["ratio"]
+
+
 def render(results: list[dict], runs: int) -> str:
     lines = [
         f"# Engine throughput: bare vs Lampo's rollout phase ({NEW_TOKENS} new tokens, fp32, sampling, "
         f"median of {runs} runs)",
         "",
-        "| engine | model | batch | bare tok/s | Lampo tok/s | Lampo / bare | target >= 90% | best bare | best Lampo "
+        "| engine | model | batch | bare tok/s | Lampo tok/s | Lampo / bare | same work >= 90% | best bare | best Lampo "
         "| best ratio | bare + log-probs tok/s | Lampo / (bare + log-probs) | Lampo without log-probs / bare |",
         "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        ok = "yes" if r["ratio"] >= TARGET else "NO"
+        ok = "yes" if like_for_like(r) >= TARGET else "NO"
         lp = (f"{r['bare_logprobs']:,.0f} | {r['ratio_vs_bare_logprobs']:.0%}" if "bare_logprobs" in r else "- | -")
         lp += f" | {r['ratio_no_logprobs']:.0%}" if "ratio_no_logprobs" in r else " | -"
         lines.append(f"| {r['engine']} | {r['model']} | {r['batch']} | {r['bare']:,.0f} | {r['lampo']:,.0f} | "
@@ -238,7 +246,9 @@ def render(results: list[dict], runs: int) -> str:
         "`generate` with `torch.multinomial` sampling). Lampo: `rollout()` on dataset rows (templating, tokenization, "
         "per-token log-probs, stop handling, the RolloutBatch). bare + log-probs: vLLM asked for the sampled "
         "tokens' log-probs, as Lampo does by default (`engine_logprobs: true`, for `val/engine_logprob_diff`); "
-        "Lampo without log-probs: `engine_logprobs: false`, the same work as bare. 'best' columns: the fastest run of each path (the least disturbed on a "
+        "Lampo without log-probs: `engine_logprobs: false`, the same work as bare. 'same work': the target of "
+        "the Rollout issue, Lampo against the bare engine doing the same work (for vLLM the lower of the two "
+        "like-for-like ratios). 'best' columns: the fastest run of each path (the least disturbed on a "
         "shared machine).",
     ]
     return "\n".join(lines)
