@@ -219,7 +219,7 @@ class OptimConfig:
     max_bad_steps: int = 3
     """Consecutive steps with a non-finite loss or gradient (skipped) before training stops with an error."""
     share_prefix: bool = True
-    """Group estimators: run each prompt once per group in the learner's passes (exact; minibatches hold whole groups)."""
+    """With num_generations > 1: run each prompt once per group in the learner's passes (exact; minibatches hold whole groups)."""
 
 
 @dataclass

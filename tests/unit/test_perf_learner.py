@@ -169,3 +169,40 @@ def test_cost_model_counts_each_groups_prompt_once(tiny_model_path):
     shape = perf.ModelShape.from_model(trainer.model)
     assert flops == perf.count_flops(shape, batch.attention_mask.sum(1).tolist(), old_logprobs=False,
                                      reference=False, shared_prefix_lens=saved)
+
+
+def test_shared_prefix_with_an_empty_generation_in_the_batch(tiny_model_path):
+    from lampo.optimize.shared_prefix import plan_prefixes, shared_prefix_logprobs
+
+    trainer, tok = _trainer(tiny_model_path, num_generations=3, mini_batch_size=6)
+    batch = _multi_turn_batch(tok)
+    batch.action_mask[2] = False  # the third answer of the first group generated nothing
+    plan = plan_prefixes(batch.input_ids, batch.attention_mask, batch.action_mask)
+    assert plan is not None
+    with torch.no_grad():
+        lp_shared, _ = shared_prefix_logprobs(trainer.model, plan, batch.input_ids.shape[1], 1.0)
+        out = trainer.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    lp_plain, _ = trainer.learner._logprobs_entropy(out.logits, batch)
+    act = batch.action_mask
+    assert torch.allclose(lp_shared[act], lp_plain[act], atol=1e-5)
+    assert bool((lp_shared[2] == 0).all())
+
+
+def test_unsupported_cache_falls_back_to_the_plain_pass(tiny_model_path, monkeypatch, caplog):
+    from lampo.optimize import shared_prefix as SP
+
+    def refuse(cache):
+        raise SP.UnsupportedModel("sliding-window cache")
+
+    shared, tok = _trainer(tiny_model_path, adam_eps=1e-3)
+    plain = copy.deepcopy(shared)
+    plain.learner.opt_cfg = copy.deepcopy(plain.learner.opt_cfg)
+    plain.learner.opt_cfg.share_prefix = False
+    batch = _batch(shared, tok)
+    monkeypatch.setattr(SP, "check_cache", refuse)
+    s_shared = shared.learner.train(batch)
+    assert shared.learner._prefix_unsupported and "falling back to the plain forward" in caplog.text
+    s_plain = plain.learner.train(batch)
+    assert s_shared["loss/policy_avg"] == pytest.approx(s_plain["loss/policy_avg"], abs=1e-6)
+    for a, b in zip(shared.model.parameters(), plain.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -43,11 +43,22 @@ def test_multi_turn_suffix_keeps_user_turns_and_later_answers():
     assert plan.prefix_ids.tolist() == [[1, 2]]
 
 
-def test_no_plan_when_nothing_is_shared_or_a_row_has_no_action():
+def test_no_plan_when_nothing_is_shared():
     ids, mask, act = _batch([([5, 6], [8]), ([7, 6], [8])])
     assert plan_prefixes(ids, mask, act) is None  # distinct prompts: nothing to save
-    ids, mask, act = _batch([([5, 6], [8]), ([5, 6], [])])
-    assert plan_prefixes(ids, mask, act) is None  # a row without an action token
+
+
+def test_a_row_without_action_tokens_is_all_prefix_and_does_not_stop_sharing():
+    # an empty generation: its row is prompt only; computed once, never scored
+    ids, mask, act = _batch([([5, 6], [8, 9]), ([5, 6], [10, 11]), ([3, 4, 4], [])])
+    plan = plan_prefixes(ids, mask, act)
+    assert plan.row_prefix.tolist() == [0, 0, 1]
+    assert plan.prefix_len.tolist() == [2, 2, 3]
+    assert plan.prefix_ids.tolist() == [[0, 5, 6], [3, 4, 4]]
+    assert plan.suffix_mask.tolist() == [[1, 1], [1, 1], [0, 0]]
+    # shared_prefix_logprobs zeroes the masked suffix positions before scattering them back
+    out = scatter_suffix(torch.ones(3, 2) * plan.suffix_mask, plan, ids.shape[1])
+    assert out.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0]]
 
 
 def test_scatter_suffix_puts_values_back_at_their_token_positions():

@@ -10,6 +10,7 @@ Each phase is timed. The maths lives in `maths.py`; this file only moves tensors
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections import defaultdict
@@ -30,6 +31,8 @@ from lampo.optimize.models import (
     is_peft_model,
     reference_mode,
 )
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -150,6 +153,7 @@ class Learner:
         self.global_step = 0
         self.autocast_dtype = torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else None
         self._fused_old = False
+        self._prefix_unsupported = False
 
     # ------------------------------------------------------------------ set-up helpers
     def _make_optimizer(self, model: nn.Module, extra_head: nn.Module | None, lr: float, steps: int):
@@ -201,14 +205,18 @@ class Learner:
             )
         return out
 
-    def _prefix_plan(self, mb: TrainBatch) -> SP.PrefixPlan | None:
-        """A shared-prefix plan when it applies (group estimators; see optimize/shared_prefix.py).
+    def _shares_prefix(self, group_size: int) -> bool:
+        """Whether the passes share each group's prompt (see optimize/shared_prefix.py).
 
-        Not with a value head (it needs the hidden state of every position) nor with gradient
-        checkpointing (transformers turns the KV cache off under it).
+        Needs several samples per prompt; not with a value head (it needs the hidden state of
+        every position) nor with gradient checkpointing (transformers turns the KV cache off
+        under it); off for good once the model's cache turned out unsupported.
         """
-        if (not self.opt_cfg.share_prefix or mb.group_size < 2 or self.value_head is not None
-                or self.cfg.model.gradient_checkpointing):
+        return (self.opt_cfg.share_prefix and group_size >= 2 and self.value_head is None
+                and not self.cfg.model.gradient_checkpointing and not self._prefix_unsupported)
+
+    def _prefix_plan(self, mb: TrainBatch) -> SP.PrefixPlan | None:
+        if not self._shares_prefix(mb.group_size):
             return None
         return SP.plan_prefixes(mb.input_ids, mb.attention_mask, mb.action_mask)
 
@@ -216,10 +224,15 @@ class Learner:
         """(log-probs, entropy or None, model output or None) of `mb`, aligned with its tokens."""
         plan = self._prefix_plan(mb)
         if plan is not None:
-            with self._autocast():
-                lp, ent = SP.shared_prefix_logprobs(model, plan, mb.input_ids.shape[1], self.temperature,
-                                                    with_entropy=with_entropy)
-            return lp, ent, None
+            try:
+                with self._autocast():
+                    lp, ent = SP.shared_prefix_logprobs(model, plan, mb.input_ids.shape[1], self.temperature,
+                                                        with_entropy=with_entropy)
+                return lp, ent, None
+            except (SP.UnsupportedModel, TypeError, AttributeError) as exc:
+                # e.g. sliding-window caches, or remote code without past_key_values/logits_to_keep
+                log.warning("share_prefix: falling back to the plain forward pass for this run (%s)", exc)
+                self._prefix_unsupported = True
         out = self._policy_forward(model, mb, want_hidden=self.value_head is not None)
         if not with_entropy:
             lp = M.logprobs_from_logits(out.logits[:, :-1], mb.input_ids[:, 1:], self.temperature)
@@ -439,7 +452,7 @@ class Learner:
         forward pass; the order of the groups is still random.
         """
         G = batch.group_size
-        if not self.opt_cfg.share_prefix or G < 2 or len(batch) % G:
+        if not self._shares_prefix(G) or len(batch) % G:
             return torch.randperm(len(batch), generator=self.generator)
         groups = torch.randperm(len(batch) // G, generator=self.generator)
         return (groups[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
@@ -456,6 +469,9 @@ class Learner:
             # First and only pass on the sampling weights: pi_old is pi_theta, detached.
             old_lp = logp.detach()
             fw.old_logprobs[idx, :L] = old_lp
+        # Off the action tokens the log-probs are never used, but an exp() of a large gap there
+        # would still send inf * 0 = NaN through the backward: pin the ratio to 1 off the mask.
+        old_lp = torch.where(mask, old_lp, logp.detach())
         pg_mat, clipped, ratio = M.clipped_policy_loss(logp, old_lp, adv, opt.cliprange, opt.dual_clip)
         if not self.cfg.kl_in_reward and beta > 0:
             # GRPO puts the KL in the loss, per token (DeepSeekMath eq. 3).

@@ -54,14 +54,16 @@ def plan_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, action_
                   pad_id: int = 0) -> PrefixPlan | None:
     """Split rows at their first action token and de-duplicate the prefixes.
 
-    Returns None when sharing saves nothing (every prefix distinct) or a row has no action token
-    or an empty prefix (the plain forward handles those).
+    A row without any action token (an empty generation) is all prefix: computed, never scored.
+    Returns None when sharing saves nothing (every prefix distinct) or a row starts with an
+    action token (nothing to share; the plain forward handles it).
     """
     B = input_ids.shape[0]
-    has_action = action_mask.any(1)
-    if B == 0 or not bool(has_action.all()):
+    if B == 0:
         return None
-    starts = action_mask.int().argmax(1)  # first action token of each row
+    lengths = attention_mask.sum(1)
+    has_action = action_mask.any(1)
+    starts = torch.where(has_action, action_mask.int().argmax(1), lengths)  # first action token of each row
     if bool((starts == 0).any()):
         return None
     keys: dict[tuple[int, ...], int] = {}
@@ -77,15 +79,31 @@ def plan_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, action_
     for key, u in keys.items():
         prefix_ids[u, P - len(key):] = torch.tensor(key, dtype=input_ids.dtype)
         prefix_mask[u, P - len(key):] = 1
-    lengths = attention_mask.sum(1)
     suffix_len = lengths - starts
-    S = int(suffix_len.max())
+    S = max(int(suffix_len.max()), 1)
     cols = starts[:, None] + torch.arange(S)[None, :]  # [B, S] positions of the suffix tokens
     inside = torch.arange(S)[None, :] < suffix_len[:, None]
     cols = torch.where(inside, cols, torch.zeros_like(cols))
     suffix_ids = torch.where(inside, input_ids.gather(1, cols), torch.full_like(cols, pad_id))
     return PrefixPlan(prefix_ids=prefix_ids, prefix_mask=prefix_mask, row_prefix=torch.tensor(row_prefix),
                       prefix_len=starts, suffix_ids=suffix_ids, suffix_mask=inside.to(attention_mask.dtype))
+
+
+class UnsupportedModel(RuntimeError):
+    """The model's KV cache is not one this module knows to be exact (see `check_cache`)."""
+
+
+def check_cache(cache) -> None:
+    """Only plain full-attention layers of transformers' DynamicCache are known to be exact here.
+
+    Sliding-window, quantised or linear-attention caches keep other state; models loaded with
+    trust_remote_code may return tuples. The learner then falls back to the plain pass.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, DynamicCache) or not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        raise UnsupportedModel(f"shared prompts need a DynamicCache of full-attention layers, got {type(cache).__name__}")
 
 
 def scatter_suffix(values: torch.Tensor, plan: PrefixPlan, length: int) -> torch.Tensor:
@@ -109,6 +127,7 @@ def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, temp
     out = model(input_ids=plan.prefix_ids, attention_mask=plan.prefix_mask, position_ids=prefix_pos,
                 use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
+    check_cache(cache)
     cache.reorder_cache(plan.row_prefix)  # index_select: its backward sums the G rows' gradients
     first_logits = out.logits[:, -1].index_select(0, plan.row_prefix)
     # 2. every row's suffix on its prefix's keys and values.
@@ -117,11 +136,18 @@ def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, temp
     mask = torch.cat([plan.prefix_mask.index_select(0, plan.row_prefix), plan.suffix_mask], dim=1)
     logits = model(input_ids=plan.suffix_ids, attention_mask=mask, position_ids=suffix_pos,
                    past_key_values=cache, use_cache=True).logits
-    # logits predicting suffix token j: the prefix's last position for j = 0, else suffix j - 1.
-    predicting = torch.cat([first_logits[:, None], logits[:, :-1]], dim=1)
-    logp = M.logprobs_from_logits(predicting, plan.suffix_ids, temperature)
+    # suffix token 0 is predicted by the prefix's last position, token j > 0 by suffix position
+    # j - 1: two [B, ...] log-prob tensors joined, rather than a copy of the [B, S, V] logits.
+    first = M.logprobs_from_logits(first_logits, plan.suffix_ids[:, 0], temperature)
+    rest = M.logprobs_from_logits(logits[:, :-1], plan.suffix_ids[:, 1:], temperature)
+    logp = torch.cat([first[:, None], rest], dim=1)
+    # padded suffix positions score the pad id the plain pass does not see: zero them, so both
+    # paths agree wherever a caller might look (the learner masks them anyway)
+    logp = torch.where(plan.suffix_mask.bool(), logp, torch.zeros_like(logp))
     ent = None
     if with_entropy:  # a statistic, never differentiated
         with torch.no_grad():
-            ent = M.entropy_from_logits(predicting.detach(), temperature)
+            ent = torch.cat([M.entropy_from_logits(first_logits[:, None], temperature),
+                             M.entropy_from_logits(logits[:, :-1], temperature)], dim=1)
+            ent = torch.where(plan.suffix_mask.bool(), ent, torch.zeros_like(ent))
     return scatter_suffix(logp, plan, length), (scatter_suffix(ent, plan, length) if with_entropy else None)
