@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     path = model_dir("small")
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # bf16 with eager attention, as the trl_compare bf16 runs (the library takes the model as given)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="eager" if args.bf16 else "sdpa")
     cfg = PPOConfig(batch_size=16, num_generations=4, estimator="grpo", mini_batch_size=64, max_new_tokens=32,
                     kl_coef=args.kl, bf16=args.bf16, non_stop_penalty=False, seed=0)
     trainer = PPOTrainer(cfg, model, tok)
