@@ -229,9 +229,11 @@ def test_two_process_data_parallel(tmp_path, tiny_model_path, estimator):
     # grpo: the learner runs each group's prompt once and its answers on the prompt's KV cache,
     # two forward calls of the DDP-wrapped policy before one backward. It also runs without the
     # engine's log-probs (engine_logprobs: false), which only removes their diagnostic.
-    extra = dict(estimator="grpo", num_generations=2, batch_size=2, engine_logprobs=False) if estimator == "grpo" else {}
+    # The grpo case also runs asynchronously: each rank overlaps its next rollout with training.
+    extra = (dict(estimator="grpo", num_generations=2, batch_size=2, engine_logprobs=False, async_mode=True)
+             if estimator == "grpo" else dict(async_mode=False))
     cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.VowelReward", max_steps=2,
-                       async_mode=False, **extra)
+                       **extra)
     # The product command: accelerate launch with the shipped 2-process CPU config.
     accelerate = str(Path(sys.executable).parent / "accelerate")
     out = run_app(cfg, launcher=[accelerate, "launch", "--config_file", str(ROOT / "configs/accelerate/multi_cpu_2proc.yaml"),
@@ -240,6 +242,8 @@ def test_two_process_data_parallel(tmp_path, tiny_model_path, estimator):
     rows = check_run(tmp_path / "run", 2, critic=estimator == "gae")
     assert rows[-1]["episode"] == 2 * 2 * 4  # 2 steps x 2 ranks x 4 conversations
     assert all(("val/engine_logprob_diff" in r) == (estimator == "gae") for r in rows)
+    # async: step 2 trains on the rollout generated while step 1 trained (one version behind)
+    assert [r["policy/version_lag"] for r in rows] == ([0.0, 1.0] if estimator == "grpo" else [0.0, 0.0])
     assert_loads(tmp_path / "run")
 
 
