@@ -25,11 +25,10 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from benchmarks.common import ROOT, machine, model_dir, save, summary
+from lampo.reward.client import wait_until_healthy
 
 CONFIG = ROOT / "benchmarks" / "configs" / "pipeline.yaml"
 REWARDS = {"trivial": "benchmarks.rewards.VowelShare", "sleep200ms": "benchmarks.rewards.SlowVowelShare"}
@@ -53,16 +52,11 @@ class RewardServer:
             cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def __enter__(self):
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"reward server exited: {self.proc.stderr.read()[-2000:]}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1)
-                return self
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError("reward server did not answer /health within 120 s")
+        try:
+            wait_until_healthy(f"http://127.0.0.1:{self.port}", self.proc, timeout=120)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {self.proc.stderr.read()[-2000:]}") from exc
+        return self
 
     def __exit__(self, *exc):
         self.proc.terminate()

@@ -29,9 +29,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
-
-from lampo.reward.client import RewardClient
+from lampo.reward.client import RewardClient, wait_until_healthy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
@@ -76,18 +74,12 @@ def start_server(model: str, model_cfg: dict, max_batch: int, max_wait: float, f
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder,
     )
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 120
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(folder / f'server-{port}.log').read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not become healthy in 120 s")
+    try:
+        wait_until_healthy(url, proc, timeout=120, log_path=folder / f"server-{port}.log")
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc, url, log
 
 
 async def load(url: str, clients: int, duration: float, warmup: float) -> dict:

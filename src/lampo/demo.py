@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
+from lampo.reward.client import wait_until_healthy
 from lampo.reward_model import RewardModelTemplate
 
 REPO_EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data" / "multistep"
@@ -91,18 +91,12 @@ def start_reward_server(config_path: Path, port: int, log_path: Path) -> subproc
          "--config", str(config_path), "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the reward server exited with code {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"the reward server did not become healthy in 60 s; see {log_path}")
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", proc, timeout=60, log_path=log_path)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc
 
 
 def show(title: str, produced) -> None:

@@ -13,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from lampo.reward.client import wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -62,16 +63,8 @@ class RewardServer:
         log = (self.tmp / f"server-{self.port}-{time.monotonic_ns()}.log").open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "lampo.reward_server", "--model", self.model,
                                       "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=env())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "reward server exited at start"
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("reward server did not become healthy")
+        wait_until_healthy(self.url, self.proc, timeout=60, log_path=log.name)
+        return self
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
 from lampo.config import LampoConfig
 from lampo.reward import make_scorer
+from lampo.reward.client import wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -98,15 +97,8 @@ def test_vowel_reward_behind_the_real_server(tmp_path):
         cfg = LampoConfig(reward_model=f"http://127.0.0.1:{port}").reward
         scorer = make_scorer(cfg)
         try:
-            end = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < end and proc.poll() is None, (tmp_path / "server.log").read_text()
-                time.sleep(0.05)
+            wait_until_healthy(f"http://127.0.0.1:{port}", proc, timeout=30, log_path=tmp_path / "server.log",
+                               poll=0.05)
             scorer.check_available()
             # per-turn: "aa" -> 1.0, "bab" -> 1/3
             assert scorer.score([["u", "aa", "u", "bab"]]) == [[1.0, pytest.approx(1 / 3)]]

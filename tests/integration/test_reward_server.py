@@ -23,7 +23,7 @@ import pytest
 
 from lampo.config import LampoConfig
 from lampo.reward import RewardError, make_scorer
-from lampo.reward.client import RewardClient
+from lampo.reward.client import RewardClient, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -119,17 +119,10 @@ class ServerProcess:
         return self.log_path.read_text()
 
     def wait_healthy(self, timeout: float = 30.0, headers: dict | None = None) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1, headers=headers).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"server not healthy after {timeout} s:\n{self.output()}")
+        try:
+            wait_until_healthy(self.url, self.proc, timeout=timeout, headers=headers, poll=0.05)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}:\n{self.output()}") from exc
 
     def wait_exit(self, timeout: float = 30.0) -> int:
         return self.proc.wait(timeout=timeout)

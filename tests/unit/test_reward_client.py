@@ -172,3 +172,22 @@ def test_retry_after_header_forms():
     later = datetime.now(UTC) + timedelta(seconds=30)
     wait = _retry_after(httpx.Response(429, headers={"Retry-After": format_datetime(later, usegmt=True)}))
     assert 25 < wait <= 30
+
+
+def test_wait_until_healthy_fails_fast_when_the_server_process_exits(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from lampo.reward.client import wait_until_healthy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"  # nothing listens here
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    proc.wait(30)
+    with pytest.raises(RuntimeError, match=r"exited with code 3; see .*server\.log"):
+        wait_until_healthy(url, proc, timeout=30, log_path=tmp_path / "server.log")
+    with pytest.raises(TimeoutError, match="did not answer /health"):
+        wait_until_healthy(url, timeout=0.3, poll=0.05)

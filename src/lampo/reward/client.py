@@ -31,6 +31,28 @@ class RewardUnavailable(RewardError):
     """No reward server answers at the configured URL."""
 
 
+def wait_until_healthy(url: str, proc=None, timeout: float = 60.0, headers: dict | None = None,
+                       log_path=None, poll: float = 0.1) -> None:
+    """Block until the reward server at `url` answers /health with 200.
+
+    For code that starts a server itself (the demo, benchmarks, tests): `proc` is its
+    `subprocess.Popen`, whose early exit raises at once; `log_path` is named in the errors.
+    Raises RuntimeError (the process exited) or TimeoutError (no 200 within `timeout` seconds).
+    """
+    see = f"; see {log_path}" if log_path else ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the reward server exited with code {proc.returncode}{see}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1, headers=headers).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll)
+    raise TimeoutError(f"the reward server at {url} did not answer /health with 200 within {timeout:g} s{see}")
+
+
 def start_hint(url: str) -> str:
     port = urlparse(url).port or 8000
     return (
