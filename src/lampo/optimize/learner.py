@@ -234,15 +234,15 @@ class Learner:
                 log.warning("share_prefix: falling back to the plain forward pass for this run (%s)", exc)
                 self._prefix_unsupported = True
         out = self._policy_forward(model, mb, want_hidden=self.value_head is not None)
-        if not with_entropy:
-            lp = M.logprobs_from_logits(out.logits[:, :-1], mb.input_ids[:, 1:], self.temperature)
-            return torch.nn.functional.pad(lp, (1, 0)), None, out
-        lp, ent = self._logprobs_entropy(out.logits, mb)
+        lp, ent = self._logprobs_entropy(out.logits, mb, with_entropy)
         return lp, ent, out
 
-    def _logprobs_entropy(self, logits: torch.Tensor, mb: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logprobs_entropy(self, logits: torch.Tensor, mb: TrainBatch,
+                          with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         # logits at t-1 predict token t: compute on [:, :-1] against tokens [:, 1:], then align.
         lp = M.logprobs_from_logits(logits[:, :-1], mb.input_ids[:, 1:], self.temperature)
+        if not with_entropy:
+            return torch.nn.functional.pad(lp, (1, 0)), None
         ent = M.entropy_from_logits(logits[:, :-1], self.temperature)
         return torch.nn.functional.pad(lp, (1, 0)), torch.nn.functional.pad(ent, (1, 0))
 
