@@ -8,6 +8,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,21 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
+        "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str | None:
+    """The measured code's commit (with `+` when the tree has uncommitted changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
 
 
 def save(name: str, data: dict) -> Path:

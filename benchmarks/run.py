@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -75,6 +76,35 @@ def goals(trl: dict | None) -> list[str]:
             out.append(f"- optimisation phase >= 50% of the fp32 peak (fp32 run): measured {mfu:.0%}: "
                        f"**{'met' if mfu >= 0.5 else 'not met'}**")
     return out
+
+
+HISTORY_RUNS = ("lampo-vllm-fp32", "lampo-vllm-bf16", "lampo-fp32", "lampo-bf16")
+
+
+def history() -> list[str]:
+    """Every saved Lampo-vs-TRL run side by side: one run's ratio moves with the machine's load."""
+    rows, ratios = [], {name: [] for name in HISTORY_RUNS}
+    runs = [(path, json.loads(path.read_text())) for path in RESULTS.glob("trl_compare*.json")]
+    for path, d in sorted(runs, key=lambda pd: (pd[1]["machine"].get("utc", ""), pd[0].name)):
+        res = {r["name"]: r for r in d["results"]}
+        if "trl" not in res or not all(n in res for n in HISTORY_RUNS[:2]):
+            continue  # runs from before the vLLM variants existed are not comparable
+        m = d["machine"]
+        load = f"{m['load_avg_1m']:.1f}" + (f" / {m['load_avg_1m_end']:.1f}" if "load_avg_1m_end" in m else "")
+        cells = []
+        for name in HISTORY_RUNS:
+            r = res.get(name, {}).get("ratio_vs_trl")
+            cells.append(f"{r:.2f}x" if r is not None else "")
+            if r is not None:
+                ratios[name].append(r)
+        rows.append(f"| `{path.name}` | {m.get('utc', '')} | {m.get('commit') or ''} | {load} | "
+                    f"{res['trl']['step_s']['median']:.2f} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    med = [f"{statistics.median(v):.2f}x" if v else "" for v in ratios.values()]
+    return ["| results file | UTC | commit | load avg start / end | TRL s/step | " + " | ".join(HISTORY_RUNS) + " |",
+            "|---|---|---|---|---|" + "---|" * len(HISTORY_RUNS), *rows,
+            "| **median over runs** | | | | | " + " | ".join(med) + " |"]
 
 
 def curve_goal(curve: dict | None) -> list[str]:
@@ -159,6 +189,10 @@ def render() -> str:
         parts += [f"### {title}", ""]
         parts.append(fn(data[key]) if data[key] else "(not measured in this run)")
         parts.append("")
+        if key == "trl_compare" and (runs := history()):
+            parts += ["Every saved Lampo-vs-TRL run (`benchmarks/results/trl_compare*.json`, ratios of trained "
+                      "tokens per second to TRL's in the same run; the times and commits of runs made before the benchmark recorded them were added from the session log):", "",
+                      *runs, ""]
     for title, md in (("Engines (item 2.2, benchmarks/engines.py)", "engines.md"),
                       ("Reward server (benchmarks/reward_server.py)", "reward_server.md")):
         path = RESULTS / md

@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if base is not None:
             r["ratio_vs_trl"] = r["tokens_per_s"]["median"] / base["tokens_per_s"]["median"]
-    data = {"benchmark": "trl_compare", "machine": {**machine(), "load_avg_1m": load}, "peaks_flops": peaks,
+    # The load at the start and at the end: other tenants of the machine come and go during a run.
+    data = {"benchmark": "trl_compare",
+            "machine": {**machine(), "load_avg_1m": load, "load_avg_1m_end": os.getloadavg()[0]}, "peaks_flops": peaks,
             "steps": steps, "warmup": args.warmup,
             "setup": {"prompts": PROMPTS, "group": GROUP, "new_tokens": NEW_TOKENS, "lr": LR}, "results": results}
     save(args.name, data)
