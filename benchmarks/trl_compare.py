@@ -15,8 +15,7 @@ temperature 1, one optimisation epoch with one optimiser step per batch, no refe
 - lampo-vllm-fp32 / lampo-vllm-bf16: the same with `engine: vllm` (in-process vLLM on CPU), the
   engine the product is named after. lampo-vllm-bf16-sdpa: with transformers' default attention.
   lampo-vllm-fp32-mkl: lampo-vllm-fp32 with torch's default (MKL) fp32 linear layers
-  (`onednn_linear: false`). lampo-vllm-bf16-fp32rope: lampo-vllm-bf16 with fp32 rotary tables
-  under autocast (`bf16_rotary: false`).
+  (`onednn_linear: false`).
 - lampo-fp32-noshare: lampo-fp32 without the shared-prompt forward (`share_prefix: false`).
 - lampo-fp32-before: the learner as it was before the optimisation log in docs/performance.md
   (reference pass despite kl_coef 0, separate pass for the old log-probs, no shared prompts,
@@ -46,8 +45,8 @@ from pathlib import Path
 from benchmarks.common import QUESTIONS, machine, model_dir, save, summary, write_messages_dataset
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 16, 4, 32, 1e-6
-RUNS = ("trl,lampo-fp32,lampo-bf16,lampo-vllm-fp32,lampo-vllm-bf16,lampo-vllm-bf16-sdpa,lampo-vllm-bf16-fp32rope,"
-        "lampo-vllm-fp32-mkl,lampo-fp32-noshare,lampo-fp32-before")
+RUNS = ("trl,lampo-fp32,lampo-bf16,lampo-vllm-fp32,lampo-vllm-bf16,lampo-vllm-bf16-sdpa,lampo-vllm-fp32-mkl,"
+        "lampo-fp32-noshare,lampo-fp32-before")
 
 
 def lampo_trainer(folder: Path, name: str, steps: int):
@@ -57,7 +56,6 @@ def lampo_trainer(folder: Path, name: str, steps: int):
 
     bf16 = "bf16" in name
     attn = "eager" if bf16 and not name.endswith("-sdpa") else None
-    rotary = not name.endswith(("-fp32rope", "-before"))
     cfg = LampoConfig(
         model_name_or_path=str(model_dir("small")), bf16=bf16, attn_implementation=attn,
         query_dataset=str(write_messages_dataset(folder / "data", PROMPTS)), max_prompt_len=128,
@@ -65,8 +63,7 @@ def lampo_trainer(folder: Path, name: str, steps: int):
         reward_model="benchmarks.rewards.VowelShare", non_stop_penalty=False,
         estimator="grpo", batch_size=PROMPTS, mini_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1,
         ppo_epochs=1, learning_rate=LR, lr_scheduler_type="constant", kl_coef=0.0,
-        share_prefix=not name.endswith(("-noshare", "-before")), onednn_linear=not name.endswith(("-mkl", "-before")),
-        bf16_rotary=rotary, output_dir=str(folder / name), seed=0, max_steps=steps, async_mode=False, logging_steps=1,
+        share_prefix=not name.endswith(("-noshare", "-before")), onednn_linear=not name.endswith(("-mkl", "-before")), output_dir=str(folder / name), seed=0, max_steps=steps, async_mode=False, logging_steps=1,
         eval_steps=0, log_samples_steps=0, save_step=0, report_to=[],
     )
     trainer = Trainer(cfg, cfg.to_dict())

@@ -68,8 +68,6 @@ class ModelConfig:
     """Pass trust_remote_code to transformers when loading models."""
     attn_implementation: str | None = None
     """Attention kernels of the trained models (transformers' `attn_implementation`: sdpa, eager, ...); null: its default."""
-    bf16_rotary: bool = True
-    """With bf16 autocast, rotary-embedding tables in bf16 (as in a bf16 model), so queries and keys are not promoted to fp32."""
     onednn_linear: bool = True
     """On CPU, run the learner's fp32 linear layers on oneDNN's kernels instead of MKL (same maths, faster on AMD)."""
 

@@ -32,7 +32,6 @@ from lampo.optimize.models import (
     reference_mode,
 )
 from lampo.optimize.onednn_linear import use_onednn_linear
-from lampo.optimize.rotary_dtype import rotary_in_autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +133,10 @@ class Learner:
                 self.value_model = value_model if value_model is not None else build_value_model(config.model, policy)
         if self.ref_model is not None:
             self.ref_model.requires_grad_(False).eval()
-        for model in (self.policy, self.ref_model, self.value_model, self.value_head):
-            if model is not None and config.model.onednn_linear:  # docs/performance.md, change 9
-                use_onednn_linear(model)
-            if model is not None and config.model.bf16 and config.model.bf16_rotary:  # change 10
-                rotary_in_autocast_dtype(model)
+        if config.model.onednn_linear:  # docs/performance.md, change 9
+            for model in (self.policy, self.ref_model, self.value_model, self.value_head):
+                if model is not None:
+                    use_onednn_linear(model)
 
         self.kl_ctl = (
             M.AdaptiveKLController(self.opt_cfg.kl_coef, self.opt_cfg.kl_target, self.opt_cfg.kl_horizon)
