@@ -236,15 +236,9 @@ def step_mfu(phase_times: dict[str, float], flops: dict[str, float], peak_flops:
 
 def onednn_linear_available() -> bool:
     """Whether torch has oneDNN's prepacked linear (the kernels torch.compile's CPU backend uses)."""
-    mkldnn = getattr(torch.ops, "mkldnn", None)
-    try:
-        return (
-            torch.backends.mkldnn.is_available()
-            and hasattr(mkldnn, "_reorder_linear_weight")
-            and hasattr(mkldnn, "_linear_pointwise")
-        )
-    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the build
-        return False
+    from lampo.optimize import onednn_linear
+
+    return onednn_linear.available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def measure_peak(dtype: torch.dtype = torch.float32, kind: str = "matmul", n: int = 2048, repeats: int = 5) -> float:

@@ -86,7 +86,7 @@ def sampling_settings(tokenizer: Any, generation_cfg: Any, n: int = 1, seed: int
         stop_token_ids=stop_token_ids(tokenizer, g),
         n=n,
         seed=seed,
-        logprobs=getattr(g, "engine_logprobs", True),
+        logprobs=g.engine_logprobs,
     )
 
 
