@@ -122,6 +122,8 @@ class GenerationConfig:
     """Share of GPU memory vLLM may take (GPU only)."""
     vllm_max_model_len: int | None = None
     """vLLM context length; null uses max_prompt_len + max_new_tokens (every step's prompt, earlier turns included, fits max_prompt_len)."""
+    vllm_enforce_eager: bool = False
+    """Run vLLM's model eagerly; false (vLLM's default) compiles it at start: 10-25 s once, then a faster rollout."""
 
 
 @dataclass

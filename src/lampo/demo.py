@@ -64,6 +64,8 @@ DEMO_CONFIG = {
     "eval_steps": 0,
     "engine": "auto",
     "vllm_kv_cache_gb": 0.5,
+    # 60 short steps on the tiny model: vLLM's compiling (10-25 s at start) would not pay back
+    "vllm_enforce_eager": True,
     "seed": 0,
 }
 

@@ -95,6 +95,8 @@ def write_config(tmp_path: Path, model_path: Path, **overrides) -> Path:
         "log_samples_steps": 1,
         "seed": 3,
         "vllm_kv_cache_gb": 0.25,
+        # eager starts 10-25 s sooner; the compiled default is covered by test_engines_vllm.py
+        "vllm_enforce_eager": True,
         **overrides,
     }
     path = tmp_path / "cfg.yaml"

@@ -1,7 +1,8 @@
 """vLLM vs transformers on the same weights: greedy parity, then weight sync after real updates.
 
-One in-process vLLM engine serves the whole module (starting it takes ~10 s here, and its
-first generate call ~3 s of warm-up). Each test first pushes the checkpoint's weights back in,
+One in-process vLLM engine serves the whole module, on the default configuration: compiled
+(`vllm_enforce_eager: false`), so every weight-sync test below checks that new weights reach the
+compiled model. Starting it takes 20-35 s here (10 s eager), its first generate call ~3 s more. Each test first pushes the checkpoint's weights back in,
 so the tests do not depend on their order.
 """
 

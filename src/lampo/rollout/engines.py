@@ -297,10 +297,12 @@ class VLLMEngine:
         seed: int = 0,
         **llm_kwargs: Any,
     ) -> None:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        kv_gb = getattr(generation_cfg, "vllm_kv_cache_gb", 1.0)
-        gpu_util = getattr(generation_cfg, "vllm_gpu_memory_utilization", 0.5)
         from vllm import LLM
+
+        from lampo.config import GenerationConfig
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        g = generation_cfg if generation_cfg is not None else GenerationConfig()
 
         kwargs: dict[str, Any] = dict(
             model=str(model_path),
@@ -308,14 +310,16 @@ class VLLMEngine:
             dtype=dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
             max_model_len=max_model_len,
             seed=seed,
-            enforce_eager=True,
+            # Compiled (false) takes new weights like eager: reload_weights writes into the
+            # parameters the compiled graph reads (tests/integration/test_engines_vllm.py).
+            enforce_eager=g.vllm_enforce_eager,
             logprobs_mode="processed_logprobs",
         )
         if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = gpu_util
+            kwargs["gpu_memory_utilization"] = g.vllm_gpu_memory_utilization
         else:
             # vLLM's CPU backend reads VLLM_CPU_KVCACHE_SPACE (whole GiB) when set, else this.
-            kwargs["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
+            kwargs["kv_cache_memory_bytes"] = int(g.vllm_kv_cache_gb * 2**30)
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
         self.tokenizer = tokenizer
