@@ -69,7 +69,7 @@ class ModelConfig:
     attn_implementation: str | None = None
     """Attention kernels of the trained models (transformers' `attn_implementation`: sdpa, eager, ...); null: its default."""
     onednn_linear: bool = True
-    """On CPU, run the learner's fp32 linear layers on oneDNN's kernels instead of MKL (same maths, faster on AMD)."""
+    """On CPU, run the fp32 linear layers of the learner and the hf engine on oneDNN's kernels instead of MKL (same maths, faster on AMD)."""
 
 
 @dataclass

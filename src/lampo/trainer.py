@@ -133,7 +133,8 @@ class Trainer:
         # the learner keeps fp32 master weights and recomputes every log-prob it trains on.
         self.engine = make_engine(cfg.generation, cfg.model.model_name_or_path, self.tokenizer,
                                   max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed + self.rank,
-                                  dtype="bfloat16" if cfg.model.bf16 else "float32")
+                                  dtype="bfloat16" if cfg.model.bf16 else "float32",
+                                  onednn_linear=cfg.model.onednn_linear)
         self.start_step, self.policy_version, self.pending = 0, 0, None
         if self.resume_from is not None:
             self._restore(self.resume_from)

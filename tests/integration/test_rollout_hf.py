@@ -71,11 +71,12 @@ def test_engine_logprobs_match_a_forward_pass_at_the_temperature(model, tok):
     assert diff.max() < 1e-4  # val/engine_logprob_diff near 0 when weights and temperature agree
 
 
-def test_hf_engine_keeps_its_own_copy_until_update(model, tok):
+@pytest.mark.parametrize("onednn_linear", [False, True])
+def test_hf_engine_keeps_its_own_copy_until_update(model, tok, onednn_linear):
     import copy
 
     policy = copy.deepcopy(model)
-    engine = HFEngine(policy, tok)
+    engine = HFEngine(policy, tok, onednn_linear=onednn_linear)
     prompt = [tok("Hello there")["input_ids"]]
     greedy = SamplingSettings(temperature=0.0, max_new_tokens=12, stop_token_ids=[3])
     before = engine.generate(prompt, greedy)[0][0].token_ids
@@ -88,6 +89,22 @@ def test_hf_engine_keeps_its_own_copy_until_update(model, tok):
     assert engine.generate(prompt, greedy)[0][0].token_ids == expected != before
     with pytest.raises(KeyError, match="not in the engine's model"):
         engine.update_weights([("nope.weight", torch.zeros(1))])
+
+
+def test_hf_engine_on_onednn_samples_like_the_default(model, tok):
+    from lampo.optimize.onednn_linear import OneDNNLinear, available
+
+    if not available():
+        pytest.skip("this torch build has no oneDNN linear kernel")
+    fast = HFEngine(model, tok, onednn_linear=True)
+    assert any(isinstance(m, OneDNNLinear) for m in fast.model.modules())
+    assert not any(isinstance(m, OneDNNLinear) for m in model.modules())  # the engine's own copy only
+    prompts = [tok("a b c")["input_ids"], tok("the moon is")["input_ids"]]
+    s = SamplingSettings(temperature=1.0, max_new_tokens=8, stop_token_ids=[3], n=2, seed=11)
+    plain, dnn = HFEngine(model, tok).generate(prompts, s), fast.generate(prompts, s)
+    for a, b in zip((g for r in plain for g in r), (g for r in dnn for g in r), strict=True):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
 
 
 def test_hf_engine_seeded_sampling_and_thread_safety(model, tok):

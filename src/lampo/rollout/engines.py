@@ -110,6 +110,7 @@ class HFEngine:
         dtype: str | torch.dtype | None = "float32",
         device: str | torch.device = "cpu",
         max_batch_size: int | None = None,
+        onednn_linear: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -120,6 +121,13 @@ class HFEngine:
             self.model = _standalone_copy(model).to(torch_dtype)
         self.model.to(device).eval()
         self.model.requires_grad_(False)
+        if onednn_linear:
+            # fp32 decoding on oneDNN's kernels, as in the learner (`model.onednn_linear`): the
+            # same products, 6-25% less time per rollout of the small model here
+            # (docs/performance.md, change 12). The state dict, so `update_weights`, is unchanged.
+            from lampo.optimize.onednn_linear import use_onednn_linear
+
+            use_onednn_linear(self.model)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
@@ -416,11 +424,13 @@ def make_engine(
     max_prompt_len: int = 512,
     dtype: str = "float32",
     seed: int = 0,
+    onednn_linear: bool = False,
 ) -> HFEngine | VLLMEngine:
     """Build the engine `generation_cfg.engine` names (`auto`: vLLM when importable).
 
     model: the policy object for the `hf` engine (it copies it); without it, `hf` loads
     `model_path`. vLLM always loads `model_path` and receives later weights by `update_weights`.
+    onednn_linear: the `hf` engine's fp32 linear layers on oneDNN (vLLM picks its own kernels).
     """
     choice = generation_cfg.engine
     if choice == "auto":
@@ -434,5 +444,6 @@ def make_engine(
         max_len = generation_cfg.vllm_max_model_len or (max_prompt_len + generation_cfg.max_new_tokens)
         return VLLMEngine(model_path, tokenizer, generation_cfg, max_model_len=max_len, dtype=dtype, seed=seed)
     if choice == "hf":
-        return HFEngine(model if model is not None else model_path, tokenizer, dtype=dtype)
+        return HFEngine(model if model is not None else model_path, tokenizer, dtype=dtype,
+                        onednn_linear=onednn_linear)
     raise ValueError(f"engine must be auto, hf or vllm, got {choice!r}")
