@@ -79,11 +79,14 @@ def goals(trl: dict | None) -> list[str]:
 
 
 HISTORY_RUNS = ("lampo-vllm-fp32", "lampo-vllm-bf16", "lampo-fp32", "lampo-bf16")
+# Runs from this time on measure the current code (changes 11 and 12 of docs/performance.md, the
+# last that change Lampo's speed); move it forward with the next such change.
+CURRENT_CODE_SINCE = "2026-11-22 12:29"
 
 
 def history() -> list[str]:
     """Every saved Lampo-vs-TRL run side by side: one run's ratio moves with the machine's load."""
-    rows, ratios = [], {name: [] for name in HISTORY_RUNS}
+    rows, ratios, current = [], {name: [] for name in HISTORY_RUNS}, {name: [] for name in HISTORY_RUNS}
     runs = [(path, json.loads(path.read_text())) for path in RESULTS.glob("trl_compare*.json")]
     for path, d in sorted(runs, key=lambda pd: (pd[1]["machine"].get("utc", ""), pd[0].name)):
         res = {r["name"]: r for r in d["results"]}
@@ -97,14 +100,19 @@ def history() -> list[str]:
             cells.append(f"{r:.2f}x" if r is not None else "")
             if r is not None:
                 ratios[name].append(r)
+                if m.get("utc", "") >= CURRENT_CODE_SINCE:
+                    current[name].append(r)
         rows.append(f"| `{path.name}` | {m.get('utc', '')} | {m.get('commit') or ''} | {load} | "
                     f"{res['trl']['step_s']['median']:.2f} | " + " | ".join(cells) + " |")
     if not rows:
         return []
-    med = [f"{statistics.median(v):.2f}x" if v else "" for v in ratios.values()]
+    def med(runs: dict[str, list[float]]) -> str:
+        return " | ".join(f"{statistics.median(v):.2f}x" if v else "" for v in runs.values())
+
     return ["| results file | UTC | commit | load avg start / end | TRL s/step | " + " | ".join(HISTORY_RUNS) + " |",
             "|---|---|---|---|---|" + "---|" * len(HISTORY_RUNS), *rows,
-            "| **median over runs** | | | | | " + " | ".join(med) + " |"]
+            "| **median over runs** | | | | | " + med(ratios) + " |",
+            f"| **median over runs of the current code** (since {CURRENT_CODE_SINCE}) | | | | | " + med(current) + " |"]
 
 
 def curve_goal(curve: dict | None) -> list[str]:
