@@ -243,8 +243,10 @@ def render(results: list[dict], runs: int) -> str:
     lines += [
         "",
         "bare: the engine's own call on pre-tokenized prompts (vLLM `LLM.generate` without log-probs; transformers "
-        "`generate` with `torch.multinomial` sampling). Lampo: `rollout()` on dataset rows (templating, tokenization, "
-        "per-token log-probs, stop handling, the RolloutBatch). bare + log-probs: vLLM asked for the sampled "
+        "`generate` with `torch.multinomial` sampling, on the model's default kernels). Lampo: `rollout()` on dataset "
+        "rows (templating, tokenization, per-token log-probs, stop handling, the RolloutBatch); its hf engine runs "
+        "the fp32 linear layers on oneDNN, as the application does (`onednn_linear: true`), and vLLM runs its "
+        "compiled model (`vllm_enforce_eager: false`) for both paths. bare + log-probs: vLLM asked for the sampled "
         "tokens' log-probs, as Lampo does by default (`engine_logprobs: true`, for `val/engine_logprob_diff`); "
         "Lampo without log-probs: `engine_logprobs: false`, the same work as bare. 'same work': the target of "
         "the Rollout issue, Lampo against the bare engine doing the same work (for vLLM the lower of the two "

@@ -106,6 +106,7 @@ def history() -> list[str]:
                     f"{res['trl']['step_s']['median']:.2f} | " + " | ".join(cells) + " |")
     if not rows:
         return []
+
     def med(runs: dict[str, list[float]]) -> str:
         return " | ".join(f"{statistics.median(v):.2f}x" if v else "" for v in runs.values())
 

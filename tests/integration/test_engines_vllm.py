@@ -2,8 +2,9 @@
 
 One in-process vLLM engine serves the whole module, on the default configuration: compiled
 (`vllm_enforce_eager: false`), so every weight-sync test below checks that new weights reach the
-compiled model. Starting it takes 20-35 s here (10 s eager), its first generate call ~3 s more. Each test first pushes the checkpoint's weights back in,
-so the tests do not depend on their order.
+compiled model. Starting it takes 20-35 s here (10 s eager), its first generate call ~3 s more.
+Each test first pushes the checkpoint's weights back in, so the tests do not depend on their
+order.
 """
 
 from __future__ import annotations
