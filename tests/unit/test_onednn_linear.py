@@ -13,6 +13,12 @@ from lampo.optimize import onednn_linear as D
 pytestmark = pytest.mark.skipif(not D.available(), reason="this torch build has no oneDNN linear")
 
 
+@pytest.fixture(autouse=True)
+def every_product_on_onednn(monkeypatch):
+    """The products here are small: send them all to oneDNN, so the tests exercise its path."""
+    monkeypatch.setattr(D, "MIN_MACS", 1)
+
+
 def _pair(in_f: int, out_f: int, bias: bool) -> tuple[nn.Linear, nn.Linear]:
     torch.manual_seed(0)
     plain = nn.Linear(in_f, out_f, bias=bias)
@@ -40,6 +46,22 @@ def test_forward_and_gradients_match_nn_linear(shape, bias):
         torch.testing.assert_close(dnn.bias.grad, plain.bias.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+def test_without_a_graph_the_output_matches_and_records_none(mode, monkeypatch):
+    plain, dnn = _pair(48, 40, True)
+    x = torch.randn(3, 5, 48)
+    calls = []
+    monkeypatch.setattr(D._OneDNNLinearFn, "apply", lambda *a: calls.append(a))
+    if mode == "frozen":
+        dnn.requires_grad_(False)
+        out = dnn(x)  # grad mode on, but nothing to differentiate
+    else:
+        with getattr(torch, mode)():
+            out = dnn(x)
+    assert calls == [] and out.grad_fn is None  # the direct kernel call, no autograd function
+    torch.testing.assert_close(out, plain(x).detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_frozen_weight_gets_no_gradient_but_the_input_does():
     _, dnn = _pair(16, 8, True)
     dnn.requires_grad_(False)
@@ -53,6 +75,18 @@ def test_non_contiguous_input_and_empty_batch():
     x = torch.randn(16, 6).t()  # [6, 16], not contiguous
     torch.testing.assert_close(dnn(x), plain(x), atol=1e-5, rtol=1e-5)
     assert dnn(torch.randn(0, 16)).shape == (0, 8)
+
+
+def test_only_products_of_min_macs_or_more_go_to_onednn(monkeypatch):
+    monkeypatch.setattr(D, "MIN_MACS", 4 * 16 * 8)
+    _, dnn = _pair(16, 8, True)
+    calls = []
+    real = D._dnn_linear
+    monkeypatch.setattr(D, "_dnn_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        dnn(torch.randn(3, 16))  # 3 x 16 x 8 multiply-adds: below, nn.Linear's kernel
+        dnn(torch.randn(4, 16))  # 4 x 16 x 8: at the threshold, oneDNN
+    assert calls == [(4, 16)]
 
 
 def test_autocast_and_bf16_take_the_usual_path():
