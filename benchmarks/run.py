@@ -80,7 +80,8 @@ def goals(trl: dict | None) -> list[str]:
 
 HISTORY_RUNS = ("lampo-vllm-fp32", "lampo-vllm-bf16", "lampo-fp32", "lampo-bf16")
 # Runs from this time on measure the current code (changes 11 and 12 of docs/performance.md, the
-# last that change Lampo's speed); move it forward with the next such change.
+# last that change Lampo's speed on the benchmark's small model: the later MIN_MACS threshold
+# leaves all its products on oneDNN); move it forward with the next such change.
 CURRENT_CODE_SINCE = "2026-11-22 12:29"
 
 

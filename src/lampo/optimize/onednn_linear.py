@@ -1,4 +1,4 @@
-"""fp32 linear layers on oneDNN's matmul kernels, for training on CPU.
+"""fp32 linear layers on oneDNN's matmul kernels, for training and generation on CPU.
 
 torch runs an fp32 `nn.Linear` on CPU through MKL's sgemm. On this project's AMD EPYC machine
 MKL picks slower paths than oneDNN for the training shapes (a [2048 x 512] x [512 x 1408]
@@ -9,7 +9,8 @@ products: out = x W^T + b, dx = dy W, dW = dy^T x, db = sum(dy).
 Only the forward and input-gradient products go to oneDNN (`torch.ops.mkldnn._linear_pointwise`,
 the kernel behind torch.compile's CPU linear, given the plain weight: packing it afresh per call
 cost more than it saved). The weight gradient stays on `torch.mm`, where MKL was already as fast.
-Anything else (autocast, bf16/fp16, a GPU tensor) takes the usual `nn.Linear.forward`.
+Anything else (autocast, bf16/fp16, a GPU tensor, a product under `MIN_MACS`) takes the usual
+`nn.Linear.forward`. The `hf` engine uses the same layers for decoding (change 12).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 # oneDNN's call costs about 15 us more than MKL's; it pays from about 2^24 multiply-adds per
 # product (rows x in x out) on this machine: 0.85x MKL's time for [64 x 512] x [512 x 512],
-# 1.1-3x for smaller products (the tiny test models' layers). Smaller products stay on MKL.
+# 1.1-7x for smaller products (the tiny test models' layers). Smaller products stay on MKL.
 MIN_MACS = 1 << 24
 
 
