@@ -219,6 +219,24 @@ def test_grpo_vllm_async(tmp_path, tiny_model_path):
     assert "TOKENS 4" in loaded.stdout, loaded.stderr[-3000:]
 
 
+@pytest.mark.vllm
+def test_two_process_data_parallel_on_compiled_vllm(tmp_path, tiny_model_path, monkeypatch):
+    pytest.importorskip("vllm")
+    # vLLM's default compiled model, both ranks compiling into one empty cache at the same time
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm-cache"))
+    cfg = write_config(tmp_path, tiny_model_path, engine="vllm", vllm_enforce_eager=False, estimator="grpo",
+                       num_generations=2, batch_size=2, reward_model="lampo.reward.rules.VowelReward", max_steps=2,
+                       async_mode=False)
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    out = run_app(cfg, launcher=[accelerate, "launch", "--config_file", str(ROOT / "configs/accelerate/multi_cpu_2proc.yaml"),
+                                 "--main_process_port", str(free_port()), "-m"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = check_run(tmp_path / "run", 2, critic=False)
+    assert rows[-1]["episode"] == 2 * 2 * 4
+    assert all(r["val/engine_logprob_diff"] < 1e-3 for r in rows)  # the synced weights reached both engines
+    assert any((tmp_path / "vllm-cache" / "torch_compile_cache").rglob("*"))  # it did compile
+
+
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])
 def test_two_process_data_parallel(tmp_path, tiny_model_path, estimator):
     # grpo: the learner runs each group's prompt once and its answers on the prompt's KV cache,
