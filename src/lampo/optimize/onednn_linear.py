@@ -36,13 +36,19 @@ def _dnn_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
 
 
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x W^T + b for x of any rank, and the 2-D contiguous input the kernel read."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return _dnn_linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0]), x2
+
+
 class _OneDNNLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        out, x2 = _forward(x, weight, bias)
         ctx.save_for_backward(x2, weight)
         ctx.has_bias, ctx.x_shape = bias is not None, x.shape
-        return _dnn_linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -70,8 +76,7 @@ class OneDNNLinear(nn.Linear):
                 return _OneDNNLinearFn.apply(x, self.weight, self.bias)
             # no graph to record (generation, no-grad passes): skip the autograd function's
             # per-call cost, which shows on small layers
-            x2 = x.reshape(-1, x.shape[-1]).contiguous()
-            return _dnn_linear(x2, self.weight, self.bias).view(*x.shape[:-1], self.weight.shape[0])
+            return _forward(x, self.weight, self.bias)[0]
         return super().forward(x)
 
 
