@@ -264,6 +264,8 @@ class TrainConfig:
     """Stop when a logged metric reaches a threshold (value >= threshold), e.g. {"objective/scores": 0.9}."""
     progress: bool = True
     """Show the live progress bar."""
+    keep_freed_memory: bool = True
+    """Keep freed memory in the process (glibc mallopt) instead of re-faulting fresh pages every step: -7 to -15% time/optimize on CPU."""
 
 
 SECTIONS: dict[str, type] = {

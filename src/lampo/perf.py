@@ -30,6 +30,7 @@ MFU = counted FLOPs / (seconds x peak FLOP/s), with the peak measured on this ma
 
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 import time
@@ -302,11 +303,40 @@ def machine_peak(dtype: torch.dtype = torch.float32, kind: str = "best") -> floa
     return _PEAK_CACHE[key]
 
 
+# ---------------------------------------------------------------------------------------
+# The process's allocator
+# ---------------------------------------------------------------------------------------
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Make glibc's malloc keep freed memory in the process; returns whether it applied.
+
+    By default glibc serves large blocks with mmap and unmaps them on free (the threshold adapts,
+    up to 32 MB) and trims the heap's free top, so every training step touches its activations'
+    pages afresh: each 4 KB page costs a fault and a zeroing (about 3 us here; 25,000-65,000
+    faults per step of the benchmark setup). Blocks up to `mmap_threshold` (glibc's maximum, 32
+    MB) then come from the heap, which is trimmed only above `trim_threshold`: a step re-uses the
+    previous step's pages (docs/performance.md, change 13). tcmalloc or jemalloc preloaded with
+    LD_PRELOAD do the same, as vLLM's and PyTorch's CPU guides recommend; this needs no launcher.
+    Process-wide: anything else in the process gets it too. A no-op (False) without glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
 __all__ = [
     "PHASES",
     "ModelShape",
     "count_flops",
     "forward_flops",
+    "keep_freed_memory",
     "learner_step_flops",
     "machine_peak",
     "measure_peak",

@@ -106,6 +106,8 @@ class Trainer:
         self.num_steps = max(1, episodes // (cfg.rollout_batch_size * self.world)) if episodes else cfg.num_steps
         self.stop_requested: str | None = None
         _seed_everything(cfg.train.seed + self.rank)
+        if cfg.train.keep_freed_memory:
+            perf.keep_freed_memory()  # before the models: every later allocation is kept for re-use
 
         # The reward server must answer before minutes go into loading models.
         from lampo.reward import make_scorer

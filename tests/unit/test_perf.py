@@ -1,5 +1,8 @@
 """The FLOP cost model and MFU arithmetic of lampo.perf, against numbers worked out by hand."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -103,3 +106,32 @@ def test_machine_peak_from_the_environment(monkeypatch):
     monkeypatch.setenv("LAMPO_PEAK_FLOPS", "fast")
     with pytest.raises(ValueError, match="LAMPO_PEAK_FLOPS"):
         perf.machine_peak()
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from lampo import perf
+if sys.argv[1] == "keep":
+    assert perf.keep_freed_memory()
+def step():
+    # a training step's pattern: activations pile up (forward), then are all freed (backward)
+    live = [torch.ones(3 << 20) for _ in range(24)]  # 24 x 12 MB, every page written
+    del live
+step()  # first touch: faults either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_stops_refaulting_a_steps_activations():
+    """The second 'step' re-uses the first one's pages instead of faulting in fresh ones."""
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    pages = 24 * (12 << 20) // 4096  # 73,728
+    default, kept = faults("default"), faults("keep")
+    assert default > pages // 2, default  # glibc hands the freed blocks back: the step faults again
+    assert kept < pages // 10, kept
