@@ -142,6 +142,16 @@ def test_logprobs_and_entropy_use_temperature():
     assert lp2.item() == pytest.approx(math.log(0.366025), abs=1e-5)
     # entropy at T=1: -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.346574 + 0.215762 = 0.562335
     assert M.entropy_from_logits(logits).item() == pytest.approx(0.562335, abs=1e-5)
+    assert M.entropy_from_logprobs(torch.log(t([[0.25, 0.75]]))).item() == pytest.approx(0.562335, abs=1e-5)
+
+
+def test_logprob_gradient_is_onehot_minus_softmax_over_temperature():
+    # d log p_k / d logits = (onehot_k - p) / T. logits [0, log 3], token 1:
+    # T = 1: p = [1/4, 3/4] -> [-0.25, 0.25]; T = 2: p = [0.366025, 0.633975] -> [-0.183013, 0.183013]
+    for temperature, expected in ((1.0, [-0.25, 0.25]), (2.0, [-0.183013, 0.183013])):
+        logits = t([[0.0, math.log(3)]]).requires_grad_()
+        M.logprobs_from_logits(logits, torch.tensor([1]), temperature).sum().backward()
+        assert logits.grad[0].tolist() == pytest.approx(expected, abs=1e-5)
 
 
 def test_token_rewards_place_score_on_last_turn_token_and_penalise_kl():

@@ -60,23 +60,36 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 # ---------------------------------------------------------------------------------------
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token) under softmax(logits / temperature), in fp32.
+def log_softmax_t(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) over the last dimension, in fp32.
 
-    logits [..., V] predict `tokens` [...]. The temperature must be the sampling temperature,
-    otherwise the ratio pi/pi_old compares two different distributions (N+ implementation
-    details of RLHF, detail on temperature).
+    The temperature must be the sampling temperature, otherwise the ratio pi/pi_old compares two
+    different distributions (N+ implementation details of RLHF, detail on temperature). One
+    fused log_softmax, forward and backward, rather than x - logsumexp(x), whose forward and
+    backward are chains of element-wise passes over [B, T, V] (docs/performance.md, change 14).
     """
-    logits = logits.float() / temperature
-    chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return chosen - torch.logsumexp(logits, dim=-1)
+    z = logits.float()
+    return torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+
+
+def pick(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The log-probs [...] of `tokens` [...] out of a log-distribution [..., V]."""
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) under softmax(logits / temperature), in fp32: logits [..., V] predict `tokens` [...]."""
+    return pick(log_softmax_t(logits, temperature), tokens)
+
+
+def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy -sum p log p per position of a log-distribution [..., V]."""
+    return -(logp.exp() * logp).sum(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position: logsumexp(z) - sum p z."""
-    z = logits.float() / temperature
-    p = torch.softmax(z, dim=-1)
-    return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
+    """Entropy of softmax(logits / temperature) per position."""
+    return entropy_from_logprobs(log_softmax_t(logits, temperature))
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
