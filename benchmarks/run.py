@@ -79,10 +79,9 @@ def goals(trl: dict | None) -> list[str]:
 
 
 HISTORY_RUNS = ("lampo-vllm-fp32", "lampo-vllm-bf16", "lampo-fp32", "lampo-bf16")
-# Runs from this time on measure the current code (changes 11 and 12 of docs/performance.md, the
-# last that change Lampo's speed on the benchmark's small model: the later MIN_MACS threshold
-# leaves all its products on oneDNN); move it forward with the next such change.
-CURRENT_CODE_SINCE = "2026-11-22 12:29"
+# Runs from this time on measure the current code (changes 13 and 14 of docs/performance.md, and
+# TRL in a process of its own); move it forward with the next change to Lampo's speed.
+CURRENT_CODE_SINCE = "2026-11-22 14:41"
 
 
 def history() -> list[str]:
@@ -104,17 +103,19 @@ def history() -> list[str]:
                 if m.get("utc", "") >= CURRENT_CODE_SINCE:
                     current[name].append(r)
         rows.append(f"| `{path.name}` | {m.get('utc', '')} | {m.get('commit') or ''} | {load} | "
-                    f"{res['trl']['step_s']['median']:.2f} | " + " | ".join(cells) + " |")
+                    f"{d.get('trl_process', 'shared')} | {res['trl']['step_s']['median']:.2f} | "
+                    + " | ".join(cells) + " |")
     if not rows:
         return []
 
     def med(runs: dict[str, list[float]]) -> str:
         return " | ".join(f"{statistics.median(v):.2f}x" if v else "" for v in runs.values())
 
-    return ["| results file | UTC | commit | load avg start / end | TRL s/step | " + " | ".join(HISTORY_RUNS) + " |",
-            "|---|---|---|---|---|" + "---|" * len(HISTORY_RUNS), *rows,
-            "| **median over runs** | | | | | " + med(ratios) + " |",
-            f"| **median over runs of the current code** (since {CURRENT_CODE_SINCE}) | | | | | " + med(current) + " |"]
+    return ["| results file | UTC | commit | load avg start / end | TRL's process | TRL s/step | "
+            + " | ".join(HISTORY_RUNS) + " |",
+            "|---|---|---|---|---|---|" + "---|" * len(HISTORY_RUNS), *rows,
+            "| **median over runs** | | | | | | " + med(ratios) + " |",
+            f"| **median over runs of the current code** (since {CURRENT_CODE_SINCE}) | | | | | | " + med(current) + " |"]
 
 
 def curve_goal(curve: dict | None) -> list[str]:

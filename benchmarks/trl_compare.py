@@ -5,7 +5,8 @@ temperature 1, one optimisation epoch with one optimiser step per batch, no refe
 (TRL beta = 0, Lampo kl_coef = 0), the same in-process reward function
 (`benchmarks.rewards.vowel_share`), learning rate 1e-6, seed 0.
 
-- trl: `GRPOTrainer` with transformers `generate` (no vLLM), fp32.
+- trl: `GRPOTrainer` with transformers `generate` (no vLLM), fp32. trl-kept-memory: the same
+  with Lampo's allocator setting (`train.keep_freed_memory`) applied to its process.
 - lampo-fp32 / lampo-bf16: the application's Trainer (`lampo.trainer.Trainer`, the code behind
   `python -m lampo.ppo_vllm`) with the `hf` engine, synchronous mode; bf16 = autocast with fp32
   master weights and a bf16 engine (what the trainer does with `bf16: true`). A Lampo step is the
@@ -21,12 +22,15 @@ temperature 1, one optimisation epoch with one optimiser step per batch, no refe
   (reference pass despite kl_coef 0, separate pass for the old log-probs, no shared prompts,
   MKL linear layers).
 
-All runs live in ONE process and take turns step by step: at the end of each TRL step (a
-TrainerCallback) every Lampo variant runs one step. On a machine shared with other jobs the
-load changes from minute to minute; taking turns exposes every run to the same load. The first
-`--warmup` steps of each run are not measured. Figures: seconds per step and trained
-(completion) tokens per second, median with min and max, ratio to TRL; MFU per phase from
-lampo.perf against the best fp32 peak measured in the same run.
+The Lampo variants live in one process and TRL in another (each TRL run in its own), and the
+runs take turns step by step: TRL's step (a TrainerCallback waits for its turn), then one step
+of every Lampo variant. On a machine shared with other jobs the load changes from minute to
+minute; taking turns exposes every run to the same load. TRL has a process of its own so that
+Lampo's process-wide settings (vLLM's OpenMP thread binding, the kept memory) do not reach it
+(until change 13 of docs/performance.md all runs shared one process). The first `--warmup`
+steps of each run are not measured. Figures: seconds per step and trained (completion) tokens
+per second, median with min and max, ratio to TRL; MFU per phase from lampo.perf against the
+best fp32 peak measured in the same run.
 
     .venv/bin/python -m benchmarks.trl_compare [--steps 5] [--warmup 1] [--quick]
 
@@ -45,7 +49,7 @@ from pathlib import Path
 from benchmarks.common import QUESTIONS, machine, model_dir, save, summary, write_messages_dataset
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 16, 4, 32, 1e-6
-RUNS = ("trl,lampo-fp32,lampo-bf16,lampo-vllm-fp32,lampo-vllm-bf16,lampo-vllm-bf16-sdpa,lampo-vllm-fp32-mkl,"
+RUNS = ("trl,trl-kept-memory,lampo-fp32,lampo-bf16,lampo-vllm-fp32,lampo-vllm-bf16,lampo-vllm-bf16-sdpa,lampo-vllm-fp32-mkl,"
         "lampo-fp32-noshare,lampo-fp32-before")
 
 
@@ -97,67 +101,99 @@ def lampo_step(trainer, step: int) -> dict:
             "score": sum(float(s) for s in produced.scores) / max(len(produced.scores), 1)}
 
 
-def run_all(runs: list[str], steps: int, warmup: int) -> dict[str, dict]:
+def trl_worker(conn, name: str, total: int) -> None:
+    """TRL's GRPOTrainer in a process of its own, one step per turn (see `run_all`).
+
+    `trl-kept-memory` first applies Lampo's allocator setting (`perf.keep_freed_memory`), to show
+    how much of the ratio is that process-wide setting, which TRL users could get by preloading
+    tcmalloc or jemalloc.
+    """
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from benchmarks.rewards import vowel_share
+    from lampo import perf
+
+    if name == "trl-kept-memory":
+        perf.keep_freed_memory()
+    print(f"{name}: pid {os.getpid()}, {torch.get_num_threads()} threads", file=sys.stderr)
+    folder = Path(tempfile.mkdtemp(prefix="lampo-bench-trl-"))
+    path = model_dir("small")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # Every step draws the 16 questions (the dataset repeats them once per step).
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q in QUESTIONS[:PROMPTS]] * total)
+
+    def reward(completions, **_):
+        return [vowel_share(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
+
+    class TakeTurns(TrainerCallback):
+        t0, seconds, lengths = 0.0, None, []
+
+        def on_step_begin(self, args, state, control, **kw):
+            # Report the last step only now, once its logging is done: nothing of TRL's runs
+            # while the others take their turn.
+            if self.seconds is not None:
+                conn.send(self.seconds)
+            conn.recv()  # wait for this run's turn
+            self.t0 = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(float(logs["completions/mean_length"]))
+
+        def on_step_end(self, args, state, control, **kw):
+            self.seconds = time.perf_counter() - self.t0
+
+    args = GRPOConfig(
+        output_dir=str(folder / name), per_device_train_batch_size=PROMPTS * GROUP,
+        gradient_accumulation_steps=1, num_generations=GROUP, max_completion_length=NEW_TOKENS, beta=0.0,
+        num_iterations=1, learning_rate=LR, max_steps=total, logging_steps=1, report_to="none", use_cpu=True,
+        bf16=False, save_strategy="no", temperature=1.0, seed=0, shuffle_dataset=False, disable_dropout=True,
+    )
+    turns = TakeTurns()
+    GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=ds, processing_class=tok,
+                callbacks=[turns]).train()
+    conn.send(turns.seconds)
+    conn.send(turns.lengths)  # one mean completion length per step (logged after each step's end)
+    conn.close()
+
+
+def run_all(runs: list[str], steps: int, warmup: int) -> dict[str, dict]:
+    """Every run, taking turns step by step; returns each run's measured records.
+
+    TRL runs in a process of its own: Lampo's process-wide settings (vLLM's OpenMP thread binding,
+    `train.keep_freed_memory`) must not reach it, so TRL runs as its users run it. The processes
+    take turns (one computes while the others wait on a pipe), so every run sees the same load.
+    """
+    import multiprocessing as mp
 
     total = steps + warmup
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for name in runs:
+        if name.startswith("trl"):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=trl_worker, args=(theirs, name, total), daemon=True)
+            proc.start()
+            workers[name] = (proc, ours)
     folder = Path(tempfile.mkdtemp(prefix="lampo-bench-"))
-    lampo = {name: lampo_trainer(folder, name, total) for name in runs if name != "trl"}
+    lampo = {name: lampo_trainer(folder, name, total) for name in runs if name not in workers}
     records: dict[str, list[dict]] = {name: [] for name in runs}
-
-    def lampo_turn(step: int) -> None:
+    for step in range(total):
+        for name, (proc, conn) in workers.items():
+            conn.send("go")
+            records[name].append({"step_s": conn.recv()})
+            print(f"step {step + 1}/{total} {name:18s} {records[name][-1]['step_s']:.2f} s", file=sys.stderr)
+            if step == total - 1:  # its train() has returned: let it exit before the next run's turn
+                for r, length in zip(records[name], conn.recv(), strict=True):
+                    r["trained_tokens"] = length * PROMPTS * GROUP
+                proc.join(timeout=120)
         for name, trainer in lampo.items():
             records[name].append(lampo_step(trainer, step))
             print(f"step {step + 1}/{total} {name:18s} {records[name][-1]['step_s']:.2f} s", file=sys.stderr)
-
-    if "trl" not in runs:
-        for step in range(total):
-            lampo_turn(step)
-    else:
-        path = model_dir("small")
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        # Every step draws the 16 questions (the dataset repeats them once per step).
-        ds = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q in QUESTIONS[:PROMPTS]] * total)
-
-        def reward(completions, **_):
-            return [vowel_share(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
-
-        class TakeTurns(TrainerCallback):
-            t0, length = 0.0, float("nan")
-
-            def on_step_begin(self, args, state, control, **kw):
-                self.t0 = time.perf_counter()
-
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "completions/mean_length" in logs:
-                    self.length = float(logs["completions/mean_length"])
-
-            def on_step_end(self, args, state, control, **kw):
-                seconds = time.perf_counter() - self.t0
-                records["trl"].append({"step_s": seconds, "completion_mean": self.length})
-                print(f"step {state.global_step}/{total} trl                {seconds:.2f} s", file=sys.stderr)
-                lampo_turn(state.global_step - 1)
-
-        args = GRPOConfig(
-            output_dir=str(folder / "trl"), per_device_train_batch_size=PROMPTS * GROUP,
-            gradient_accumulation_steps=1, num_generations=GROUP, max_completion_length=NEW_TOKENS, beta=0.0,
-            num_iterations=1, learning_rate=LR, max_steps=total, logging_steps=1, report_to="none", use_cpu=True,
-            bf16=False, save_strategy="no", temperature=1.0, seed=0, shuffle_dataset=False, disable_dropout=True,
-        )
-        turns = TakeTurns()
-        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=ds, processing_class=tok,
-                              callbacks=[turns])
-        trainer.train()
-        # logs arrive after on_step_end: each step's mean completion length is in the next record's slot
-        lengths = [r["completion_mean"] for r in records["trl"]][1:] + [turns.length]
-        for r, length in zip(records["trl"], lengths, strict=True):
-            r["trained_tokens"] = length * PROMPTS * GROUP
     for t in lampo.values():
         t.close()
     return {name: {k: [r[k] for r in recs[warmup:] if k in r] for k in recs[0]} for name, recs in records.items()}
@@ -203,15 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {k: max(v, peaks_end[k]) for k, v in peaks_start.items()}
     fp32_peak = max(v for k, v in peaks.items() if k.startswith("float32"))
     results = [describe(name, raw[name], fp32_peak) for name in runs]
-    base = next((r for r in results if r["name"] == "trl"), None)
+    bases = {r["name"]: r["tokens_per_s"]["median"] for r in results if r["name"].startswith("trl")}
     for r in results:
-        if base is not None:
-            r["ratio_vs_trl"] = r["tokens_per_s"]["median"] / base["tokens_per_s"]["median"]
+        if "trl" in bases:
+            r["ratio_vs_trl"] = r["tokens_per_s"]["median"] / bases["trl"]
+        if "trl-kept-memory" in bases:
+            r["ratio_vs_trl_kept_memory"] = r["tokens_per_s"]["median"] / bases["trl-kept-memory"]
     # The load at the start and at the end: other tenants of the machine come and go during a run.
     data = {"benchmark": "trl_compare",
             "machine": {**machine(), "load_avg_1m": load, "load_avg_1m_end": os.getloadavg()[0]}, "peaks_flops": peaks,
             "peaks_flops_start": peaks_start, "peaks_flops_end": peaks_end,
-            "steps": steps, "warmup": args.warmup,
+            "steps": steps, "warmup": args.warmup, "trl_process": "own",
             "setup": {"prompts": PROMPTS, "group": GROUP, "new_tokens": NEW_TOKENS, "lr": LR}, "results": results}
     save(args.name, data)
     print(render(data))
@@ -236,6 +274,10 @@ def render(data: dict) -> str:
                      f"({t['min']:.0f}-{t['max']:.0f}) | {r.get('ratio_vs_trl', float('nan')):.2f}x | "
                      f"{sec('time/rollout')} | {sec('time/optimize')} | {pct('perf/mfu_optimize')} | "
                      f"{pct('perf/mfu')} |")
+    kept = [f"{r['name']} {r['ratio_vs_trl_kept_memory']:.2f}x" for r in data["results"]
+            if "ratio_vs_trl_kept_memory" in r and not r["name"].startswith("trl")]
+    if kept:
+        lines.append("\nAgainst trl-kept-memory (TRL with Lampo's allocator setting): " + ", ".join(kept) + ".")
     p = data.get("peaks_flops", {})
     if p:
         lines.append("\nMFU against the best fp32 peak measured in the same run: "
