@@ -5,8 +5,9 @@ temperature 1, one optimisation epoch with one optimiser step per batch, no refe
 (TRL beta = 0, Lampo kl_coef = 0), the same in-process reward function
 (`benchmarks.rewards.vowel_share`), learning rate 1e-6, seed 0.
 
-- trl: `GRPOTrainer` with transformers `generate` (no vLLM), fp32. trl-kept-memory: the same
-  with Lampo's allocator setting (`train.keep_freed_memory`) applied to its process.
+- trl: `GRPOTrainer` with transformers `generate` (no vLLM), fp32, in a process as TRL users run
+  it. trl-tuned: the same with the process-wide settings Lampo's process has: the kept memory
+  (`train.keep_freed_memory`) and OpenMP threads bound to cores (as vLLM binds them).
 - lampo-fp32 / lampo-bf16: the application's Trainer (`lampo.trainer.Trainer`, the code behind
   `python -m lampo.ppo_vllm`) with the `hf` engine, synchronous mode; bf16 = autocast with fp32
   master weights and a bf16 engine (what the trainer does with `bf16: true`). A Lampo step is the
@@ -49,7 +50,7 @@ from pathlib import Path
 from benchmarks.common import QUESTIONS, machine, model_dir, save, summary, write_messages_dataset
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 16, 4, 32, 1e-6
-RUNS = ("trl,trl-kept-memory,lampo-fp32,lampo-bf16,lampo-vllm-fp32,lampo-vllm-bf16,lampo-vllm-bf16-sdpa,lampo-vllm-fp32-mkl,"
+RUNS = ("trl,trl-tuned,lampo-fp32,lampo-bf16,lampo-vllm-fp32,lampo-vllm-bf16,lampo-vllm-bf16-sdpa,lampo-vllm-fp32-mkl,"
         "lampo-fp32-noshare,lampo-fp32-before")
 
 
@@ -104,9 +105,9 @@ def lampo_step(trainer, step: int) -> dict:
 def trl_worker(conn, name: str, total: int) -> None:
     """TRL's GRPOTrainer in a process of its own, one step per turn (see `run_all`).
 
-    `trl-kept-memory` first applies Lampo's allocator setting (`perf.keep_freed_memory`), to show
-    how much of the ratio is that process-wide setting, which TRL users could get by preloading
-    tcmalloc or jemalloc.
+    `trl-tuned` first applies Lampo's allocator setting (`perf.keep_freed_memory`); its threads
+    are bound by `run_all`. It shows how much of the ratio is process-wide settings, which TRL
+    users can have too (tcmalloc or jemalloc preloaded, OMP_PROC_BIND).
     """
     import torch
     from datasets import Dataset
@@ -116,7 +117,7 @@ def trl_worker(conn, name: str, total: int) -> None:
     from benchmarks.rewards import vowel_share
     from lampo import perf
 
-    if name == "trl-kept-memory":
+    if name == "trl-tuned":
         perf.keep_freed_memory()
     print(f"{name}: pid {os.getpid()}, {torch.get_num_threads()} threads", file=sys.stderr)
     folder = Path(tempfile.mkdtemp(prefix="lampo-bench-trl-"))
@@ -177,7 +178,16 @@ def run_all(runs: list[str], steps: int, warmup: int) -> dict[str, dict]:
         if name.startswith("trl"):
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(target=trl_worker, args=(theirs, name, total), daemon=True)
+            # the child inherits the environment; libgomp reads these when it loads
+            binding = {"OMP_PROC_BIND": "true", "OMP_PLACES": "cores"} if name == "trl-tuned" else {}
+            saved = {k: os.environ.get(k) for k in binding}
+            os.environ.update(binding)
             proc.start()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
             workers[name] = (proc, ours)
     folder = Path(tempfile.mkdtemp(prefix="lampo-bench-"))
     lampo = {name: lampo_trainer(folder, name, total) for name in runs if name not in workers}
@@ -243,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if "trl" in bases:
             r["ratio_vs_trl"] = r["tokens_per_s"]["median"] / bases["trl"]
-        if "trl-kept-memory" in bases:
-            r["ratio_vs_trl_kept_memory"] = r["tokens_per_s"]["median"] / bases["trl-kept-memory"]
+        if "trl-tuned" in bases:
+            r["ratio_vs_trl_tuned"] = r["tokens_per_s"]["median"] / bases["trl-tuned"]
     # The load at the start and at the end: other tenants of the machine come and go during a run.
     data = {"benchmark": "trl_compare",
             "machine": {**machine(), "load_avg_1m": load, "load_avg_1m_end": os.getloadavg()[0]}, "peaks_flops": peaks,
@@ -274,10 +284,11 @@ def render(data: dict) -> str:
                      f"({t['min']:.0f}-{t['max']:.0f}) | {r.get('ratio_vs_trl', float('nan')):.2f}x | "
                      f"{sec('time/rollout')} | {sec('time/optimize')} | {pct('perf/mfu_optimize')} | "
                      f"{pct('perf/mfu')} |")
-    kept = [f"{r['name']} {r['ratio_vs_trl_kept_memory']:.2f}x" for r in data["results"]
-            if "ratio_vs_trl_kept_memory" in r and not r["name"].startswith("trl")]
-    if kept:
-        lines.append("\nAgainst trl-kept-memory (TRL with Lampo's allocator setting): " + ", ".join(kept) + ".")
+    tuned = [f"{r['name']} {r['ratio_vs_trl_tuned']:.2f}x" for r in data["results"]
+             if "ratio_vs_trl_tuned" in r and not r["name"].startswith("trl")]
+    if tuned:
+        lines.append("\nAgainst trl-tuned (TRL with the kept memory and bound threads of Lampo's process): "
+                     + ", ".join(tuned) + ".")
     p = data.get("peaks_flops", {})
     if p:
         lines.append("\nMFU against the best fp32 peak measured in the same run: "
