@@ -131,7 +131,8 @@ def trl_worker(conn, name: str, total: int) -> None:
         return [vowel_share(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
 
     class TakeTurns(TrainerCallback):
-        t0, seconds, lengths = 0.0, None, []
+        def __init__(self):
+            self.t0, self.seconds, self.lengths = 0.0, None, []
 
         def on_step_begin(self, args, state, control, **kw):
             # Report the last step only now, once its logging is done: nothing of TRL's runs

@@ -1,4 +1,5 @@
-"""Performance accounting: the FLOPs of each phase of a step, this machine's matmul peak, and MFU.
+"""Performance accounting: the FLOPs of each phase of a step, this machine's matmul peak, and MFU;
+and the one process-wide performance setting the application makes (`keep_freed_memory`).
 
 The cost model follows Kaplan et al. 2020 (section 2.1) and nanoGPT's `estimate_mfu`: a forward
 pass costs 2 FLOPs per matmul parameter per token (one multiply, one add), a training pass 6
@@ -321,7 +322,8 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
     MB) then come from the heap, which is trimmed only above `trim_threshold`: a step re-uses the
     previous step's pages (docs/performance.md, change 13). tcmalloc or jemalloc preloaded with
     LD_PRELOAD do the same, as vLLM's and PyTorch's CPU guides recommend; this needs no launcher.
-    Process-wide: anything else in the process gets it too. A no-op (False) without glibc.
+    Process-wide: anything else in the process gets it too, and its resident memory stays at its
+    peak rather than shrinking between steps. A no-op (False) without glibc.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
