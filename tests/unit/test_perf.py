@@ -1,5 +1,6 @@
-"""The FLOP cost model and MFU arithmetic of lampo.perf, against numbers worked out by hand."""
+"""The FLOP cost model and MFU arithmetic of lampo.perf, against numbers worked out by hand; its allocator setting."""
 
+import platform
 import subprocess
 import sys
 
@@ -124,7 +125,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_keep_freed_memory_stops_refaulting_a_steps_activations():
     """The second 'step' re-uses the first one's pages instead of faulting in fresh ones."""
     def faults(mode: str) -> int:
