@@ -143,6 +143,9 @@ def test_logprobs_and_entropy_use_temperature():
     # entropy at T=1: -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.346574 + 0.215762 = 0.562335
     assert M.entropy_from_logits(logits).item() == pytest.approx(0.562335, abs=1e-5)
     assert M.entropy_from_logprobs(torch.log(t([[0.25, 0.75]]))).item() == pytest.approx(0.562335, abs=1e-5)
+    lp, ent = M.logprobs_and_entropy(logits.clone().requires_grad_(), torch.tensor([1]))
+    assert (lp.item(), ent.item()) == pytest.approx((math.log(0.75), 0.562335), abs=1e-5)
+    assert lp.requires_grad and not ent.requires_grad  # the entropy is a statistic
 
 
 def test_logprob_gradient_is_onehot_minus_softmax_over_temperature():

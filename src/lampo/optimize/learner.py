@@ -245,13 +245,9 @@ class Learner:
     def _logprobs_entropy(self, logits: torch.Tensor, mb: TrainBatch,
                           with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         # logits at t-1 predict token t: compute on [:, :-1] against tokens [:, 1:], then align.
-        logp = M.log_softmax_t(logits[:, :-1], self.temperature)
-        lp = M.pick(logp, mb.input_ids[:, 1:])
-        if not with_entropy:
-            return torch.nn.functional.pad(lp, (1, 0)), None
-        with torch.no_grad():  # a statistic, never differentiated
-            ent = M.entropy_from_logprobs(logp)
-        return torch.nn.functional.pad(lp, (1, 0)), torch.nn.functional.pad(ent, (1, 0))
+        lp, ent = M.logprobs_and_entropy(logits[:, :-1], mb.input_ids[:, 1:], self.temperature, with_entropy)
+        pad = torch.nn.functional.pad
+        return pad(lp, (1, 0)), (pad(ent, (1, 0)) if with_entropy else None)
 
     def _values(self, mb: TrainBatch, policy_out=None) -> torch.Tensor | None:
         if self.value_model is not None:

@@ -72,14 +72,24 @@ def log_softmax_t(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
 
 
-def pick(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The log-probs [...] of `tokens` [...] out of a log-distribution [..., V]."""
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                         with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(token) under softmax(logits / temperature), in fp32, and the entropy per position.
+
+    logits [..., V] predict `tokens` [...]. Both come from one log-distribution; the entropy is a
+    statistic, computed without gradient (None when `with_entropy` is false).
+    """
+    logp = log_softmax_t(logits, temperature)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return chosen, None
+    with torch.no_grad():
+        return chosen, entropy_from_logprobs(logp)
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(token) under softmax(logits / temperature), in fp32: logits [..., V] predict `tokens` [...]."""
-    return pick(log_softmax_t(logits, temperature), tokens)
+    return logprobs_and_entropy(logits, tokens, temperature, with_entropy=False)[0]
 
 
 def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:

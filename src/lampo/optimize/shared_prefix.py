@@ -138,16 +138,11 @@ def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, temp
                    past_key_values=cache, use_cache=True).logits
     # suffix token 0 is predicted by the prefix's last position, token j > 0 by suffix position
     # j - 1: two [B, ...] log-prob tensors joined, rather than a copy of the [B, S, V] logits.
-    first_all = M.log_softmax_t(first_logits, temperature)
-    rest_all = M.log_softmax_t(logits[:, :-1], temperature)
-    logp = torch.cat([M.pick(first_all, plan.suffix_ids[:, 0])[:, None], M.pick(rest_all, plan.suffix_ids[:, 1:])],
-                     dim=1)
+    first_lp, first_ent = M.logprobs_and_entropy(first_logits, plan.suffix_ids[:, 0], temperature, with_entropy)
+    rest_lp, rest_ent = M.logprobs_and_entropy(logits[:, :-1], plan.suffix_ids[:, 1:], temperature, with_entropy)
     # padded suffix positions score the pad id the plain pass does not see: zero them, so both
     # paths agree wherever a caller might look (the learner masks them anyway)
-    logp = torch.where(plan.suffix_mask.bool(), logp, torch.zeros_like(logp))
-    ent = None
-    if with_entropy:  # a statistic, never differentiated
-        with torch.no_grad():
-            ent = torch.cat([M.entropy_from_logprobs(first_all[:, None]), M.entropy_from_logprobs(rest_all)], dim=1)
-            ent = torch.where(plan.suffix_mask.bool(), ent, torch.zeros_like(ent))
+    real = plan.suffix_mask.bool()
+    logp = torch.where(real, torch.cat([first_lp[:, None], rest_lp], dim=1), 0.0)
+    ent = torch.where(real, torch.cat([first_ent[:, None], rest_ent], dim=1), 0.0) if with_entropy else None
     return scatter_suffix(logp, plan, length), (scatter_suffix(ent, plan, length) if with_entropy else None)
