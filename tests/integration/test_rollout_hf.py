@@ -92,15 +92,14 @@ def test_hf_engine_keeps_its_own_copy_until_update(model, tok, onednn_linear):
 
 
 def test_hf_engine_on_onednn_samples_like_the_default(model, tok, monkeypatch):
-    from lampo.optimize import onednn_linear
-    from lampo.optimize.onednn_linear import OneDNNLinear, available
+    from lampo.optimize import onednn_linear as D
 
-    if not available():
+    if not D.available():
         pytest.skip("this torch build has no oneDNN linear kernel")
-    monkeypatch.setattr(onednn_linear, "MIN_MACS", 1)  # the tiny model's products would stay on MKL
+    monkeypatch.setattr(D, "MIN_MACS", 1)  # the tiny model's products would stay on MKL
     fast = HFEngine(model, tok, onednn_linear=True)
-    assert any(isinstance(m, OneDNNLinear) for m in fast.model.modules())
-    assert not any(isinstance(m, OneDNNLinear) for m in model.modules())  # the engine's own copy only
+    assert any(isinstance(m, D.OneDNNLinear) for m in fast.model.modules())
+    assert not any(isinstance(m, D.OneDNNLinear) for m in model.modules())  # the engine's own copy only
     prompts = [tok("a b c")["input_ids"], tok("the moon is")["input_ids"]]
     s = SamplingSettings(temperature=1.0, max_new_tokens=8, stop_token_ids=[3], n=2, seed=11)
     plain, dnn = HFEngine(model, tok).generate(prompts, s), fast.generate(prompts, s)
