@@ -120,19 +120,24 @@ def step():
     del live
 step()  # first touch: faults either way
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-step()
+for _ in range(5):
+    step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_keep_freed_memory_stops_refaulting_a_steps_activations():
-    """The second 'step' re-uses the first one's pages instead of faulting in fresh ones."""
+    """Later 'steps' re-use the first one's pages instead of faulting in fresh ones."""
     def faults(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
         return int(out.stdout.split()[-1])
 
-    pages = 24 * (12 << 20) // 4096  # 73,728
+    pages = 24 * (12 << 20) // 4096  # 73,728 per step
     default, kept = faults("default"), faults("keep")
-    assert default > pages // 2, default  # glibc hands the freed blocks back: the step faults again
-    assert kept < pages // 10, kept
+    # Summed over five steps, as the heap's layout varies with address-space randomisation: by
+    # default glibc re-faults at least the second step's pages whole (all five steps' in most
+    # runs; its dynamic mmap threshold settles the others after that), and with the setting at
+    # most a few tensors' pages in the second or third step (0, 1 or 7 of the 24 measured), none later.
+    assert default > pages * 9 // 10, default
+    assert kept < pages // 2, kept
