@@ -120,6 +120,10 @@ def count_flops(
 ) -> dict[str, float]:
     """FLOPs of each phase of one step over sequences of lengths `seq_lens` (prompt + response).
 
+    Every phase computes a sequence of T tokens at its first T - 1 positions: generation never
+    feeds its last sampled token back, and the learner's passes leave it out too (a last token
+    is only predicted; `learner.fed_columns`).
+
     old_logprobs: whether a separate no-grad policy pass computes them (False when the learner
     takes them from the training pass, see `Learner.fuses_old_logprobs`).
     reference: whether the reference log-probs are computed (False when kl_coef is 0 and the
@@ -130,7 +134,7 @@ def count_flops(
     tokens is the first P positions of its sequence, so its cost is exactly `forward_flops([P])`.
     Returns {"rollout", "forward", "optimize"} in FLOPs.
     """
-    lens = [int(t) for t in seq_lens]
+    lens = [max(int(t) - 1, 0) for t in seq_lens]
     if ppo_epochs < 1:
         raise ValueError(f"ppo_epochs must be >= 1, got {ppo_epochs}")
     fwd = forward_flops(shape, lens)

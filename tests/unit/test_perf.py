@@ -30,18 +30,22 @@ def test_training_is_three_forwards_lora_two_checkpointing_one_more():
 
 
 def test_count_flops_per_phase():
-    f = count_flops(TOY, [3], ppo_epochs=2)
+    # A sequence of 4 tokens is computed at its first 3 positions (its last token is only
+    # predicted), so each pass over it costs forward_flops(TOY, [3]) = 6192.
+    f = count_flops(TOY, [4], ppo_epochs=2)
     # rollout: one pass over the sequence; forward: policy + reference; optimize: 2 epochs x 3 forwards.
     assert f == {"rollout": 6192, "forward": 2 * 6192, "optimize": 2 * 3 * 6192}
-    assert count_flops(TOY, [3], reference=False)["forward"] == 6192
+    assert count_flops(TOY, [4], reference=False)["forward"] == 6192
     critic = ModelShape(matmul_params=500, num_layers=1, attn_dim=4)
-    # critic forward over T = 3: 2 * 500 * 3 + 2 * 1 * 4 * 3 * 4 = 3000 + 96 = 3096
-    fc = count_flops(TOY, [3], critic=critic)
+    # critic forward over 3 positions: 2 * 500 * 3 + 2 * 1 * 4 * 3 * 4 = 3000 + 96 = 3096
+    fc = count_flops(TOY, [4], critic=critic)
     assert fc["forward"] == 2 * 6192 + 3096
     assert fc["optimize"] == 3 * 6192 + 3 * 3096
     assert fc["rollout"] == 6192  # the critic does not generate
     with pytest.raises(ValueError, match="ppo_epochs"):
-        count_flops(TOY, [3], ppo_epochs=0)
+        count_flops(TOY, [4], ppo_epochs=0)
+    # one token predicts nothing; nothing is computed
+    assert count_flops(TOY, [1]) == count_flops(TOY, [0]) == {"rollout": 0, "forward": 0, "optimize": 0}
 
 
 def test_small_model_numbers():
@@ -97,8 +101,8 @@ def test_measure_peak_is_a_positive_rate():
 
 def test_count_flops_without_the_old_logprob_pass():
     # Fused old log-probs and no reference: the forward phase costs nothing.
-    assert count_flops(TOY, [3], old_logprobs=False, reference=False)["forward"] == 0
-    assert count_flops(TOY, [3], old_logprobs=False)["forward"] == 6192  # the reference only
+    assert count_flops(TOY, [4], old_logprobs=False, reference=False)["forward"] == 0
+    assert count_flops(TOY, [4], old_logprobs=False)["forward"] == 6192  # the reference only
 
 
 def test_machine_peak_from_the_environment(monkeypatch):

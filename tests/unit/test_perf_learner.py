@@ -206,3 +206,57 @@ def test_unsupported_cache_falls_back_to_the_plain_pass(tiny_model_path, monkeyp
     assert s_shared["loss/policy_avg"] == pytest.approx(s_plain["loss/policy_avg"], abs=1e-6)
     for a, b in zip(shared.model.parameters(), plain.model.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("value_model", ["separate", "head"])
+def test_the_passes_never_compute_the_last_position(tiny_model_path, value_model):
+    # A last token is only predicted, never an input to a prediction: the plain pass feeds L - 1
+    # columns, and its log-probs, entropy and values equal those of a forward over all L.
+    from lampo.optimize import maths as M
+
+    trainer, tok = _trainer(tiny_model_path, estimator="gae", num_generations=1, batch_size=8,
+                            value_model=value_model)
+    learner = trainer.learner
+    batch = _batch(trainer, tok)
+    L = batch.input_ids.shape[1]
+    widths = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args, kw: widths.append((args or [kw["input_ids"]])[0].shape[1]),
+                                         with_kwargs=True)
+             for m in (learner.policy, learner.value_model) if m is not None]
+    with torch.no_grad():
+        lp, ent, out = learner._policy_logprobs(learner.policy, batch)
+        values = learner._values(batch, out)
+    for h in hooks:
+        h.remove()
+    assert widths == [L - 1] * len(hooks)
+    with torch.no_grad():
+        full = learner.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+        if value_model == "head":
+            full_values = learner.value_head(full.hidden_states[-1]).squeeze(-1)
+        else:
+            full_values = learner.value_model(batch.input_ids, batch.attention_mask)
+    want_lp, want_ent = M.logprobs_and_entropy(full.logits[:, :-1], batch.input_ids[:, 1:], learner.temperature)
+    act = batch.action_mask[:, 1:]
+    assert torch.allclose(lp[:, 1:][act], want_lp[act], atol=1e-5)
+    assert torch.allclose(ent[:, 1:][act], want_ent[act], atol=1e-5)
+    assert torch.allclose(values[:, 1:][act], full_values[:, :-1][act], atol=1e-5)
+    assert bool((lp[:, 0] == 0).all()) and bool((values[:, 0] == 0).all())
+
+
+def test_the_shared_suffix_pass_leaves_out_the_last_column(tiny_model_path):
+    from lampo.optimize.shared_prefix import plan_prefixes, shared_prefix_logprobs
+
+    trainer, tok = _trainer(tiny_model_path, num_generations=3, mini_batch_size=6)
+    batch = _multi_turn_batch(tok)
+    plan = plan_prefixes(batch.input_ids, batch.attention_mask, batch.action_mask)
+    widths = []
+    hook = trainer.model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]),
+                                                   with_kwargs=True)
+    with torch.no_grad():
+        shared_prefix_logprobs(trainer.model, plan, batch.input_ids.shape[1], 1.0)
+        # answers of one token each: the prefix pass alone predicts them, no suffix pass runs
+        one = plan_prefixes(batch.input_ids[:, :6], batch.attention_mask[:, :6], batch.action_mask[:, :6])
+        lp_one, _ = shared_prefix_logprobs(trainer.model, one, 6, 1.0)
+    hook.remove()
+    assert widths == [plan.prefix_ids.shape[1], plan.suffix_ids.shape[1] - 1, one.prefix_ids.shape[1]]
+    assert one.suffix_ids.shape[1] == 1 and bool((lp_one[batch.action_mask[:, :6]] < 0).all())

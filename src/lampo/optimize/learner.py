@@ -91,9 +91,19 @@ class Forwarded:
     entropy: torch.Tensor
 
 
-def shift_align(per_position: torch.Tensor) -> torch.Tensor:
+def fed_columns(length: int) -> int:
+    """How many leading columns of a [B, length] batch the model passes compute.
+
+    The last token is only ever predicted, never an input to a prediction (generation never feeds
+    its last sampled token back either), so its position is not computed: 1/length less work.
+    One column stays for a batch of width 1 (nothing is predicted there, all outputs are 0).
+    """
+    return max(length - 1, 1)
+
+
+def shift_align(per_position: torch.Tensor, length: int) -> torch.Tensor:
     """Move values computed at position t-1 (which predicts token t) onto token t; token 0 gets 0."""
-    return torch.nn.functional.pad(per_position[:, :-1], (1, 0))
+    return torch.nn.functional.pad(per_position[:, : length - 1], (1, 0))
 
 
 class Learner:
@@ -201,10 +211,11 @@ class Learner:
 
     # ------------------------------------------------------------------ model calls
     def _policy_forward(self, model: nn.Module, mb: TrainBatch, want_hidden: bool = False):
+        fed = fed_columns(mb.input_ids.shape[1])
         with self._autocast():
             out = model(
-                input_ids=mb.input_ids,
-                attention_mask=mb.attention_mask,
+                input_ids=mb.input_ids[:, :fed],
+                attention_mask=mb.attention_mask[:, :fed],
                 use_cache=False,
                 output_hidden_states=want_hidden,
             )
@@ -244,19 +255,23 @@ class Learner:
 
     def _logprobs_entropy(self, logits: torch.Tensor, mb: TrainBatch,
                           with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # logits at t-1 predict token t: compute on [:, :-1] against tokens [:, 1:], then align.
-        lp, ent = M.logprobs_and_entropy(logits[:, :-1], mb.input_ids[:, 1:], self.temperature, with_entropy)
+        # logits at t-1 predict token t (logits of the fed columns, see `fed_columns`): compute
+        # against tokens [:, 1:], then align.
+        L = mb.input_ids.shape[1]
+        lp, ent = M.logprobs_and_entropy(logits[:, : L - 1], mb.input_ids[:, 1:], self.temperature, with_entropy)
         pad = torch.nn.functional.pad
         return pad(lp, (1, 0)), (pad(ent, (1, 0)) if with_entropy else None)
 
     def _values(self, mb: TrainBatch, policy_out=None) -> torch.Tensor | None:
+        L = mb.input_ids.shape[1]
         if self.value_model is not None:
+            fed = fed_columns(L)
             with self._autocast():
-                v = self.value_model(mb.input_ids, mb.attention_mask)
-            return shift_align(v.float())
+                v = self.value_model(mb.input_ids[:, :fed], mb.attention_mask[:, :fed])
+            return shift_align(v.float(), L)
         if self.value_head is not None:
             hidden = policy_out.hidden_states[-1]
-            return shift_align(self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float())
+            return shift_align(self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float(), L)
         return None
 
     # ------------------------------------------------------------------ 1. forward

@@ -130,19 +130,28 @@ def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, temp
     check_cache(cache)
     cache.reorder_cache(plan.row_prefix)  # index_select: its backward sums the G rows' gradients
     first_logits = out.logits[:, -1].index_select(0, plan.row_prefix)
-    # 2. every row's suffix on its prefix's keys and values.
+    # 2. every row's suffix on its prefix's keys and values, without the last column: a last
+    #    token is only ever predicted, never an input to a prediction (generation never feeds
+    #    its last sampled token back either), so computing its position would be waste.
     S = plan.suffix_ids.shape[1]
-    suffix_pos = plan.prefix_len[:, None] + torch.arange(S)[None, :]
-    mask = torch.cat([plan.prefix_mask.index_select(0, plan.row_prefix), plan.suffix_mask], dim=1)
-    logits = model(input_ids=plan.suffix_ids, attention_mask=mask, position_ids=suffix_pos,
-                   past_key_values=cache, use_cache=True).logits
-    # suffix token 0 is predicted by the prefix's last position, token j > 0 by suffix position
-    # j - 1: two [B, ...] log-prob tensors joined, rather than a copy of the [B, S, V] logits.
     first_lp, first_ent = M.logprobs_and_entropy(first_logits, plan.suffix_ids[:, 0], temperature, with_entropy)
-    rest_lp, rest_ent = M.logprobs_and_entropy(logits[:, :-1], plan.suffix_ids[:, 1:], temperature, with_entropy)
+    lps = [first_lp[:, None]]
+    ents = [first_ent[:, None]] if with_entropy else []
+    if S > 1:
+        fed = plan.suffix_ids[:, :-1]
+        suffix_pos = plan.prefix_len[:, None] + torch.arange(S - 1)[None, :]
+        mask = torch.cat([plan.prefix_mask.index_select(0, plan.row_prefix), plan.suffix_mask[:, :-1]], dim=1)
+        logits = model(input_ids=fed, attention_mask=mask, position_ids=suffix_pos,
+                       past_key_values=cache, use_cache=True).logits
+        # suffix token 0 is predicted by the prefix's last position, token j > 0 by suffix position
+        # j - 1: [B, ...] log-prob tensors joined, rather than a copy of the [B, S, V] logits.
+        rest_lp, rest_ent = M.logprobs_and_entropy(logits, plan.suffix_ids[:, 1:], temperature, with_entropy)
+        lps.append(rest_lp)
+        if with_entropy:
+            ents.append(rest_ent)
     # padded suffix positions score the pad id the plain pass does not see: zero them, so both
     # paths agree wherever a caller might look (the learner masks them anyway)
     real = plan.suffix_mask.bool()
-    logp = torch.where(real, torch.cat([first_lp[:, None], rest_lp], dim=1), 0.0)
-    ent = torch.where(real, torch.cat([first_ent[:, None], rest_ent], dim=1), 0.0) if with_entropy else None
+    logp = torch.where(real, torch.cat(lps, dim=1), 0.0)
+    ent = torch.where(real, torch.cat(ents, dim=1), 0.0) if with_entropy else None
     return scatter_suffix(logp, plan, length), (scatter_suffix(ent, plan, length) if with_entropy else None)
