@@ -131,8 +131,7 @@ def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, temp
     cache.reorder_cache(plan.row_prefix)  # index_select: its backward sums the G rows' gradients
     first_logits = out.logits[:, -1].index_select(0, plan.row_prefix)
     # 2. every row's suffix on its prefix's keys and values, without the last column: a last
-    #    token is only ever predicted, never an input to a prediction (generation never feeds
-    #    its last sampled token back either), so computing its position would be waste.
+    #    token is only predicted, never an input (as in `learner.fed_columns`).
     S = plan.suffix_ids.shape[1]
     first_lp, first_ent = M.logprobs_and_entropy(first_logits, plan.suffix_ids[:, 0], temperature, with_entropy)
     lps = [first_lp[:, None]]
