@@ -64,3 +64,32 @@ def test_truncate_at_stop_keeps_the_stop_token():
     assert _truncate_at_stop([5, 6, 3, 0, 0], {3}) == (3, True)
     assert _truncate_at_stop([5, 6, 7], {3}) == (3, False)
     assert _truncate_at_stop([3], {3, 9}) == (1, True)
+
+
+def test_vllm_update_weights_sends_the_engines_dtype():
+    # fp32 master weights into a bf16 engine arrive as bf16 (vLLM would cast too, but warn for
+    # every tensor on every reload); integer buffers and an "auto" engine pass through as they are.
+    import threading
+
+    from lampo.rollout.engines import VLLMEngine
+
+    class FakeLLM:
+        def __init__(self):
+            self.calls = []
+
+        def collective_rpc(self, method, kwargs):
+            self.calls.append((method, kwargs["weights_iterator"]))
+
+        def reset_prefix_cache(self):
+            self.calls.append(("reset_prefix_cache", None))
+
+    weights = [("w", torch.ones(2, 2)), ("ids", torch.arange(3))]
+    for dtype, want in ((torch.bfloat16, torch.bfloat16), (None, torch.float32)):
+        engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM start: only the payload is under test
+        engine.llm, engine._lock, engine.weight_dtype = FakeLLM(), threading.Lock(), dtype
+        engine.update_weights(weights)
+        (method, sent), reset = engine.llm.calls
+        assert method == "reload_weights" and reset[0] == "reset_prefix_cache"
+        assert [n for n, _ in sent] == ["w", "ids"]
+        assert sent[0][1].dtype == want and torch.equal(sent[0][1].float(), torch.ones(2, 2))
+        assert sent[1][1].dtype == torch.int64

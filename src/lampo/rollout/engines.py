@@ -331,6 +331,9 @@ class VLLMEngine:
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
         self.tokenizer = tokenizer
+        # the engine's weight dtype (None for "auto": tensors then go as they are)
+        dt = getattr(torch, str(kwargs["dtype"]), None)
+        self.weight_dtype: torch.dtype | None = dt if isinstance(dt, torch.dtype) else None
         self._lock = threading.Lock()
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[Generation]]:
@@ -383,8 +386,15 @@ class VLLMEngine:
         return result
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new weights (transformers names) in place, then drop cached prefixes of the old ones."""
-        weights = [(name, t.detach()) for name, t in named_tensors]
+        """Load new weights (transformers names) in place, then drop cached prefixes of the old ones.
+
+        Floating tensors are cast to the engine's dtype first: vLLM would cast them too, but
+        it logs a warning for every narrowed tensor on every reload (fp32 master weights into a
+        bf16 engine: one line per weight per step).
+        """
+        cast = self.weight_dtype
+        weights = [(name, t.detach().to(cast) if cast is not None and t.is_floating_point() else t.detach())
+                   for name, t in named_tensors]
         with self._lock:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             self.llm.reset_prefix_cache()
