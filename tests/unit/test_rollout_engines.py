@@ -93,3 +93,20 @@ def test_vllm_update_weights_sends_the_engines_dtype():
         assert [n for n, _ in sent] == ["w", "ids"]
         assert sent[0][1].dtype == want and torch.equal(sent[0][1].float(), torch.ones(2, 2))
         assert sent[1][1].dtype == torch.int64
+
+
+def test_only_vllms_rotary_table_notice_is_dropped_on_reload():
+    # vLLM warns "<layer>: Failed to load weights" on every reload for the rotary layer, whose
+    # cos/sin table no checkpoint holds; the same warning for a real layer must still show.
+    import logging
+
+    from lampo.rollout.engines import _rotary_table_notice
+
+    def record(msg, *args):
+        return logging.LogRecord("vllm", logging.WARNING, __file__, 1, msg, args, None)
+
+    assert not _rotary_table_notice(record("%s: Failed to load weights", "RotaryEmbedding"))
+    assert not _rotary_table_notice(record("%s: Failed to load weights", "Llama3RotaryEmbedding"))
+    assert _rotary_table_notice(record("%s: Failed to load weights", "QKVParallelLinear"))
+    assert _rotary_table_notice(record("%s: Delayed processing", "RotaryEmbedding"))
+    assert _rotary_table_notice(record("Reloading took %.2f seconds", 0.1))

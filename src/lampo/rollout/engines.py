@@ -390,13 +390,19 @@ class VLLMEngine:
 
         Floating tensors are cast to the engine's dtype first: vLLM would cast them too, but
         it logs a warning for every narrowed tensor on every reload (fp32 master weights into a
-        bf16 engine: one line per weight per step).
+        bf16 engine: one line per weight per step). vLLM's "RotaryEmbedding: Failed to load
+        weights" notice, also logged on every reload, is dropped (see `_rotary_table_notice`).
         """
         cast = self.weight_dtype
         weights = [(name, t.detach().to(cast) if cast is not None and t.is_floating_point() else t.detach())
                    for name, t in named_tensors]
+        reload_log = logging.getLogger(_VLLM_RELOAD_LOGGER)
         with self._lock:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            reload_log.addFilter(_rotary_table_notice)
+            try:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            finally:
+                reload_log.removeFilter(_rotary_table_notice)
             self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -411,6 +417,20 @@ class VLLMEngine:
                     log.debug("vLLM shutdown: %s", exc)
             del llm
         gc.collect()
+
+
+# vLLM's in-place reload warns "<layer>: Failed to load weights" for every layer that holds a
+# tensor the checkpoint did not fill, then puts that layer's own tensor back. The rotary layer's
+# cos/sin table is such a tensor: vLLM computes it from the config and no checkpoint has it, so a
+# sound reload logs this warning on every step (vLLM 0.32, model_loader/reload/layerwise.py).
+# Only that notice is dropped: any other layer that fails to load is still reported.
+_VLLM_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def _rotary_table_notice(record: logging.LogRecord) -> bool:
+    """False (drop) for vLLM's reload warning about a rotary layer, True for any other record."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (record.msg == "%s: Failed to load weights" and args and str(args[0]).endswith("RotaryEmbedding"))
 
 
 def _sampled_logprobs(tokens: list[int], logprobs: Any) -> list[float]:
