@@ -10,7 +10,7 @@ part of that file (the optimisation log) is kept.
 
     .venv/bin/python -m benchmarks.run [--quick] [--only trl_compare,pipeline] [--render-only]
 
-A full run takes about 27 minutes on 2 quiet cores (more on a loaded machine); --quick runs fewer steps.
+A full run takes about 30 minutes on 2 quiet cores (more on a loaded machine); --quick runs fewer steps.
 """
 
 from __future__ import annotations
