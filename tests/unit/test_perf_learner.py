@@ -132,6 +132,50 @@ def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(tiny_m
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_prefixes_give_the_padded_batchs_logprobs_and_gradients(tiny_model_path, attn):
+    # prompts of 5 and 9 tokens: the padded prefix batch is [2, 9], the packed row [1, 14]
+    from lampo.optimize.shared_prefix import plan_prefixes, shared_prefix_logprobs
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32, attn_implementation=attn)
+    batch = _multi_turn_batch(tok)
+    plan = plan_prefixes(batch.input_ids, batch.attention_mask, batch.action_mask)
+    L, act = batch.input_ids.shape[1], batch.action_mask
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    padded = shared_prefix_logprobs(model, plan, L, 0.7)
+    packed = shared_prefix_logprobs(model, plan, L, 0.7, pack_for=attn)
+    hook.remove()
+    assert shapes[0] == (2, 9) and shapes[2] == (1, 14)
+    for a, b in zip(padded, packed, strict=True):  # log-probs and entropy, at every position
+        assert torch.allclose(a, b, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.linspace(0.5, 1.5, act.numel()).reshape(act.shape)
+    g_padded = torch.autograd.grad((padded[0] * weights)[act].sum(), params)
+    g_packed = torch.autograd.grad((packed[0] * weights)[act].sum(), params)
+    for a, b in zip(g_padded, g_packed, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_learner_packs_prefixes_of_different_lengths(tiny_model_path):
+    # the tiny model's products outweigh the extra attention (shared_prefix.should_pack)
+    trainer, tok = _trainer(tiny_model_path, num_generations=3, mini_batch_size=6)
+    batch = _multi_turn_batch(tok)
+    shapes = []
+    hook = trainer.model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                                   with_kwargs=True)
+    with torch.no_grad():
+        lp, _, _ = trainer.learner._policy_logprobs(trainer.model, batch)
+    hook.remove()
+    assert shapes[0] == (1, 14)
+    with torch.no_grad():
+        out = trainer.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        want, _ = trainer.learner._logprobs_entropy(out.logits, batch)
+    assert torch.allclose(lp[batch.action_mask], want[batch.action_mask], atol=1e-5)
+
+
 @pytest.mark.parametrize("kl_coef", [0.0, 0.05])
 def test_share_prefix_changes_the_time_not_the_update(tiny_model_path, kl_coef):
     # Same batch, one minibatch accumulated over two micro-batches (loss denominators are the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lampo import perf
-from lampo.optimize.shared_prefix import plan_prefixes, scatter_suffix
+from lampo.optimize.shared_prefix import plan_prefixes, scatter_suffix, should_pack
 
 
 def _batch(rows: list[tuple[list[int], list[int]]]):
@@ -78,3 +78,20 @@ def test_cost_model_subtracts_the_prompt_copies_not_computed():
     assert plain["forward"] - shared["forward"] == prefix
     assert plain["optimize"] - shared["optimize"] == 3 * prefix
     assert shared["rollout"] == plain["rollout"]  # the engine's work is counted as before
+
+
+def test_packing_pays_when_the_padding_outweighs_the_extra_attention():
+    # prefixes of 9 and 5 tokens: padded, 2 x 9 = 18 positions and 2 x 81 = 162 attention pairs;
+    # packed, 14 positions and 14^2 = 196 pairs. FLOPs 2 N_p x positions + 4 L d x pairs, so packing
+    # pays iff 2 N_p x 4 > 4 L d x 34, i.e. N_p > 17 L d = 272 for L = 2, d = 8.
+    ids, mask, act = _batch([([5] * 9, [8, 9]), ([5] * 9, [10]), ([11] * 5, [13]), ([11] * 5, [16])])
+    plan = plan_prefixes(ids, mask, act)
+    assert (plan.prefix_ids.shape, int(plan.prefix_mask.sum())) == ((2, 9), 14)
+    assert should_pack("sdpa", plan, perf.ModelShape(matmul_params=300, num_layers=2, attn_dim=8))
+    assert should_pack("eager", plan, perf.ModelShape(matmul_params=300, num_layers=2, attn_dim=8))
+    assert not should_pack("sdpa", plan, perf.ModelShape(matmul_params=250, num_layers=2, attn_dim=8))
+    # attention implementations that take no custom 4D mask keep the padded batch
+    assert not should_pack("flash_attention_2", plan, perf.ModelShape(matmul_params=300, num_layers=2, attn_dim=8))
+    # nothing to gain without padding: prefixes of equal length
+    ids, mask, act = _batch([([5] * 4, [8]), ([5] * 4, [9]), ([6] * 4, [8]), ([6] * 4, [9])])
+    assert not should_pack("sdpa", plan_prefixes(ids, mask, act), perf.ModelShape(10**9, 2, 8))

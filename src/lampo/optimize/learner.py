@@ -32,6 +32,7 @@ from lampo.optimize.models import (
     reference_mode,
 )
 from lampo.optimize.onednn_linear import use_onednn_linear
+from lampo.perf import ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class Learner:
         self.autocast_dtype = torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else None
         self._fused_old = False
         self._prefix_unsupported = False
+        self._packing: tuple[ModelShape, str | None] | None = None  # for shared_prefix.should_pack, read once
 
     # ------------------------------------------------------------------ set-up helpers
     def _make_optimizer(self, model: nn.Module, extra_head: nn.Module | None, lr: float, steps: int):
@@ -241,9 +243,15 @@ class Learner:
         plan = self._prefix_plan(mb)
         if plan is not None:
             try:
+                if self._packing is None:
+                    policy = self.unwrapped_policy()
+                    self._packing = (ModelShape.from_model(policy),
+                                     getattr(base_causal_lm(policy).config, "_attn_implementation", None))
+                shape, attn = self._packing
                 with self._autocast():
                     lp, ent = SP.shared_prefix_logprobs(model, plan, mb.input_ids.shape[1], self.temperature,
-                                                        with_entropy=with_entropy)
+                                                        with_entropy=with_entropy,
+                                                        pack_for=attn if SP.should_pack(attn, plan, shape) else None)
                 return lp, ent, None
             except (SP.UnsupportedModel, TypeError, AttributeError) as exc:
                 # e.g. sliding-window caches, or remote code without past_key_values/logits_to_keep

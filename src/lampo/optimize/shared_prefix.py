@@ -14,6 +14,13 @@ Layout: the learner's batches are right-padded ([prompt][answer...][pad]); the p
 everything before its first action token. Distinct prefixes are left-padded into one batch so
 that they all end at the same cache position; each suffix then starts at position `len(prefix)`
 of its own row (explicit position ids).
+
+Packing (`should_pack`): prompts of different lengths pad that batch (the trl_compare prompts are
+14-25 tokens: 104 of 400 positions are padding). Then the distinct prefixes can run instead as one
+packed row with a block-diagonal causal mask, every position a real token, and their keys and
+values are gathered back into the left-padded layout above. That trades padded positions in every
+product for attention over the whole packed row, so the cost model (`lampo.perf.ModelShape`)
+decides per batch.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 from torch import nn
 
 from lampo.optimize import maths as M
+from lampo.perf import ModelShape
 
 
 @dataclass
@@ -106,6 +114,59 @@ def check_cache(cache) -> None:
         raise UnsupportedModel(f"shared prompts need a DynamicCache of full-attention layers, got {type(cache).__name__}")
 
 
+# Packing needs a custom 4D mask, which transformers passes through as-is to these attention
+# implementations (a bool mask to SDPA, an additive one to eager attention); others keep padding.
+PACKING_ATTENTION = ("sdpa", "eager")
+MAX_PACKED_TOKENS = 8192  # the packed row's [N, N] mask and attention grow with the square of N
+
+
+def should_pack(attn_implementation: str | None, plan: PrefixPlan, shape: ModelShape) -> bool:
+    """Whether one packed row of the distinct prefixes costs fewer FLOPs than the padded batch.
+
+    U prefixes left-padded to P compute U P positions and U P^2 attention pairs; packed, N real
+    tokens compute N positions and N^2 pairs (the block-diagonal mask is applied, not skipped):
+    2 params per position plus 4 layers x attn_dim per pair, as in `lampo.perf.forward_flops`.
+    """
+    U, P = plan.prefix_ids.shape
+    N = int(plan.prefix_mask.sum())
+    if attn_implementation not in PACKING_ATTENTION or U < 2 or N == U * P or N > MAX_PACKED_TOKENS:
+        return False
+
+    def flops(positions: int, pairs: int) -> float:
+        return 2.0 * shape.matmul_params * positions + 4.0 * shape.num_layers * shape.attn_dim * pairs
+
+    return flops(N, N * N) < flops(U * P, U * P * P)
+
+
+def _packed_prefix_pass(model: nn.Module, plan: PrefixPlan, attn_implementation: str):
+    """The distinct prefixes as one packed row; returns (cache in the left-padded [U, P] layout, last logits [U, V])."""
+    real = plan.prefix_mask.bool()
+    U, P = real.shape
+    dev = real.device
+    ids = plan.prefix_ids[real][None]  # [1, N]: prefix after prefix, no padding
+    N = ids.shape[1]
+    pos = (plan.prefix_mask.long().cumsum(1) - 1)[real][None]  # each prefix counts from 0 again
+    seg = torch.arange(U, device=dev)[:, None].expand(U, P)[real]
+    idx = torch.arange(N, device=dev)
+    allowed = (seg[:, None] == seg[None, :]) & (idx[:, None] >= idx[None, :])  # causal within each prefix
+    if attn_implementation == "eager":
+        mask = torch.zeros(N, N, device=dev).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    else:
+        mask = allowed
+    # where each slot of the left-padded layout sits in the packed row; padding slots read token 0,
+    # which the answer pass masks out (zero attention weight, so zero gradient too)
+    layout = torch.zeros(U, P, dtype=torch.long, device=dev)
+    layout[real] = idx
+    out = model(input_ids=ids, attention_mask=mask[None, None], position_ids=pos, use_cache=True,
+                logits_to_keep=layout[:, -1])  # a left-padded prefix ends in its row's last slot
+    cache = out.past_key_values
+    check_cache(cache)
+    for layer in cache.layers:  # [1, H, N, d] -> [U, H, P, d]; the backward sums into the packed row
+        layer.keys, layer.values = (t[0].index_select(1, layout.flatten()).unflatten(1, (U, P)).transpose(0, 1)
+                                    for t in (layer.keys, layer.values))
+    return cache, out.logits[0]
+
+
 def scatter_suffix(values: torch.Tensor, plan: PrefixPlan, length: int) -> torch.Tensor:
     """Place per-suffix-token values [B, S] back at their positions in the [B, length] layout."""
     B, S = values.shape
@@ -115,21 +176,28 @@ def scatter_suffix(values: torch.Tensor, plan: PrefixPlan, length: int) -> torch
 
 
 def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, temperature: float,
-                           with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           with_entropy: bool = True,
+                           pack_for: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropy) of every suffix token, aligned with the [B, length] batch.
 
     Positions inside the prefixes get 0: they are never actions. `model` is a causal LM that
     takes `past_key_values`, `position_ids` and `logits_to_keep` (transformers' models do).
+    pack_for: None runs the distinct prefixes as the left-padded batch; "sdpa" or "eager" (the
+    model's attention implementation) as one packed row with the mask it takes (`should_pack`).
+    Same result either way.
     """
     # 1. each distinct prefix once; only its last position's logits are needed (they predict
     #    the first suffix token), so the LM head runs on one position per prefix.
-    prefix_pos = (plan.prefix_mask.long().cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=plan.prefix_ids, attention_mask=plan.prefix_mask, position_ids=prefix_pos,
-                use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    check_cache(cache)
+    if pack_for is not None:
+        cache, last_logits = _packed_prefix_pass(model, plan, pack_for)
+    else:
+        prefix_pos = (plan.prefix_mask.long().cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=plan.prefix_ids, attention_mask=plan.prefix_mask, position_ids=prefix_pos,
+                    use_cache=True, logits_to_keep=1)
+        cache, last_logits = out.past_key_values, out.logits[:, -1]
+        check_cache(cache)
     cache.reorder_cache(plan.row_prefix)  # index_select: its backward sums the G rows' gradients
-    first_logits = out.logits[:, -1].index_select(0, plan.row_prefix)
+    first_logits = last_logits.index_select(0, plan.row_prefix)
     # 2. every row's suffix on its prefix's keys and values, without the last column: a last
     #    token is only predicted, never an input (as in `learner.fed_columns`).
     S = plan.suffix_ids.shape[1]
