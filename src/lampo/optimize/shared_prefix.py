@@ -139,7 +139,7 @@ def should_pack(attn_implementation: str | None, plan: PrefixPlan, shape: ModelS
 
 
 def _packed_prefix_pass(model: nn.Module, plan: PrefixPlan, attn_implementation: str):
-    """The distinct prefixes as one packed row; returns (cache in the left-padded [U, P] layout, last logits [U, V])."""
+    """The distinct prefixes as one packed row; returns (each row's cache in the left-padded [B, P] layout, last logits [U, V])."""
     real = plan.prefix_mask.bool()
     U, P = real.shape
     dev = real.device
@@ -161,8 +161,12 @@ def _packed_prefix_pass(model: nn.Module, plan: PrefixPlan, attn_implementation:
                 logits_to_keep=layout[:, -1])  # a left-padded prefix ends in its row's last slot
     cache = out.past_key_values
     check_cache(cache)
-    for layer in cache.layers:  # [1, H, N, d] -> [U, H, P, d]; the backward sums into the packed row
-        layer.keys, layer.values = (t[0].index_select(1, layout.flatten()).unflatten(1, (U, P)).transpose(0, 1)
+    # [1, H, N, d] -> [B, H, P, d] in one gather: every row reads its own prefix's slots, and the
+    # backward sums the G rows' gradients into the packed row
+    rows = layout.index_select(0, plan.row_prefix)
+    B = rows.shape[0]
+    for layer in cache.layers:
+        layer.keys, layer.values = (t[0].index_select(1, rows.flatten()).unflatten(1, (B, P)).transpose(0, 1)
                                     for t in (layer.keys, layer.values))
     return cache, out.logits[0]
 
@@ -196,7 +200,7 @@ def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, temp
                     use_cache=True, logits_to_keep=1)
         cache, last_logits = out.past_key_values, out.logits[:, -1]
         check_cache(cache)
-    cache.reorder_cache(plan.row_prefix)  # index_select: its backward sums the G rows' gradients
+        cache.reorder_cache(plan.row_prefix)  # index_select: its backward sums the G rows' gradients
     first_logits = last_logits.index_select(0, plan.row_prefix)
     # 2. every row's suffix on its prefix's keys and values, without the last column: a last
     #    token is only predicted, never an input (as in `learner.fed_columns`).
