@@ -124,6 +124,8 @@ class GenerationConfig:
     """vLLM context length; null uses max_prompt_len + max_new_tokens (every step's prompt, earlier turns included, fits max_prompt_len)."""
     vllm_enforce_eager: bool = False
     """Run vLLM's model eagerly; false (vLLM's default) compiles it at start: 10-25 s once, then a faster rollout."""
+    vllm_block_size: int = 16
+    """Tokens per vLLM KV-cache block (a multiple of 16); a prompt's samples share its KV in whole blocks only, so 16 shares more than vLLM's CPU default 128."""
 
 
 @dataclass
@@ -411,6 +413,8 @@ class LampoConfig:
         _check(g.vllm_kv_cache_gb > 0, "vllm_kv_cache_gb", g.vllm_kv_cache_gb, "must be > 0")
         _check(0 < g.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization",
                g.vllm_gpu_memory_utilization, "must be in (0, 1]")
+        _check(g.vllm_block_size >= 16 and g.vllm_block_size % 16 == 0, "vllm_block_size", g.vllm_block_size,
+               "must be a positive multiple of 16 (vLLM's attention kernels work in blocks of 16)")
         _check(d.max_prompt_len >= 1, "max_prompt_len", d.max_prompt_len, "must be >= 1")
         _check(0 <= d.test_split_ratio < 1, "test_split_ratio", d.test_split_ratio, "must be in [0, 1)")
         _check(m.lora_r >= 1, "lora_r", m.lora_r, "must be >= 1")

@@ -2,7 +2,9 @@
 
 One in-process vLLM engine serves the whole module, on the default configuration: compiled
 (`vllm_enforce_eager: false`), so every weight-sync test below checks that new weights reach the
-compiled model. Starting it takes 20-35 s here (10 s eager), its first generate call ~3 s more.
+compiled model; blocks of 16 tokens (`vllm_block_size`), so the parity tests run vLLM's CPU
+"vec16" attention kernel, and a prompt's whole blocks stay cached between calls until a weight
+sync drops them. Starting it takes 20-35 s here (10 s eager), its first generate call ~3 s more.
 Each test first pushes the checkpoint's weights back in, so the tests do not depend on their
 order.
 """
@@ -90,6 +92,19 @@ def test_greedy_parity_on_the_same_checkpoint(base_model, tok, prompts, vllm_eng
     vl = [g[0] for g in vllm_engine.generate(prompts, GREEDY)]
     assert all(len(g.token_ids) > 0 for g in hf)
     assert_same(hf, vl)  # token for token, log-probs within 1e-4 (fp32)
+
+
+def test_the_samples_of_a_prompt_share_its_cached_blocks(vllm_engine):
+    """`vllm_block_size` (default 16) reaches vLLM: the samples of a 40-token prompt share its
+    two whole blocks (32 tokens), where CPU vLLM's own 128 would share none."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    vllm_engine.llm.reset_prefix_cache()
+    prompt = TokensPrompt(prompt_token_ids=list(range(5, 45)))
+    (out,) = vllm_engine.llm.generate([prompt], SamplingParams(n=3, max_tokens=2), use_tqdm=False)
+    assert len(out.outputs) == 3
+    assert out.num_cached_tokens == 32
 
 
 def test_sampling_returns_n_samples_per_prompt_in_order(base_model, prompts, vllm_engine):

@@ -56,6 +56,10 @@ def test_out_of_range_values():
         LampoConfig(estimator="grpo", batch_size=4, mini_batch_size=4)
     with pytest.raises(ConfigError, match=r"'gradient_accumulation_steps' = 3"):
         LampoConfig(batch_size=8, mini_batch_size=8, gradient_accumulation_steps=3)
+    for bad in (0, 24):
+        with pytest.raises(ConfigError, match=rf"'vllm_block_size' = {bad} is invalid: must be a positive multiple of 16"):
+            LampoConfig(vllm_block_size=bad)
+    assert LampoConfig(vllm_block_size=128).generation.vllm_block_size == 128
 
 
 def test_override_parsing_errors_and_values():

@@ -286,6 +286,27 @@ def _copy_named_into(model: torch.nn.Module, named_tensors: Iterable[tuple[str, 
                        "pass names of the base model's transformers checkpoint (lampo.rollout.weight_sync.engine_weights)")
 
 
+def _let_cpu_attention_take_blocks_of_16() -> None:
+    """Let vLLM's CPU attention backend accept KV-cache blocks of 16 tokens.
+
+    vLLM 0.32's CPU backend has a kernel for blocks of 16 (`_get_attn_isa` picks "vec16" when the
+    block size is not a multiple of 32), but its declared kernel sizes list only multiples of 32,
+    so `block_size=16` is refused at start ("No common block size"). This adds 16 to that list
+    for this process. Parity with transformers at block 16 is tested in
+    tests/integration/test_engines_vllm.py.
+    """
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    declared = CPUAttentionBackend.get_supported_kernel_block_sizes
+    if 16 in declared():  # already added, or a vLLM that declares it
+        return
+
+    def with_16(kv_cache_spec: Any = None) -> list:
+        return [*declared(kv_cache_spec), 16]
+
+    CPUAttentionBackend.get_supported_kernel_block_sizes = staticmethod(with_16)  # type: ignore[method-assign]
+
+
 class VLLMEngine:
     """vLLM's `LLM`, started once inside the trainer's process, with weight sync.
 
@@ -322,12 +343,18 @@ class VLLMEngine:
             # parameters the compiled graph reads (tests/integration/test_engines_vllm.py).
             enforce_eager=g.vllm_enforce_eager,
             logprobs_mode="processed_logprobs",
+            # The n samples of a prompt share its cached KV in whole blocks only (vLLM's prefix
+            # caching). With CPU vLLM's default of 128, a prompt under 128 tokens is prefilled
+            # once per sample; with 16, once (docs/performance.md, change 18).
+            block_size=g.vllm_block_size,
         )
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = g.vllm_gpu_memory_utilization
         else:
             # vLLM's CPU backend reads VLLM_CPU_KVCACHE_SPACE (whole GiB) when set, else this.
             kwargs["kv_cache_memory_bytes"] = int(g.vllm_kv_cache_gb * 2**30)
+            if g.vllm_block_size % 32:
+                _let_cpu_attention_take_blocks_of_16()
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
         self.tokenizer = tokenizer
