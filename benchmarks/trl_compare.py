@@ -89,7 +89,7 @@ def lampo_step(trainer, step: int) -> dict:
     t_step = time.perf_counter()
     produced = trainer.produce(step)  # 1-2. rollout and reward
     batch = trainer.to_train_batch(produced)
-    flops = perf.learner_step_flops(trainer.learner, batch)
+    flops = perf.learner_step_flops(trainer.learner, batch, trainer.engine.prompt_cache_block)
     stats = trainer.learner.train(batch)  # 3-5. forward, advantages, optimise
     trainer.policy_version += 1
     t0 = time.perf_counter()

@@ -117,6 +117,7 @@ def count_flops(
     lora: bool = False,
     recompute: bool = False,
     shared_prefix_lens: Iterable[int] = (),
+    cached_prompt_lens: Iterable[int] = (),
 ) -> dict[str, float]:
     """FLOPs of each phase of one step over sequences of lengths `seq_lens` (prompt + response).
 
@@ -132,6 +133,9 @@ def count_flops(
     shared_prefix_lens: one entry per prompt copy that the learner's policy passes do not compute
     (a group's G answers share one prompt pass, see optimize/shared_prefix.py): a prefix of P
     tokens is the first P positions of its sequence, so its cost is exactly `forward_flops([P])`.
+    cached_prompt_lens: the same for the rollout: one entry per sample whose first positions the
+    engine took from its prefix cache instead of computing them (vLLM shares a prompt's whole
+    KV-cache blocks between its samples, see `rollout_cached_prompt_lens`).
     Returns {"rollout", "forward", "optimize"} in FLOPs.
     """
     lens = [max(int(t) - 1, 0) for t in seq_lens]
@@ -146,15 +150,18 @@ def count_flops(
     if critic is not None:
         forward += forward_flops(critic, lens)
         optimize += ppo_epochs * training_flops(critic, lens, recompute=recompute)
-    return {"rollout": fwd, "forward": forward, "optimize": optimize}
+    rollout = fwd - forward_flops(shape, list(cached_prompt_lens))
+    return {"rollout": rollout, "forward": forward, "optimize": optimize}
 
 
-def learner_step_flops(learner, batch) -> dict[str, float]:
+def learner_step_flops(learner, batch, cache_block: int = 0) -> dict[str, float]:
     """`count_flops` for one `Learner.train(batch)` plus the rollout that produced `batch`.
 
     Reads everything off the learner (policy shape, LoRA, gradient checkpointing, whether the
     reference and the old-log-prob passes run, a separate critic) and the TrainBatch (real
-    lengths from its attention mask). The model shapes are cached on the learner.
+    lengths from its attention mask). The model shapes are cached on the learner. cache_block:
+    the rollout engine's prefix-cache block in tokens (`engine.prompt_cache_block`; 0 when each
+    sample computes its whole prompt).
     """
     from lampo.optimize.models import is_peft_model
 
@@ -178,7 +185,21 @@ def learner_step_flops(learner, batch) -> dict[str, float]:
         lora=lora,
         recompute=learner.cfg.model.gradient_checkpointing,
         shared_prefix_lens=_shared_prefix_lens(learner, batch),
+        cached_prompt_lens=rollout_cached_prompt_lens(_prompt_copies(batch), cache_block),
     )
+
+
+def rollout_cached_prompt_lens(prompt_copies: Iterable[int], block: int) -> list[int]:
+    """The prompt positions a block-wise prefix cache (vLLM's) spares each repeated sample.
+
+    A prompt's samples share its whole blocks, all but one position: the engine always computes
+    a prompt's last position itself, for the first sampled token (vLLM caps the cache hit at
+    P - 1 tokens). So a copy of a P-token prompt skips floor((P - 1) / block) * block positions;
+    none with block 0.
+    """
+    if block <= 0:
+        return []
+    return [(int(p) - 1) // block * block for p in prompt_copies]
 
 
 def _shared_prefix_lens(learner, batch) -> list[int]:
@@ -189,10 +210,18 @@ def _shared_prefix_lens(learner, batch) -> list[int]:
     position, where the learner runs it on the last only, is 2 V H (P - 1) FLOPs per prompt per
     pass: 1-2% of a step for small vocabularies, so MFU reads that much high.
     """
+    G = batch.group_size
+    if not learner._shares_prefix(G) or learner.micro_batch_size % G:
+        return []
+    return _prompt_copies(batch)
+
+
+def _prompt_copies(batch) -> list[int]:
+    """The prompt length of every row that repeats an earlier row's prompt in its group."""
     from lampo.optimize.shared_prefix import plan_prefixes
 
     G = batch.group_size
-    if not learner._shares_prefix(G) or learner.micro_batch_size % G or len(batch) % G:
+    if G < 2 or len(batch) % G:
         return []
     saved = []
     for start in range(0, len(batch), G):
@@ -347,6 +376,7 @@ __all__ = [
     "machine_peak",
     "measure_peak",
     "onednn_linear_available",
+    "rollout_cached_prompt_lens",
     "step_mfu",
     "training_flops",
 ]

@@ -247,7 +247,8 @@ class Trainer:
                 # 7. log, evaluate, checkpoint
                 step += 1
                 stats.update(self._step_metrics(produced, train_batch, step, time.perf_counter() - t_step, start))
-                stats.update(perf.step_mfu(stats, perf.learner_step_flops(self.learner, train_batch), self.peak_flops))
+                flops = perf.learner_step_flops(self.learner, train_batch, self.engine.prompt_cache_block)
+                stats.update(perf.step_mfu(stats, flops, self.peak_flops))
                 stats = self._reduce(stats)
                 last_stats = stats
                 self.tracker.log(step, stats)

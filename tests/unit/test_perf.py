@@ -48,6 +48,18 @@ def test_count_flops_per_phase():
     assert count_flops(TOY, [1]) == count_flops(TOY, [0]) == {"rollout": 0, "forward": 0, "optimize": 0}
 
 
+def test_rollout_counts_the_prompt_blocks_the_engine_cached_once():
+    # vLLM's samples of a P-token prompt share its whole blocks of the first P - 1 positions.
+    assert perf.rollout_cached_prompt_lens([40, 33, 32, 17, 16, 5], 16) == [32, 32, 16, 16, 0, 0]
+    assert perf.rollout_cached_prompt_lens([40, 33], 0) == []  # transformers generate: no cache
+    # A 4-token sequence whose first 2 positions came from the cache: the rollout computed
+    # positions 3 only of [1..3], i.e. forward_flops([3]) - forward_flops([2]).
+    # forward_flops([2]) = 2 * 1000 * 2 + 4 * L * d * (1 + 2) = 4000 + 4 * 2 * 4 * 3 = 4096.
+    f = count_flops(TOY, [4], cached_prompt_lens=[2])
+    assert f["rollout"] == 6192 - 4096
+    assert f["optimize"] == 3 * 6192  # training computes every position itself
+
+
 def test_small_model_numbers():
     # The benchmark model: hidden 512, 8 layers, 8 heads of 64, MLP 1408, vocab 1024, untied head.
     # Per layer 4 * 512^2 + 3 * 512 * 1408 = 1,048,576 + 2,162,688 = 3,211,264; x 8 = 25,690,112;

@@ -213,6 +213,13 @@ def test_cost_model_counts_each_groups_prompt_once(tiny_model_path):
     shape = perf.ModelShape.from_model(trainer.model)
     assert flops == perf.count_flops(shape, batch.attention_mask.sum(1).tolist(), old_logprobs=False,
                                      reference=False, shared_prefix_lens=saved)
+    # With vLLM's prefix cache (blocks of 2 tokens here), the rollout computes the whole blocks
+    # of each group's prompt once; the learner's passes are counted as before.
+    cached = perf.learner_step_flops(trainer.learner, batch, cache_block=2)
+    assert cached == perf.count_flops(shape, batch.attention_mask.sum(1).tolist(), old_logprobs=False,
+                                      reference=False, shared_prefix_lens=saved,
+                                      cached_prompt_lens=[(p - 1) // 2 * 2 for p in saved])
+    assert cached["rollout"] < flops["rollout"] and cached["optimize"] == flops["optimize"]
 
 
 def test_shared_prefix_with_an_empty_generation_in_the_batch(tiny_model_path):

@@ -103,6 +103,9 @@ class HFEngine:
     `update_weights` wait for a running `generate` and the other way round.
     """
 
+    prompt_cache_block = 0
+    """`generate` computes every sample's prompt (no prefix cache; `lampo.perf` counts it so)."""
+
     def __init__(
         self,
         model: str | Path | torch.nn.Module,
@@ -357,6 +360,8 @@ class VLLMEngine:
                 _let_cpu_attention_take_blocks_of_16()
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
+        # a prompt's samples share its whole blocks of this many tokens (`lampo.perf` counts it so)
+        self.prompt_cache_block = g.vllm_block_size
         self.tokenizer = tokenizer
         # the engine's weight dtype (None for "auto": tensors then go as they are)
         dt = getattr(torch, str(kwargs["dtype"]), None)
