@@ -107,6 +107,17 @@ def test_the_samples_of_a_prompt_share_its_cached_blocks(vllm_engine):
     assert out.num_cached_tokens == 32
 
 
+def test_samples_sharing_a_prompts_blocks_match_transformers(base_model, tok, prompts, vllm_engine):
+    """The samples of a prompt, scheduled in one step, read the blocks the first one writes in
+    that step: greedy, every sample of every prompt is transformers' answer, log-probs included."""
+    vllm_engine.llm.reset_prefix_cache()
+    long_prompts = [*prompts, prompts[0] + prompts[3][1:]]  # 15 + 18 tokens: two whole blocks
+    hf = hf_greedy(base_model, tok, long_prompts)
+    out = vllm_engine.generate(long_prompts, dataclasses.replace(GREEDY, n=3))
+    for h, samples in zip(hf, out, strict=True):
+        assert_same([h] * 3, samples)
+
+
 def test_sampling_returns_n_samples_per_prompt_in_order(base_model, prompts, vllm_engine):
     s = SamplingSettings(temperature=1.0, max_new_tokens=8, stop_token_ids=[3], n=3, seed=5)
     out = vllm_engine.generate(prompts, s)
