@@ -356,12 +356,13 @@ class VLLMEngine:
         else:
             # vLLM's CPU backend reads VLLM_CPU_KVCACHE_SPACE (whole GiB) when set, else this.
             kwargs["kv_cache_memory_bytes"] = int(g.vllm_kv_cache_gb * 2**30)
-            if g.vllm_block_size % 32:
-                _let_cpu_attention_take_blocks_of_16()
         kwargs.update(llm_kwargs)
+        if not torch.cuda.is_available() and kwargs["block_size"] % 32:
+            _let_cpu_attention_take_blocks_of_16()
         self.llm = LLM(**kwargs)
         # a prompt's samples share its whole blocks of this many tokens (`lampo.perf` counts it so)
-        self.prompt_cache_block = g.vllm_block_size
+        caching = kwargs.get("enable_prefix_caching") is not False
+        self.prompt_cache_block = int(kwargs["block_size"]) if caching else 0
         self.tokenizer = tokenizer
         # the engine's weight dtype (None for "auto": tensors then go as they are)
         dt = getattr(torch, str(kwargs["dtype"]), None)
