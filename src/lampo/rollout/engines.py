@@ -296,9 +296,13 @@ def _let_cpu_attention_take_blocks_of_16() -> None:
     block size is not a multiple of 32), but its declared kernel sizes list only multiples of 32,
     so `block_size=16` is refused at start ("No common block size"). This adds 16 to that list
     for this process. Parity with transformers at block 16 is tested in
-    tests/integration/test_engines_vllm.py.
+    tests/integration/test_engines_vllm.py. A vLLM without that module is left as it is: it
+    accepts 16 or says so at start, and `vllm_block_size: 128` is its CPU default.
     """
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:
+        return
 
     declared = CPUAttentionBackend.get_supported_kernel_block_sizes
     if 16 in declared():  # already added, or a vLLM that declares it
