@@ -56,6 +56,11 @@ class ModelShape:
     attn_dim: int
     """num_attention_heads x head_dim: the width of the query/key products."""
 
+    def flops(self, positions: int, pairs: int) -> float:
+        """One forward pass's FLOPs: 2 per matmul parameter per computed position, plus 4 x
+        attn_dim per layer per attention (query, key) pair (the scores, then the weighted values)."""
+        return 2.0 * self.matmul_params * positions + 4.0 * self.num_layers * self.attn_dim * pairs
+
     @classmethod
     def from_model(cls, model: nn.Module) -> ModelShape:
         """Read the shape off a transformers causal LM (a PEFT wrapper or a Lampo ValueModel too)."""
@@ -85,13 +90,10 @@ class ModelShape:
 def forward_flops(shape: ModelShape, seq_lens: Iterable[int]) -> float:
     """FLOPs of one causal forward pass over sequences of the given (unpadded) lengths.
 
-    2 N T for the matmuls plus 4 L d sum_{t=1..T} t = 2 L d T (T + 1) for attention.
+    2 N T for the matmuls plus 4 L d sum_{t=1..T} t = 2 L d T (T + 1) for attention: position t
+    attends to t keys, T (T + 1) / 2 pairs in all.
     """
-    total = 0.0
-    for T in seq_lens:
-        T = int(T)
-        total += 2.0 * shape.matmul_params * T + 2.0 * shape.num_layers * shape.attn_dim * T * (T + 1)
-    return total
+    return sum(shape.flops(int(T), int(T) * (int(T) + 1) // 2) for T in seq_lens)
 
 
 def training_flops(shape: ModelShape, seq_lens: Iterable[int], lora: bool = False, recompute: bool = False) -> float:

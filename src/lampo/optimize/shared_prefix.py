@@ -124,18 +124,14 @@ def should_pack(attn_implementation: str | None, plan: PrefixPlan, shape: ModelS
     """Whether one packed row of the distinct prefixes costs fewer FLOPs than the padded batch.
 
     U prefixes left-padded to P compute U P positions and U P^2 attention pairs; packed, N real
-    tokens compute N positions and N^2 pairs (the block-diagonal mask is applied, not skipped):
-    2 params per position plus 4 layers x attn_dim per pair, as in `lampo.perf.forward_flops`.
+    tokens compute N positions and N^2 pairs (the block-diagonal mask is applied, not skipped),
+    each costed by `ModelShape.flops`.
     """
     U, P = plan.prefix_ids.shape
     N = int(plan.prefix_mask.sum())
     if attn_implementation not in PACKING_ATTENTION or U < 2 or N == U * P or N > MAX_PACKED_TOKENS:
         return False
-
-    def flops(positions: int, pairs: int) -> float:
-        return 2.0 * shape.matmul_params * positions + 4.0 * shape.num_layers * shape.attn_dim * pairs
-
-    return flops(N, N * N) < flops(U * P, U * P * P)
+    return shape.flops(N, N * N) < shape.flops(U * P, U * P * P)
 
 
 def _packed_prefix_pass(model: nn.Module, plan: PrefixPlan, attn_implementation: str):
