@@ -49,6 +49,26 @@ def test_value_head_init_and_dropout_disabled(tiny_model_path):
     assert value(ids, torch.ones_like(ids)).shape == (1, 4)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_disable_dropout_makes_training_mode_deterministic(attn):
+    """Built with dropout, then disabled: two training-mode passes give the same logits.
+
+    Reading the config is not enough: the attention modules copied `attention_dropout` when they
+    were built and use their copy (the control pass below shows the dropout is real).
+    """
+    from lampo.optimize.models import disable_dropout
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=1, head_dim=64, attention_dropout=0.5)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).train()
+    ids = torch.randint(0, 128, (2, 12))
+    assert not torch.allclose(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is on
+    disable_dropout(model)
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_in_process_reward_model_with_another_vocabulary_is_a_value_error(tiny_model_path):
     policy = load_policy(ModelConfig(model_name_or_path=str(tiny_model_path)))
     other = LlamaForSequenceClassification(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=64,

@@ -26,10 +26,18 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability to 0 (modules and the config's attention dropout)."""
+    """Set every dropout probability to 0: dropout modules, the probabilities modules copied, the config.
+
+    transformers' attention modules copy `config.attention_dropout` into a float attribute when
+    they are built (`self.attention_dropout`) and pass it to the attention kernel in training mode,
+    so changing the config afterwards alone leaves dropout on.
+    """
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if config is not None and isinstance(getattr(config, key, None), float):
