@@ -382,3 +382,39 @@ def test_reward_server_dies_for_good_run_stops_with_checkpoint(tmp_path, tiny_mo
     _, state = load_checkpoint(latest)
     trained = [r["step"] for r in metrics(tmp_path / "run") if "objective/scores" in r]
     assert state["step"] == trained[-1]  # the checkpoint holds every trained step, and no more
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_lora_resume_equals_uninterrupted_run(tmp_path, tiny_model_path, estimator):
+    # LoRA trains the adapter; with gae the separate critic trains fully beside it. Run b stops
+    # after step 2 (early_stop on the episode count, same max_steps so the schedule is the same),
+    # then resumes from checkpoint-2 and trains step 3.
+    group = dict(estimator="grpo", num_generations=2, batch_size=2) if estimator == "grpo" else {}
+    common = dict(reward_model="lampo.reward.rules.VowelReward", max_steps=3, save_step=1, async_mode=True,
+                  use_peft=True, lora_r=4, lora_alpha=8, learning_rate=1e-2, **group)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    out = run_app(write_config(a, tiny_model_path, **common))
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg_b = write_config(b, tiny_model_path, **common, early_stop={"episode": 8.0})
+    first = run_app(cfg_b)
+    assert first.returncode == 0 and "early stop at step 2" in first.stdout + first.stderr, first.stderr[-3000:]
+    resumed = run_app(cfg_b, "--resume_from_checkpoint", str(b / "run" / "checkpoint-2"), "--early_stop", "null")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    adapter = "adapter_model.safetensors"
+    wa, wb = load_file(str(a / "run" / adapter)), load_file(str(b / "run" / adapter))
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+    if estimator == "gae":  # the critic trains fully under LoRA, and resumes exactly
+        from lampo.checkpoint import model_path
+
+        va = load_file(str(model_path(a / "run" / "checkpoint-3", "value_model") / "model.safetensors"))
+        vb = load_file(str(model_path(b / "run" / "checkpoint-3", "value_model") / "model.safetensors"))
+        first_ckpt = load_file(str(model_path(a / "run" / "checkpoint-1", "value_model") / "model.safetensors"))
+        assert any(not torch.equal(va[k], first_ckpt[k]) for k in va if "layers" in k)  # the trunk trains
+        for k in va:
+            assert torch.allclose(va[k], vb[k], atol=1e-6, rtol=0), k
+    ra = [r["objective/scores"] for r in metrics(a / "run") if "objective/scores" in r]
+    rb = [r["objective/scores"] for r in metrics(b / "run") if "objective/scores" in r]
+    assert rb == pytest.approx(ra, abs=1e-6)

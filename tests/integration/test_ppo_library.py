@@ -223,3 +223,16 @@ def test_save_model_loads_with_from_pretrained(model, tok, tmp_path, use_peft):
         adapter_dir = trainer.save_model(tmp_path / "adapter")
         assert (adapter_dir / "adapter_config.json").exists()
         assert AutoPeftModelForCausalLM.from_pretrained(adapter_dir) is not None
+
+
+def test_the_separate_critic_trains_fully_under_lora(model, tok):
+    trainer = PPOTrainer(base_config(use_peft=True, lora_r=4, lora_alpha=8), model, tok)
+    critic = trainer.learner.value_model
+    params = list(critic.parameters())
+    assert all(p.requires_grad for p in params)
+    assert sum(p.numel() for p in params) > 100 * critic.head.weight.numel()  # trunk and head, not the head alone
+    before = {k: v.clone() for k, v in critic.state_dict().items()}
+    queries = [prompt_ids(tok)] * 8
+    trainer.step(queries, trainer.generate(queries), [float(i) / 8 for i in range(8)])
+    changed = [k for k, v in critic.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("trunk.layers") for k in changed), changed

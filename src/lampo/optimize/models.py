@@ -134,11 +134,17 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy: nn.Module) -> ValueModel:
-        """Critic initialised from the policy's trunk (a copy: the two are trained apart)."""
+        """Critic initialised from the policy's trunk (a copy: the two are trained apart).
+
+        The critic trains fully, LoRA or not: with a LoRA policy the copy has the adapter folded
+        into its weights, which PEFT had frozen, so they are made trainable again here.
+        """
         if is_peft_model(policy):
             # A plain copy would carry the policy's LoRA layers: fold them into the weights.
-            return cls(trunk_of(copy.deepcopy(policy).merge_and_unload()))
-        return cls(copy.deepcopy(trunk_of(policy)))
+            trunk = trunk_of(copy.deepcopy(policy).merge_and_unload())
+        else:
+            trunk = copy.deepcopy(trunk_of(policy))
+        return cls(trunk.requires_grad_(True))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, trust_remote_code: bool = False,
