@@ -23,6 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import yaml
 
@@ -146,8 +147,8 @@ class RewardConfig:
     """Retries per request on connection errors, 5xx and 429, with exponential backoff and jitter."""
     reward_host: str = "127.0.0.1"
     """Address the reward server binds (anything but loopback needs a token)."""
-    reward_port: int = 8000
-    """Port the reward server listens on."""
+    reward_port: int | None = None
+    """Port the reward server listens on; null: the port of the `reward_model` URL (8000 when it names none)."""
     reward_max_batch_size: int = 64
     """Server: most conversations merged into one `compute` call by micro-batching."""
     reward_max_wait_ms: float = 5.0
@@ -347,6 +348,13 @@ class LampoConfig:
         return self.optim.learning_rate if lr is None else lr
 
     @property
+    def reward_server_port(self) -> int:
+        """Derived: the reward server's port: `reward_port`, else the port of the `reward_model` URL, else 8000."""
+        if self.reward.reward_port is not None:
+            return self.reward.reward_port
+        return _url_port(self.reward.reward_model) or 8000
+
+    @property
     def uses_critic(self) -> bool:
         """Derived: only GAE needs a value model."""
         return self.optim.estimator == "gae"
@@ -426,7 +434,17 @@ class LampoConfig:
         _check(r.reward_deadline >= r.reward_timeout, "reward_deadline", r.reward_deadline,
                f"must be >= reward_timeout = {r.reward_timeout}")
         _check(r.reward_max_retries >= 0, "reward_max_retries", r.reward_max_retries, "must be >= 0")
-        _check(0 < r.reward_port < 65536, "reward_port", r.reward_port, "must be a TCP port (1-65535)")
+        _check(r.reward_port is None or 0 < r.reward_port < 65536, "reward_port", r.reward_port,
+               "must be a TCP port (1-65535) or null")
+        url_port = _url_port(r.reward_model)
+        if r.reward_port is not None and url_port is not None and r.reward_port != url_port:
+            # One config file serves the trainer (which calls reward_model) and the server (which
+            # listens on reward_port): two different ports would never meet.
+            raise ConfigError(
+                f"config keys 'reward_port' = {r.reward_port} and 'reward_model' = {r.reward_model!r} disagree: "
+                f"the server would listen on {r.reward_port} and the trainer call port {url_port}. Set the port "
+                "in reward_model only (reward_port: null), or make the two equal"
+            )
         _check(r.reward_max_batch_size >= 1, "reward_max_batch_size", r.reward_max_batch_size, "must be >= 1")
         _check(r.reward_max_wait_ms >= 0, "reward_max_wait_ms", r.reward_max_wait_ms, "must be >= 0")
         _check(r.reward_max_request_bytes >= 1024, "reward_max_request_bytes", r.reward_max_request_bytes,
@@ -542,6 +560,16 @@ def _raise_unknown(key: str, value: Any, section: str | None = None) -> typing.N
     close = difflib.get_close_matches(str(key), list(_KEY_TO_SECTION) + list(SECTIONS), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see docs/config.md for every key"
     raise ConfigError(f"unknown config key '{key}' (value {value!r}){where}{hint}")
+
+
+def _url_port(url: str) -> int | None:
+    """The port a `reward_model` URL names (None for a class path or a URL without a port)."""
+    if "://" not in url:
+        return None
+    try:
+        return urlparse(url).port
+    except ValueError:  # a port out of range: reported by the check of the URL's user, the client
+        return None
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:

@@ -29,7 +29,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import pydantic
 import uvicorn
@@ -80,30 +79,26 @@ def read_raw_config(path: str | None) -> dict[str, Any]:
         raise StartupError(str(exc)) from exc
 
 
-def reward_config_from_raw(raw: dict[str, Any]) -> tuple[RewardConfig, set[str]]:
-    """The `RewardConfig` keys of a raw config (flat or under `reward:`), validated; plus the keys set."""
+def reward_config_from_raw(raw: dict[str, Any]) -> LampoConfig:
+    """A config of the `RewardConfig` keys of a raw config (flat or under `reward:`), validated."""
     names = {f.name for f in dataclasses.fields(RewardConfig)}
     picked = {k: v for k, v in raw.items() if k in names}
     section = raw.get("reward")
     if isinstance(section, dict):
         picked.update({k: v for k, v in section.items() if k in names})
     try:
-        return LampoConfig(picked).reward, set(picked)
+        return LampoConfig(picked)
     except ConfigError as exc:
         raise StartupError(str(exc)) from exc
 
 
 def resolve_settings(args: argparse.Namespace, raw: dict[str, Any]) -> ServerSettings:
-    rc, given = reward_config_from_raw(raw)
-    port = rc.reward_port
-    # One config file serves trainer and server: when only the URL is given, listen on its port.
-    if "reward_port" not in given and "://" in rc.reward_model:
-        url_port = urlparse(rc.reward_model).port
-        if url_port is not None:
-            port = url_port
+    cfg = reward_config_from_raw(raw)
+    rc = cfg.reward
     settings = ServerSettings(
         host=rc.reward_host,
-        port=port,
+        # one config file serves trainer and server: the port of the URL the trainer calls
+        port=cfg.reward_server_port,
         token=rc.reward_token or os.environ.get("LAMPO_REWARD_TOKEN") or None,
         max_batch_size=rc.reward_max_batch_size,
         max_wait_ms=rc.reward_max_wait_ms,

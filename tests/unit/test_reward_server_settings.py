@@ -20,10 +20,24 @@ def test_defaults_and_port_from_the_reward_model_url(monkeypatch):
     assert (s.host, s.port, s.token, s.max_batch_size, s.max_wait_ms) == ("127.0.0.1", 8000, None, 64, 5.0)
     # The trainer's URL decides the port when reward_port is not given ...
     assert settings([], {"reward_model": "http://localhost:8123"}, monkeypatch).port == 8123
-    # ... an explicit reward_port wins, and a flag wins over both.
-    raw = {"reward_model": "http://localhost:8123", "reward_port": 9000}
-    assert settings([], raw, monkeypatch).port == 9000
+    # ... the same port in both is fine, and a flag wins.
+    raw = {"reward_model": "http://localhost:8123", "reward_port": 8123}
+    assert settings([], raw, monkeypatch).port == 8123
     assert settings(["--port", "9100"], raw, monkeypatch).port == 9100
+
+
+def test_reward_port_and_a_url_on_another_port_are_an_error_naming_both(monkeypatch):
+    # The trainer would call 8123 while the server listened on 9000: refused at load, not at step 1.
+    raw = {"reward_model": "http://localhost:8123", "reward_port": 9000}
+    with pytest.raises(StartupError, match="'reward_port' = 9000 and 'reward_model' = 'http://localhost:8123' disagree"):
+        settings([], raw, monkeypatch)
+    from lampo.config import ConfigError, LampoConfig
+
+    with pytest.raises(ConfigError, match="'reward_port' = 9000 and 'reward_model'"):
+        LampoConfig(raw)
+    # reward_port alone disagrees with the default URL the trainer calls (port 8000)
+    with pytest.raises(StartupError, match="'reward_port' = 9000 and 'reward_model' = 'http://localhost:8000'"):
+        settings([], {"reward_port": 9000}, monkeypatch)
 
 
 def test_unknown_keys_belong_to_the_model_and_sections_work(monkeypatch):
