@@ -64,6 +64,16 @@ def test_step_logprobs_equal_generate_scores_at_same_temperature(model, tok):
     assert not torch.allclose(other, M.logprobs_from_logits(torch.randn(3, 8), torch.tensor([0, 1, 2]), 0.7))
 
 
+def test_step_trains_at_the_temperature_generate_sampled_at(model, tok):
+    # the config says 1.0; generate samples at 0.7: step must compare pi/pi_old at 0.7
+    trainer = PPOTrainer(base_config(temperature=1.0), model, tok)
+    queries = [prompt_ids(tok, t) for t in ("Hi.", "Tell me a short story.")]
+    responses, gen_logprobs = trainer.generate(queries, return_logprobs=True, temperature=0.7)
+    fw = trainer.learner.forward_batch(trainer.make_batch(queries, responses, [0.0, 0.0]))
+    for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
+        assert torch.allclose(fw.old_logprobs[i, len(q) : len(q) + len(r)], gen_logprobs[i], atol=1e-5)
+
+
 def _grads_of_one_step(model, tok, accumulation: int, estimator: str = "gae"):
     kw = dict(estimator=estimator, gradient_accumulation_steps=accumulation, max_grad_norm=0.0)
     if estimator == "grpo":

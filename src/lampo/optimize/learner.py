@@ -64,6 +64,9 @@ class TrainBatch:
     group_size: int = 1
     engine_logprobs: torch.Tensor | None = None
     """Optional [B, T]: the engine's sampling log-probs, compared with the recomputed ones."""
+    temperature: float | None = None
+    """The temperature the batch was sampled at; None: the config's. The learner's log-probs use it,
+    so that pi / pi_old compares the distribution the tokens were drawn from."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -79,6 +82,7 @@ class TrainBatch:
             seq_scores=self.seq_scores[idx],
             stopped=self.stopped[idx],
             group_size=self.group_size,
+            temperature=self.temperature,
         )
 
 
@@ -249,7 +253,7 @@ class Learner:
                                      getattr(base_causal_lm(policy).config, "_attn_implementation", None))
                 shape, attn = self._packing
                 with self._autocast():
-                    lp, ent = SP.shared_prefix_logprobs(model, plan, mb.input_ids.shape[1], self.temperature,
+                    lp, ent = SP.shared_prefix_logprobs(model, plan, mb.input_ids.shape[1], self._temperature(mb),
                                                         with_entropy=with_entropy,
                                                         pack_for=attn if SP.should_pack(attn, plan, shape) else None)
                 return lp, ent, None
@@ -261,12 +265,16 @@ class Learner:
         lp, ent = self._logprobs_entropy(out.logits, mb, with_entropy)
         return lp, ent, out
 
+    def _temperature(self, mb: TrainBatch) -> float:
+        return self.temperature if mb.temperature is None else mb.temperature
+
     def _logprobs_entropy(self, logits: torch.Tensor, mb: TrainBatch,
                           with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         # logits at t-1 predict token t (logits of the fed columns, see `fed_columns`): compute
         # against tokens [:, 1:], then align.
         L = mb.input_ids.shape[1]
-        lp, ent = M.logprobs_and_entropy(logits[:, : L - 1], mb.input_ids[:, 1:], self.temperature, with_entropy)
+        lp, ent = M.logprobs_and_entropy(logits[:, : L - 1], mb.input_ids[:, 1:], self._temperature(mb),
+                                         with_entropy)
         pad = torch.nn.functional.pad
         return pad(lp, (1, 0)), (pad(ent, (1, 0)) if with_entropy else None)
 

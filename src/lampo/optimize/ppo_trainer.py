@@ -46,6 +46,8 @@ class PPOTrainer:
             config, self.model, ref_model=ref_model, value_model=value_model, num_training_steps=num_training_steps
         )
         self.stop_token_id = _stop_token_id(tokenizer, config.generation.stop_token)
+        self.sampling_temperature = config.generation.temperature
+        """The temperature of the last `generate` call (the config's before any): `step` trains at it."""
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -61,6 +63,8 @@ class PPOTrainer:
         """
         g = self.config.generation
         temperature = overrides.pop("temperature", g.temperature)
+        # `step` recomputes log-probs at the temperature the responses were sampled at
+        self.sampling_temperature = float(temperature)
         kwargs = dict(
             max_new_tokens=overrides.pop("max_new_tokens", g.max_new_tokens),
             min_new_tokens=overrides.pop("min_new_tokens", g.min_new_tokens),
@@ -161,6 +165,7 @@ class PPOTrainer:
             seq_scores=seq_scores,
             stopped=stopped,
             group_size=self.config.generation.num_generations,
+            temperature=self.sampling_temperature,
         )
 
     # ------------------------------------------------------------------ saving
