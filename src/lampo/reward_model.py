@@ -144,8 +144,27 @@ def check_scores(scores: Any, messages: list[list[str]], source: str = "compute"
 
 def _finite(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} is {value!r} ({type(value).__name__}), expected a number")
-    value = float(value)
+        raise ValueError(f"{what} is {_show(value)} ({type(value).__name__}), expected a number")
+    try:
+        value = float(value)
+    except OverflowError:  # a Python int beyond float range (JSON allows integers of any length)
+        raise ValueError(f"{what} is an integer of {_digits(value)} digits, too large for a float") from None
     if not math.isfinite(value):
         raise ValueError(f"{what} is {value} (not finite)")
     return value
+
+
+def _digits(value: int) -> str:
+    try:
+        return str(len(str(abs(value))))
+    except ValueError:  # over sys.get_int_max_str_digits(): str() refuses, the logarithm does not
+        return f"about {int(math.log10(abs(value))) + 1}"
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A short repr for error messages (a huge or deeply nested value must not make a second error)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -136,6 +136,28 @@ def test_bad_replies_raise_and_are_not_retried(reply, message):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        ('{"scores": [1.0, 1' + "0" * 400 + "]}", r"score \[1\] is an integer of 401 digits, too large for a float"),
+        ('{"scores": ' + "[" * 100_000 + "]" * 100_000 + "}", "maximum recursion depth exceeded"),
+    ],
+    ids=["400-digit integer", "nested 100000 deep"],
+)
+def test_replies_python_cannot_convert_are_reward_errors(reply, message):
+    # Neither may escape as OverflowError or RecursionError: the trainer only turns a RewardError
+    # into a checkpoint and exit code 3.
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(200, content=reply.encode(), headers={"content-type": "application/json"})
+
+    with pytest.raises(RewardError, match=r"invalid reply for chunk 0 \(2 conversations\): .*" + message):
+        score(handler, [["q", "1"], ["q", "2"]])
+    assert len(calls) == 1
+
+
 def test_timeout_is_retried_then_reported_clearly():
     def handler(request):
         raise httpx.ReadTimeout("timed out")

@@ -116,3 +116,10 @@ def test_model_config_merges_reward_model_config_on_top():
     raw = {"learning_rate": 1e-5, "keywords": ["a"], "reward_model_config": {"keywords": ["b"], "x": 1}}
     merged = model_config_from(raw)
     assert merged["keywords"] == ["b"] and merged["x"] == 1 and merged["learning_rate"] == 1e-5
+
+
+@pytest.mark.parametrize("score", [10**400, -(10**400), [1.0, 10**400]], ids=["huge", "negative", "per-turn"])
+def test_check_scores_rejects_an_integer_too_large_for_a_float(score):
+    # float(10**400) raises OverflowError; it must be the same ValueError as every other bad score.
+    with pytest.raises(ValueError, match=r"score \[1\](\[1\])? is an integer of 401 digits, too large for a float"):
+        check_scores([1.0, score], [["u", "a"], ["u1", "a1", "u2", "a2"]])

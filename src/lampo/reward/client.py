@@ -178,7 +178,7 @@ class RewardClient:
         try:
             scores = response.json()["scores"]
             return check_scores(scores, chunk, source=f"reward server at {self.url}")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
             self.stats.failed_requests += 1
             raise RewardError(
                 f"reward server at {self.url}/compute sent an invalid reply for chunk {index} "
