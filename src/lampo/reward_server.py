@@ -305,10 +305,13 @@ def create_app(
     @app.middleware("http")
     async def auth(request: Request, call_next):
         if settings.token:
-            header = request.headers.get("authorization", "")
-            scheme, _, supplied = header.partition(" ")
-            # compare_digest: the time taken does not reveal how much of a guess was right.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip(), settings.token):
+            # Starlette decodes header bytes as latin-1 (RFC 9110 5.5 allows any byte from 0x80),
+            # so encoding back gives the bytes sent. compare_digest on str refuses non-ASCII text
+            # with a TypeError; on bytes it compares anything, and its time does not reveal how
+            # much of a guess was right.
+            header = request.headers.get("authorization", "").encode("latin-1")
+            scheme, _, supplied = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(supplied.strip(), settings.token.encode()):
                 return _error(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
                               {"WWW-Authenticate": "Bearer"})
         try:

@@ -275,6 +275,31 @@ def test_token_protected_server(folder):
         server.stop()
 
 
+def test_authorization_header_that_is_not_ascii_is_a_401(folder):
+    import http.client
+
+    server = ServerProcess(folder, env={"LAMPO_REWARD_TOKEN": "s3cret"})
+    try:
+        server.wait_healthy(headers={"Authorization": "Bearer s3cret"})
+        for path, method in (("/health", "GET"), ("/compute", "POST")):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            try:
+                conn.putrequest(method, path)
+                conn.putheader("Authorization", b"Bearer \xff\xfe")  # raw latin-1 bytes on the wire
+                conn.putheader("Content-Length", "0")
+                conn.endheaders()
+                reply = conn.getresponse()
+                body = reply.read()
+            finally:
+                conn.close()
+            assert reply.status == 401, body
+            assert reply.getheader("content-type") == "application/json"
+            assert "Authorization: Bearer <token>" in json.loads(body)["error"]
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+
+
 def test_non_loopback_bind_without_token_refuses_to_start(folder):
     server = ServerProcess(folder, args=("--host", "0.0.0.0"), env={"LAMPO_REWARD_TOKEN": ""})
     try:
