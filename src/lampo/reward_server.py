@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -242,16 +243,81 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+EXPECTED_BODY = '{"messages": [["user text", "assistant text", ...], ...]}'
+
+
 def _describe_validation(exc: pydantic.ValidationError) -> str:
     err = exc.errors()[0]
     loc = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(err["loc"]))
     value = err.get("input")
-    shown = json.dumps(value)[:80] if value is not None else "missing"
     more = f" ({len(exc.errors()) - 1} more errors)" if len(exc.errors()) > 1 else ""
-    return (
-        f"{loc or 'body'}: {err['msg']} (got {shown}){more}; "
-        'expected {"messages": [["user text", "assistant text", ...], ...]}'
-    )
+    return f"{loc or 'body'}: {err['msg']} (got {_shown(value)}){more}; expected {EXPECTED_BODY}"
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "missing"
+    if isinstance(value, _LongInt):
+        return repr(value)
+    try:
+        return json.dumps(value, default=repr)[:80]
+    except (ValueError, RecursionError):  # nested almost as deep as the parser allows
+        return f"a {type(value).__name__} too deeply nested to show"
+
+
+class _LongInt:
+    """Stands in for a JSON integer that Python refuses to convert (over `sys.get_int_max_str_digits()`
+    digits, 4300 by default), so the request is refused naming where the integer is."""
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def _parse_int(text: str) -> int | _LongInt:
+    try:
+        return int(text)
+    except ValueError:
+        return _LongInt(text)
+
+
+# One JSON token of interest: a whole string (escapes included) or a structural character.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},:]')
+
+
+def _too_deep(body: bytes, depth: int = 3) -> str:
+    """The path of the first array or object opened `depth` levels down, e.g. `messages[0][0]`.
+
+    Called only after `json.loads` gave up with RecursionError, which names no position. A valid
+    request holds nothing but strings at depth 3 (object, messages, conversation), so the first
+    container there is where the request went wrong.
+    """
+    frames: list[list[Any]] = []  # one per open container: [b"[" or b"{", current index or key]
+    expect_key = False
+    for match in _JSON_TOKEN.finditer(body):
+        token = match.group()
+        if token in (b"[", b"{"):
+            if len(frames) >= depth:
+                break
+            frames.append([token, 0 if token == b"[" else "?"])
+            expect_key = token == b"{"
+        elif token in (b"]", b"}"):
+            if frames:
+                frames.pop()
+            expect_key = False
+        elif token == b",":
+            if frames and frames[-1][0] == b"[":
+                frames[-1][1] += 1
+            expect_key = bool(frames) and frames[-1][0] == b"{"
+        elif token == b":":
+            expect_key = False
+        elif expect_key:
+            frames[-1][1] = token[1:-1].decode("utf-8", "replace")
+            expect_key = False
+    path = "".join(f"[{at}]" if kind == b"[" else (f".{at}" if i else str(at)) for i, (kind, at) in enumerate(frames))
+    return path if frames and frames[0][0] == b"{" else f"body{path}"
 
 
 class _State:
@@ -348,8 +414,11 @@ def create_app(
                                    "(reward_max_request_bytes); send fewer conversations per request")
         # 2. JSON.
         try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = json.loads(body, parse_int=_parse_int)
+        except RecursionError:
+            return _error(422, f"{_too_deep(bytes(body))}: arrays or objects nested too deeply to parse; "
+                               f"expected {EXPECTED_BODY}")
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             return _error(400, f"body is not valid JSON: {exc}")
         # 3. shape.
         try:

@@ -244,6 +244,32 @@ def test_200_concurrent_requests_each_get_their_own_scores(shared_server):
         assert body == {"scores": [float(1000 * i + j) for j in range(1 + i % 3)]}
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "where"),
+    [
+        (b'{"messages": [' + DEEP + b"]}", 422, "messages[0][0]: arrays or objects nested too deeply to parse"),
+        (b'{"messages": [["q", "a"]], "extra": {"x": [' + DEEP + b"]}}", 422,
+         "extra.x[0]: arrays or objects nested too deeply to parse"),
+        (DEEP, 422, "body[0][0][0]: arrays or objects nested too deeply to parse"),
+        # brackets and an escaped quote inside strings are text, not structure
+        (b'{"messages": [["[[[\\"{{", "a"], ' + DEEP + b"]}", 422,
+         "messages[1][0]: arrays or objects nested too deeply to parse"),
+        (b'{"messages": [["q", 1' + b"0" * 4999 + b"]]}", 422,
+         "messages[0][1]: Input should be a valid string (got an integer of 5000 digits)"),
+    ],
+    ids=["nested 100000 deep", "deep under another key", "deep top-level array", "brackets in strings",
+         "5000-digit integer"],
+)
+def test_requests_python_cannot_convert_are_refused_naming_the_element(shared_server, body, status, where):
+    r = post(shared_server.url, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"].startswith(where), r.json()
+    assert post(shared_server.url, json={"messages": [["q", "2"]]}).json() == {"scores": [2.0]}
+
+
 def test_token_protected_server(folder):
     server = ServerProcess(folder, env={"LAMPO_REWARD_TOKEN": "s3cret"})
     try:
