@@ -56,8 +56,12 @@ class Probe(RewardModelTemplate):
             return [1.0] * (len(messages) + 1)
         if cue == "nan":
             return [math.nan] * len(messages)
+        if cue == "huge":
+            return [10**400] * len(messages)  # float() of it raises OverflowError
         if cue.startswith("sleep "):
             await asyncio.sleep(float(cue.split()[1]))
+        if cue.startswith("block "):  # the mistake of blocking inside async def: the event loop stops
+            time.sleep(float(cue.split()[1]))
         await asyncio.sleep(float(self.config.get("probe_delay", 0)))
         out = []
         for conversation in messages:
@@ -157,7 +161,8 @@ def shared_server(tmp_path_factory):
 
 
 def post(url: str, **kwargs) -> httpx.Response:
-    return httpx.post(f"{url}/compute", timeout=10, **kwargs)
+    kwargs.setdefault("timeout", 10)
+    return httpx.post(f"{url}/compute", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,6 +358,69 @@ def test_sigterm_finishes_in_flight_requests_then_unloads(folder):
         assert result["reply"].status_code == 200 and result["reply"].json() == {"scores": [9.0]}  # len("sleep 1.5")
         assert server.wait_exit(timeout=20) == 0, server.output()
         assert marker.read_text() == "unloaded"
+    finally:
+        server.stop()
+
+
+def test_a_score_too_large_for_a_float_is_answered_and_the_server_keeps_serving(shared_server):
+    r = post(shared_server.url, json={"messages": [["q", "huge"]]})
+    assert r.status_code == 500, r.text
+    assert r.json()["error"] == "Probe.compute score [0] is an integer of 401 digits, too large for a float"
+    assert post(shared_server.url, json={"messages": [["q", "4"]]}).json() == {"scores": [4.0]}
+    assert httpx.get(f"{shared_server.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize(("model", "text"), [("probe_models.Probe", "sleep 1e6"), ("probe_models.SyncProbe", "1e6")],
+                         ids=["async compute", "sync compute"])
+def test_sigterm_ends_the_server_within_the_bound_when_compute_never_returns(folder, model, text):
+    from lampo.reward_server import SHUTDOWN_BOUND_S, SHUTDOWN_GRACE_S
+
+    server = ServerProcess(folder, model=model)
+    try:
+        server.wait_healthy()
+        result: dict = {}
+
+        def stuck_request():
+            result["reply"] = post(server.url, json={"messages": [["u", text]]}, timeout=60)
+
+        thread = threading.Thread(target=stuck_request)
+        thread.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.wait_exit(timeout=SHUTDOWN_BOUND_S + 10)
+        took = time.monotonic() - start
+        thread.join(timeout=10)
+        assert took < SHUTDOWN_BOUND_S, f"exit took {took:.1f} s:\n{server.output()}"
+        assert took >= SHUTDOWN_GRACE_S  # the request had its grace period
+        assert code == 1, server.output()  # work was cut off: not a clean stop
+        # The stuck request got an answer it can act on (retry against a restarted server).
+        assert result["reply"].status_code == 503, result["reply"].text
+        assert "shutting down" in result["reply"].json()["error"]
+    finally:
+        server.stop()
+
+
+def test_sigterm_ends_the_server_at_the_bound_when_compute_blocks_the_event_loop(folder):
+    from lampo.reward_server import SHUTDOWN_BOUND_S
+
+    server = ServerProcess(folder)
+    try:
+        server.wait_healthy()
+        def blocking_request():
+            with pytest.raises(httpx.HTTPError):  # the process ends with the request unanswered
+                post(server.url, json={"messages": [["u", "block 1e6"]]}, timeout=60)
+
+        thread = threading.Thread(target=blocking_request, daemon=True)
+        thread.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.wait_exit(timeout=SHUTDOWN_BOUND_S + 10)
+        took = time.monotonic() - start
+        assert took < SHUTDOWN_BOUND_S + 2, f"exit took {took:.1f} s:\n{server.output()}"
+        assert code == 1
+        assert f"still running {SHUTDOWN_BOUND_S:g} s after the stop signal" in server.output()
     finally:
         server.stop()
 

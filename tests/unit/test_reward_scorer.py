@@ -115,6 +115,33 @@ def test_batcher_errors_reach_every_request_of_the_batch():
                for e in errors)
 
 
+def test_batcher_answers_any_failure_of_a_batch_and_serves_the_next():
+    class Unreadable:
+        def tolist(self):  # check_scores converts arrays with tolist(); this one raises
+            raise RuntimeError("device lost")
+
+    class Flaky(RewardModelTemplate):
+        calls = 0
+
+        async def compute(self, messages):
+            self.calls += 1
+            return Unreadable() if self.calls == 1 else [2.0] * len(messages)
+
+    async def go():
+        batcher = Batcher(Flaky({}), max_batch_size=8, max_wait_ms=1)
+        batcher.start()
+        try:
+            first = await asyncio.wait_for(asyncio.gather(batcher.submit([["q", "a"]]), return_exceptions=True), 5)
+            second = await asyncio.wait_for(batcher.submit([["q", "b"]]), 5)
+            return first[0], second
+        finally:
+            await batcher.stop()
+
+    error, scores = asyncio.run(go())
+    assert str(error) == "Flaky.compute returned a reply that could not be checked: RuntimeError: device lost"
+    assert scores == [2.0]
+
+
 @pytest.mark.parametrize("value", ["localhost:8000", "my reward model", "Model"])
 def test_reward_model_that_is_neither_url_nor_class_path(value):
     with pytest.raises(RewardError, match="neither a URL"):
