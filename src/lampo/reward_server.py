@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lampo.config import ConfigError, LampoConfig, RewardConfig, read_yaml
+from lampo.reward.client import RETRYABLE_HEADER
 from lampo.reward.loading import RewardModelLoadError, build_model, import_model_class, model_config_from
 from lampo.reward_model import RewardModelTemplate, check_scores, run_blocking, run_compute
 
@@ -147,11 +148,13 @@ Item = tuple[list[list[str]], "asyncio.Future[list[Any]]"]
 
 class ComputeError(Exception):
     """A request was not scored; `status` is the HTTP answer (500: compute failed or the batcher
-    is gone; 503: the server is shutting down)."""
+    is gone; 503: the server is shutting down). `retryable` is False when the same request would
+    fail the same way: the model raised or its reply failed the checks."""
 
-    def __init__(self, message: str, status: int = 500) -> None:
+    def __init__(self, message: str, status: int = 500, retryable: bool = True) -> None:
         super().__init__(message)
         self.status = status
+        self.retryable = retryable
 
 
 class Batcher:
@@ -272,20 +275,20 @@ class Batcher:
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # type: ignore[union-attr]  # stop(): end the loop
                 raise
-            self._fail(batch, f"{name}.compute raised CancelledError{where}")
+            self._fail(batch, f"{name}.compute raised CancelledError{where}", retryable=False)
             return
         except Exception as exc:  # the user's code: report it, keep serving
             logger.error("%s.compute raised:\n%s", name, traceback.format_exc())
-            self._fail(batch, f"{name}.compute raised {type(exc).__name__}: {exc}{where}")
+            self._fail(batch, f"{name}.compute raised {type(exc).__name__}: {exc}{where}", retryable=False)
             return
         try:
             scores = check_scores(raw, merged, source=f"{name}.compute")
         except ValueError as exc:  # names the bad element
-            self._fail(batch, f"{exc}{where}")
+            self._fail(batch, f"{exc}{where}", retryable=False)
             return
         except Exception as exc:  # e.g. a tensor whose tolist() raises
             self._fail(batch, f"{name}.compute returned a reply that could not be checked: "
-                              f"{type(exc).__name__}: {exc}{where}")
+                              f"{type(exc).__name__}: {exc}{where}", retryable=False)
             return
         start = 0
         for messages, future in batch:
@@ -294,11 +297,11 @@ class Batcher:
             start += len(messages)
 
     @staticmethod
-    def _fail(batch: list[Item], message: str, status: int = 500) -> int:
+    def _fail(batch: list[Item], message: str, status: int = 500, retryable: bool = True) -> int:
         failed = 0
         for _, future in batch:
             if not future.done():
-                future.set_exception(ComputeError(message, status))
+                future.set_exception(ComputeError(message, status, retryable))
                 failed += 1
         return failed
 
@@ -315,7 +318,14 @@ class ComputeRequest(pydantic.BaseModel):
     messages: list[list[str]]
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status: int, message: str, headers: dict[str, str] | None = None,
+           retryable: bool | None = None) -> JSONResponse:
+    """The JSON error reply. Errors a retry would repeat carry `Lampo-Retryable: false` so that
+    clients stop at once; by default those are the 4xx other than 429."""
+    if retryable is None:
+        retryable = status == 429 or status >= 500
+    if not retryable:
+        headers = {**(headers or {}), RETRYABLE_HEADER: "false"}
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -569,7 +579,8 @@ def create_app(
         try:
             scores = await state.batcher.submit(parsed.messages)
         except ComputeError as exc:
-            return _error(exc.status, str(exc), {"Retry-After": "1"} if exc.status == 503 else None)
+            return _error(exc.status, str(exc), {"Retry-After": "1"} if exc.status == 503 else None,
+                          retryable=exc.retryable)
         return JSONResponse({"scores": scores})
 
     return app, state

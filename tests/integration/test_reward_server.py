@@ -568,3 +568,28 @@ def test_wrong_count_and_nan_replies_raise(shared_server, cue, message):
     with pytest.raises(RewardError) as info:
         asyncio.run(go())
     assert message in str(info.value) and "HTTP 500" in str(info.value)
+
+
+@pytest.mark.parametrize(("cue", "message"), [
+    ("raise", "Probe.compute raised RuntimeError: probe exploded"),
+    ("wrong count", "returned 2 scores for 1 conversations"),
+    ("huge", "score [0] is an integer of 401 digits"),
+])
+def test_errors_a_retry_would_repeat_are_marked_and_not_retried(shared_server, cue, message):
+    r = post(shared_server.url, json={"messages": [["q", cue]]})
+    assert r.status_code == 500 and r.headers["lampo-retryable"] == "false"
+
+    async def go():
+        async with client_for(shared_server.url, max_retries=40) as client:
+            try:
+                await client.score([["q", cue]])
+            finally:
+                result["stats"] = client.stats
+
+    result: dict = {}
+    start = time.monotonic()
+    with pytest.raises(RewardError) as info:
+        asyncio.run(go())
+    assert message in str(info.value) and "not retried" in str(info.value)
+    assert result["stats"].retries == 0 and result["stats"].failed_requests == 1
+    assert time.monotonic() - start < 2

@@ -100,6 +100,21 @@ def test_5xx_and_connection_errors_are_retried_until_success():
     assert stats.retries == 2 and stats.failed_requests == 2
 
 
+def test_an_error_the_server_marks_not_retryable_is_raised_at_once():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(500, json={"error": "MyModel.compute raised RuntimeError: boom"},
+                              headers={"Lampo-Retryable": "false"})
+
+    with pytest.raises(RewardError, match=r"HTTP 500: MyModel.compute raised RuntimeError: boom; not retried: "
+                                          r"the server answered Lampo-Retryable: false") as info:
+        score(handler, [["q", "1"]], max_retries=5)
+    assert len(calls) == 1
+    assert info.value.stats.retries == 0 and info.value.stats.failed_requests == 1
+
+
 def test_final_failure_says_what_the_server_answered_and_how_to_start_it():
     def handler(request):
         return httpx.Response(500, json={"error": "MyModel.compute raised RuntimeError: boom"})

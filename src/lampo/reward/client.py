@@ -2,7 +2,8 @@
 
 1. Split the batch into chunks of `reward_batch_size` conversations, sent concurrently.
 2. Each chunk: per-request timeout; retry with exponential backoff and full jitter on connection
-   errors, timeouts, 5xx and 429 (honouring `Retry-After`); any other 4xx is raised as is.
+   errors, timeouts, 5xx and 429 (honouring `Retry-After`); any other 4xx, and any error the
+   server marks `Lampo-Retryable: false`, is raised at once.
 3. Check every reply (count, finite numbers, per-turn lengths) and reassemble in order.
 4. The whole call has a deadline. A final failure raises `RewardError`, never a score of 0.
 """
@@ -21,6 +22,9 @@ from urllib.parse import urlparse
 import httpx
 
 from lampo.reward_model import Score, check_scores
+
+RETRYABLE_HEADER = "Lampo-Retryable"
+"""Response header of the reward protocol: `false` marks an error that the same request would get again."""
 
 
 class RewardError(RuntimeError):
@@ -157,6 +161,13 @@ class RewardClient:
                     raise RewardError(
                         f"reward server at {self.url}/compute refused chunk {index} "
                         f"({len(chunk)} conversations): {problem}"
+                    )
+                if response.headers.get(RETRYABLE_HEADER, "").strip().lower() == "false":
+                    self.stats.failed_requests += 1
+                    raise RewardError(
+                        f"reward server at {self.url}/compute could not score chunk {index} ({len(chunk)} "
+                        f"conversations): {problem}; not retried: the server answered {RETRYABLE_HEADER}: false "
+                        "(the same request would fail the same way)"
                     )
                 wait = _retry_after(response)
             self.stats.failed_requests += 1
