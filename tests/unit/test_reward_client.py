@@ -84,6 +84,22 @@ def test_429_retry_after_is_honoured():
     assert stats.retries == 1 and stats.failed_requests == 1
 
 
+def test_retry_after_past_the_deadline_fails_at_once_saying_so():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(503, json={"error": "model is loading"}, headers={"Retry-After": "900"})
+
+    start = time.monotonic()
+    with pytest.raises(RewardError, match=r"asked to wait 900 s before retrying chunk 0 \(Retry-After\), more than "
+                                          r"the \d+\.\d s left of reward_deadline = 3 s; last answer: HTTP 503: "
+                                          r"model is loading") as info:
+        score(handler, [["q", "1"]], deadline=3)
+    assert time.monotonic() - start < 1  # not the deadline spent waiting for an attempt that cannot come
+    assert len(calls) == 1 and info.value.stats.failed_requests == 1
+
+
 def test_5xx_and_connection_errors_are_retried_until_success():
     calls = []
 
