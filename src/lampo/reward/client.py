@@ -32,6 +32,10 @@ class RewardError(RuntimeError):
     """Scores could not be obtained; the message says what the server answered and how to start it."""
 
 
+class RewardCancelled(RewardError):
+    """The scorer's cancel() was called (the run is stopping): scores were not obtained."""
+
+
 class RewardUnavailable(RewardError):
     """No reward server answers at the configured URL."""
 
