@@ -122,7 +122,8 @@ def start_app_and_wait_for_step_1(config: Path, stderr=subprocess.PIPE, pythonpa
     while not (Path(metrics_file).exists() and Path(metrics_file).read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"no step trained: {proc.stderr.read()[-3000:] if proc.stderr else stderr}")
+            output = proc.stderr.read() if proc.stderr else Path(stderr.name).read_text()
+            raise AssertionError(f"no step trained: {output[-3000:]}")
         time.sleep(0.1)
     return proc
 
