@@ -23,9 +23,11 @@ module (``run_compute``, ``check_scores``) are what both use, so both check repl
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -74,7 +76,7 @@ class RewardModelTemplate:
 
     async def run_sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a blocking function in a worker thread and await its result."""
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await run_blocking(fn, *args, **kwargs)
 
 
 def _tracking(method: Callable[..., Any], loaded: bool) -> Callable[..., Any]:
@@ -107,10 +109,43 @@ async def run_compute(model: RewardModelTemplate, messages: list[list[str]]) -> 
     if inspect.iscoroutinefunction(fn):
         result = await fn(messages)
     else:
-        result = await asyncio.to_thread(fn, messages)
+        result = await run_blocking(fn, messages)
     if inspect.isawaitable(result):  # a plain def that returns a coroutine
         result = await result
     return result
+
+
+async def run_blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` in a new daemon thread and await its result.
+
+    Not ``asyncio.to_thread``: its pool threads are joined when the event loop closes and again
+    when the interpreter exits, so one call that never returns would keep the reward server
+    from exiting on SIGTERM and the trainer from exiting at all. A daemon thread is left behind
+    instead; cancelling the await stops waiting for it, never the thread itself.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def deliver(outcome: Callable[[], None]) -> None:
+        if not future.done():  # the caller may have stopped waiting
+            outcome()
+
+    def target() -> None:
+        try:
+            result = context.run(fn, *args, **kwargs)
+        except BaseException as exc:
+            outcome = functools.partial(future.set_exception, exc)
+        else:
+            outcome = functools.partial(future.set_result, result)
+        try:
+            loop.call_soon_threadsafe(deliver, outcome)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    name = f"lampo-{getattr(fn, '__qualname__', 'call')}"
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await future
 
 
 def check_scores(scores: Any, messages: list[list[str]], source: str = "compute") -> list[Score]:
@@ -144,8 +179,27 @@ def check_scores(scores: Any, messages: list[list[str]], source: str = "compute"
 
 def _finite(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} is {value!r} ({type(value).__name__}), expected a number")
-    value = float(value)
+        raise ValueError(f"{what} is {_show(value)} ({type(value).__name__}), expected a number")
+    try:
+        value = float(value)
+    except OverflowError:  # a Python int beyond float range (JSON allows integers of any length)
+        raise ValueError(f"{what} is an integer of {_digits(value)} digits, too large for a float") from None
     if not math.isfinite(value):
         raise ValueError(f"{what} is {value} (not finite)")
     return value
+
+
+def _digits(value: int) -> str:
+    try:
+        return str(len(str(abs(value))))
+    except ValueError:  # over sys.get_int_max_str_digits(): str() refuses, the logarithm does not
+        return f"about {int(math.log10(abs(value))) + 1}"
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A short repr for error messages (a huge or deeply nested value must not make a second error)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -254,7 +254,7 @@ class Trainer:
                 self.tracker.log(step, stats)
                 if cfg.train.log_samples_steps and step % cfg.train.log_samples_steps == 0:
                     self.tracker.log_samples(step, self._samples(produced))
-                if cfg.train.eval_steps and step % cfg.train.eval_steps == 0:
+                if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and not self.stop_requested:
                     self.tracker.log(step, self.evaluate())
                 stop = self._early_stop(stats)
                 if self.stop_requested:
@@ -262,16 +262,15 @@ class Trainer:
                 if cfg.train.save_step and step % cfg.train.save_step == 0 or self.stop_requested:
                     self.save_checkpoint(step, pending)
                 if self.stop_requested:
-                    raise RunStopped(
-                        f"stopped by {self.stop_requested} after step {step}; checkpoint saved in "
-                        f"{cfg.train.output_dir}. Resume with the same command plus --resume_from_checkpoint auto"
-                    )
+                    raise RunStopped(self._stopped_message(step))
                 if stop:
                     self.tracker.print(f"early stop at step {step}: {stop}")
                     break
             self.save_final()
         except RewardFailure as exc:
             self.save_checkpoint(step, None)
+            if self.stop_requested:  # the stop cancelled this reward phase: nothing was trained on it
+                raise RunStopped(self._stopped_message(step)) from None
             raise RunStopped(
                 f"{exc}\nThe run stopped after {step} trained steps, none of them on a made-up reward; a checkpoint "
                 f"is in {cfg.train.output_dir}. Restart the reward server, then resume with "
@@ -281,6 +280,10 @@ class Trainer:
             executor.shutdown(wait=True, cancel_futures=True)
             self.tracker.close()
         return last_stats
+
+    def _stopped_message(self, step: int) -> str:
+        return (f"stopped by {self.stop_requested} after step {step}; checkpoint saved in "
+                f"{self.cfg.train.output_dir}. Resume with the same command plus --resume_from_checkpoint auto")
 
     def _result(self, future: concurrent.futures.Future, step: int) -> Produced:
         from lampo.reward import RewardError
@@ -383,6 +386,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
         """Roll out the first `eval_batches` batches of the test split; no training."""
+        from lampo.reward import RewardError
+
         if not self.test_rows:
             return {}
         per = self.cfg.optim.batch_size
@@ -391,7 +396,10 @@ class Trainer:
             rows = self.test_rows[k * per : (k + 1) * per]
             if not rows:
                 break
-            p = self.produce(-1 - k, rows=rows)
+            try:
+                p = self.produce(-1 - k, rows=rows)
+            except RewardError as exc:  # as in training: checkpoint and stop, no traceback
+                raise RewardFailure(f"reward phase of evaluation batch {k + 1} failed: {exc}") from exc
             tb = self.to_train_batch(p)
             scores += tb.seq_scores.tolist()
             lengths += tb.action_mask.sum(1).tolist()
@@ -449,8 +457,14 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         if threading_is_main():
             def handler(signum, _frame):
-                # Only set a flag: printing from a signal handler can re-enter a print in progress.
+                if self.stop_requested and signum == signal.SIGINT:
+                    # A second Ctrl-C: the user will not wait for the checkpoint. 130 = 128 + SIGINT.
+                    os.write(2, b"lampo: second SIGINT: exiting now, without waiting for a checkpoint\n")
+                    os._exit(130)
+                # Only set flags: printing from a signal handler can re-enter a print in progress.
                 self.stop_requested = signal.Signals(signum).name
+                # A reward phase retrying a dead server would hold the stop for up to reward_deadline.
+                self.scorer.cancel(f"{self.stop_requested} received")
 
             signal.signal(signal.SIGINT, handler)
             signal.signal(signal.SIGTERM, handler)

@@ -109,16 +109,21 @@ def run_app(config: Path, *extra: str, launcher: list[str] | None = None, timeou
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
 
 
-def start_app_and_wait_for_step_1(config: Path) -> subprocess.Popen:
+def start_app_and_wait_for_step_1(config: Path, stderr=subprocess.PIPE, pythonpath: Path | None = None
+                                  ) -> subprocess.Popen:
     """Start `python -m lampo.ppo_vllm` and return once metrics.jsonl has its first line."""
-    proc = subprocess.Popen([sys.executable, "-m", "lampo.ppo_vllm", "--config", str(config)], env=env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    e = env()
+    if pythonpath is not None:
+        e["PYTHONPATH"] = f"{pythonpath}{os.pathsep}{e['PYTHONPATH']}"
+    proc = subprocess.Popen([sys.executable, "-m", "lampo.ppo_vllm", "--config", str(config)], env=e, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
     metrics_file = yaml.safe_load(config.read_text())["output_dir"] + "/metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (Path(metrics_file).exists() and Path(metrics_file).read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"no step trained: {proc.stderr.read()[-3000:]}")
+            output = proc.stderr.read() if proc.stderr else Path(stderr.name).read_text()
+            raise AssertionError(f"no step trained: {output[-3000:]}")
         time.sleep(0.1)
     return proc
 
@@ -418,3 +423,74 @@ def test_lora_resume_equals_uninterrupted_run(tmp_path, tiny_model_path, estimat
     ra = [r["objective/scores"] for r in metrics(a / "run") if "objective/scores" in r]
     rb = [r["objective/scores"] for r in metrics(b / "run") if "objective/scores" in r]
     assert rb == pytest.approx(ra, abs=1e-6)
+
+
+@pytest.mark.parametrize("async_mode", [False, True], ids=["sync", "async"])
+def test_sigterm_while_retrying_a_dead_reward_server_stops_within_seconds(tmp_path, tiny_model_path, async_mode):
+    # reward_deadline 600 s and retries without end: without the stop cancelling the reward
+    # phase, the run would keep retrying the dead server for ten minutes.
+    srv = RewardServer(tmp_path).start()
+    cfg = write_config(tmp_path, tiny_model_path, reward_model=srv.url, max_steps=500, async_mode=async_mode,
+                       reward_deadline=600.0, reward_max_retries=100_000)
+    proc = start_app_and_wait_for_step_1(cfg)
+    try:
+        srv.kill()
+        time.sleep(3)  # every step takes well under this: the reward phase is retrying by now
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert took < 20
+    assert "stopped by SIGTERM after step" in stderr and "--resume_from_checkpoint auto" in stderr
+    from lampo.checkpoint import find_latest_checkpoint, load_checkpoint
+
+    states, state = load_checkpoint(find_latest_checkpoint(tmp_path / "run"), weights_only=False)
+    trained = [r["step"] for r in metrics(tmp_path / "run") if "objective/scores" in r]
+    assert state["step"] == trained[-1]  # every trained step, and no step trained on a cancelled reward
+    assert states["pending"]["produced"] is None  # no rollout without its rewards either
+
+
+HANGS_ON_UNLOAD = """
+import time
+
+from lampo.reward.rules import VowelReward
+
+
+class HangsOnUnload(VowelReward):
+    def unload(self):
+        time.sleep(3600)  # clean-up that never returns: only a forced exit ends the run now
+"""
+
+
+def test_second_sigint_exits_at_once(tmp_path, tiny_model_path):
+    (tmp_path / "hanging_reward.py").write_text(HANGS_ON_UNLOAD)
+    cfg = write_config(tmp_path, tiny_model_path, reward_model="hanging_reward.HangsOnUnload", max_steps=500)
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        proc = start_app_and_wait_for_step_1(cfg, stderr=err, pythonpath=tmp_path)
+    try:
+        proc.send_signal(signal.SIGINT)  # the first: stop after a checkpoint
+        end = time.monotonic() + 120
+        while "--resume_from_checkpoint auto" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < end, log.read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert proc.poll() is None  # held in the model's unload()
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)  # the second: exit now
+        proc.wait(timeout=10)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, log.read_text()[-3000:]
+    assert took < 5
+    assert "second SIGINT: exiting now" in log.read_text()
+    from lampo.checkpoint import find_latest_checkpoint
+
+    assert find_latest_checkpoint(tmp_path / "run") is not None  # the first SIGINT's checkpoint

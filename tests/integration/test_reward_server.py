@@ -56,8 +56,12 @@ class Probe(RewardModelTemplate):
             return [1.0] * (len(messages) + 1)
         if cue == "nan":
             return [math.nan] * len(messages)
+        if cue == "huge":
+            return [10**400] * len(messages)  # float() of it raises OverflowError
         if cue.startswith("sleep "):
             await asyncio.sleep(float(cue.split()[1]))
+        if cue.startswith("block "):  # the mistake of blocking inside async def: the event loop stops
+            time.sleep(float(cue.split()[1]))
         await asyncio.sleep(float(self.config.get("probe_delay", 0)))
         out = []
         for conversation in messages:
@@ -157,7 +161,8 @@ def shared_server(tmp_path_factory):
 
 
 def post(url: str, **kwargs) -> httpx.Response:
-    return httpx.post(f"{url}/compute", timeout=10, **kwargs)
+    kwargs.setdefault("timeout", 10)
+    return httpx.post(f"{url}/compute", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,6 +249,32 @@ def test_200_concurrent_requests_each_get_their_own_scores(shared_server):
         assert body == {"scores": [float(1000 * i + j) for j in range(1 + i % 3)]}
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "where"),
+    [
+        (b'{"messages": [' + DEEP + b"]}", 422, "messages[0][0]: arrays or objects nested too deeply to parse"),
+        (b'{"messages": [["q", "a"]], "extra": {"x": [' + DEEP + b"]}}", 422,
+         "extra.x[0]: arrays or objects nested too deeply to parse"),
+        (DEEP, 422, "body[0][0][0]: arrays or objects nested too deeply to parse"),
+        # brackets and an escaped quote inside strings are text, not structure
+        (b'{"messages": [["[[[\\"{{", "a"], ' + DEEP + b"]}", 422,
+         "messages[1][0]: arrays or objects nested too deeply to parse"),
+        (b'{"messages": [["q", 1' + b"0" * 4999 + b"]]}", 422,
+         "messages[0][1]: Input should be a valid string (got an integer of 5000 digits)"),
+    ],
+    ids=["nested 100000 deep", "deep under another key", "deep top-level array", "brackets in strings",
+         "5000-digit integer"],
+)
+def test_requests_python_cannot_convert_are_refused_naming_the_element(shared_server, body, status, where):
+    r = post(shared_server.url, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"].startswith(where), r.json()
+    assert post(shared_server.url, json={"messages": [["q", "2"]]}).json() == {"scores": [2.0]}
+
+
 def test_token_protected_server(folder):
     server = ServerProcess(folder, env={"LAMPO_REWARD_TOKEN": "s3cret"})
     try:
@@ -275,6 +306,31 @@ def test_token_protected_server(folder):
         server.stop()
 
 
+def test_authorization_header_that_is_not_ascii_is_a_401(folder):
+    import http.client
+
+    server = ServerProcess(folder, env={"LAMPO_REWARD_TOKEN": "s3cret"})
+    try:
+        server.wait_healthy(headers={"Authorization": "Bearer s3cret"})
+        for path, method in (("/health", "GET"), ("/compute", "POST")):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            try:
+                conn.putrequest(method, path)
+                conn.putheader("Authorization", b"Bearer \xff\xfe")  # raw latin-1 bytes on the wire
+                conn.putheader("Content-Length", "0")
+                conn.endheaders()
+                reply = conn.getresponse()
+                body = reply.read()
+            finally:
+                conn.close()
+            assert reply.status == 401, body
+            assert reply.getheader("content-type") == "application/json"
+            assert "Authorization: Bearer <token>" in json.loads(body)["error"]
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+
+
 def test_non_loopback_bind_without_token_refuses_to_start(folder):
     server = ServerProcess(folder, args=("--host", "0.0.0.0"), env={"LAMPO_REWARD_TOKEN": ""})
     try:
@@ -302,6 +358,69 @@ def test_sigterm_finishes_in_flight_requests_then_unloads(folder):
         assert result["reply"].status_code == 200 and result["reply"].json() == {"scores": [9.0]}  # len("sleep 1.5")
         assert server.wait_exit(timeout=20) == 0, server.output()
         assert marker.read_text() == "unloaded"
+    finally:
+        server.stop()
+
+
+def test_a_score_too_large_for_a_float_is_answered_and_the_server_keeps_serving(shared_server):
+    r = post(shared_server.url, json={"messages": [["q", "huge"]]})
+    assert r.status_code == 500, r.text
+    assert r.json()["error"] == "Probe.compute score [0] is an integer of 401 digits, too large for a float"
+    assert post(shared_server.url, json={"messages": [["q", "4"]]}).json() == {"scores": [4.0]}
+    assert httpx.get(f"{shared_server.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize(("model", "text"), [("probe_models.Probe", "sleep 1e6"), ("probe_models.SyncProbe", "1e6")],
+                         ids=["async compute", "sync compute"])
+def test_sigterm_ends_the_server_within_the_bound_when_compute_never_returns(folder, model, text):
+    from lampo.reward_server import SHUTDOWN_BOUND_S, SHUTDOWN_GRACE_S
+
+    server = ServerProcess(folder, model=model)
+    try:
+        server.wait_healthy()
+        result: dict = {}
+
+        def stuck_request():
+            result["reply"] = post(server.url, json={"messages": [["u", text]]}, timeout=60)
+
+        thread = threading.Thread(target=stuck_request)
+        thread.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.wait_exit(timeout=SHUTDOWN_BOUND_S + 10)
+        took = time.monotonic() - start
+        thread.join(timeout=10)
+        assert took < SHUTDOWN_BOUND_S, f"exit took {took:.1f} s:\n{server.output()}"
+        assert took >= SHUTDOWN_GRACE_S  # the request had its grace period
+        assert code == 1, server.output()  # work was cut off: not a clean stop
+        # The stuck request got an answer it can act on (retry against a restarted server).
+        assert result["reply"].status_code == 503, result["reply"].text
+        assert "shutting down" in result["reply"].json()["error"]
+    finally:
+        server.stop()
+
+
+def test_sigterm_ends_the_server_at_the_bound_when_compute_blocks_the_event_loop(folder):
+    from lampo.reward_server import SHUTDOWN_BOUND_S
+
+    server = ServerProcess(folder)
+    try:
+        server.wait_healthy()
+        def blocking_request():
+            with pytest.raises(httpx.HTTPError):  # the process ends with the request unanswered
+                post(server.url, json={"messages": [["u", "block 1e6"]]}, timeout=60)
+
+        thread = threading.Thread(target=blocking_request, daemon=True)
+        thread.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.wait_exit(timeout=SHUTDOWN_BOUND_S + 10)
+        took = time.monotonic() - start
+        assert took < SHUTDOWN_BOUND_S + 2, f"exit took {took:.1f} s:\n{server.output()}"
+        assert code == 1
+        assert f"still running {SHUTDOWN_BOUND_S:g} s after the stop signal" in server.output()
     finally:
         server.stop()
 
@@ -449,3 +568,28 @@ def test_wrong_count_and_nan_replies_raise(shared_server, cue, message):
     with pytest.raises(RewardError) as info:
         asyncio.run(go())
     assert message in str(info.value) and "HTTP 500" in str(info.value)
+
+
+@pytest.mark.parametrize(("cue", "message"), [
+    ("raise", "Probe.compute raised RuntimeError: probe exploded"),
+    ("wrong count", "returned 2 scores for 1 conversations"),
+    ("huge", "score [0] is an integer of 401 digits"),
+])
+def test_errors_a_retry_would_repeat_are_marked_and_not_retried(shared_server, cue, message):
+    r = post(shared_server.url, json={"messages": [["q", cue]]})
+    assert r.status_code == 500 and r.headers["lampo-retryable"] == "false"
+
+    async def go():
+        async with client_for(shared_server.url, max_retries=40) as client:
+            try:
+                await client.score([["q", cue]])
+            finally:
+                result["stats"] = client.stats
+
+    result: dict = {}
+    start = time.monotonic()
+    with pytest.raises(RewardError) as info:
+        asyncio.run(go())
+    assert message in str(info.value) and "not retried" in str(info.value)
+    assert result["stats"].retries == 0 and result["stats"].failed_requests == 1
+    assert time.monotonic() - start < 2

@@ -84,6 +84,22 @@ def test_429_retry_after_is_honoured():
     assert stats.retries == 1 and stats.failed_requests == 1
 
 
+def test_retry_after_past_the_deadline_fails_at_once_saying_so():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(503, json={"error": "model is loading"}, headers={"Retry-After": "900"})
+
+    start = time.monotonic()
+    with pytest.raises(RewardError, match=r"asked to wait 900 s before retrying chunk 0 \(Retry-After\), more than "
+                                          r"the \d+\.\d s left of reward_deadline = 3 s; last answer: HTTP 503: "
+                                          r"model is loading") as info:
+        score(handler, [["q", "1"]], deadline=3)
+    assert time.monotonic() - start < 1  # not the deadline spent waiting for an attempt that cannot come
+    assert len(calls) == 1 and info.value.stats.failed_requests == 1
+
+
 def test_5xx_and_connection_errors_are_retried_until_success():
     calls = []
 
@@ -98,6 +114,21 @@ def test_5xx_and_connection_errors_are_retried_until_success():
     scores, stats = score(handler, [["q", "1"], ["q", "2"]])
     assert scores == [1.0, 2.0]
     assert stats.retries == 2 and stats.failed_requests == 2
+
+
+def test_an_error_the_server_marks_not_retryable_is_raised_at_once():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(500, json={"error": "MyModel.compute raised RuntimeError: boom"},
+                              headers={"Lampo-Retryable": "false"})
+
+    with pytest.raises(RewardError, match=r"HTTP 500: MyModel.compute raised RuntimeError: boom; not retried: "
+                                          r"the server answered Lampo-Retryable: false") as info:
+        score(handler, [["q", "1"]], max_retries=5)
+    assert len(calls) == 1
+    assert info.value.stats.retries == 0 and info.value.stats.failed_requests == 1
 
 
 def test_final_failure_says_what_the_server_answered_and_how_to_start_it():
@@ -132,6 +163,28 @@ def test_bad_replies_raise_and_are_not_retried(reply, message):
         return httpx.Response(200, content=reply.encode(), headers={"content-type": "application/json"})
 
     with pytest.raises(RewardError, match=message):
+        score(handler, [["q", "1"], ["q", "2"]])
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        ('{"scores": [1.0, 1' + "0" * 400 + "]}", r"score \[1\] is an integer of 401 digits, too large for a float"),
+        ('{"scores": ' + "[" * 100_000 + "]" * 100_000 + "}", "maximum recursion depth exceeded"),
+    ],
+    ids=["400-digit integer", "nested 100000 deep"],
+)
+def test_replies_python_cannot_convert_are_reward_errors(reply, message):
+    # Neither may escape as OverflowError or RecursionError: the trainer only turns a RewardError
+    # into a checkpoint and exit code 3.
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(200, content=reply.encode(), headers={"content-type": "application/json"})
+
+    with pytest.raises(RewardError, match=r"invalid reply for chunk 0 \(2 conversations\): .*" + message):
         score(handler, [["q", "1"], ["q", "2"]])
     assert len(calls) == 1
 

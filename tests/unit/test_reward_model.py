@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 
 import pytest
 
@@ -116,3 +117,30 @@ def test_model_config_merges_reward_model_config_on_top():
     raw = {"learning_rate": 1e-5, "keywords": ["a"], "reward_model_config": {"keywords": ["b"], "x": 1}}
     merged = model_config_from(raw)
     assert merged["keywords"] == ["b"] and merged["x"] == 1 and merged["learning_rate"] == 1e-5
+
+
+@pytest.mark.parametrize("score", [10**400, -(10**400), [1.0, 10**400]], ids=["huge", "negative", "per-turn"])
+def test_check_scores_rejects_an_integer_too_large_for_a_float(score):
+    # float(10**400) raises OverflowError; it must be the same ValueError as every other bad score.
+    with pytest.raises(ValueError, match=r"score \[1\](\[1\])? is an integer of 401 digits, too large for a float"):
+        check_scores([1.0, score], [["u", "a"], ["u1", "a1", "u2", "a2"]])
+
+
+def test_a_sync_compute_that_does_not_return_holds_up_neither_the_loop_nor_its_close():
+    # asyncio.run joins the default executor's threads on exit: with compute in that pool, a
+    # stuck compute would keep a reward server from exiting after SIGTERM.
+    class Stuck(RewardModelTemplate):
+        def compute(self, messages):
+            time.sleep(3)  # "forever" for this test, short enough not to outlive the test run
+            return [1.0]
+
+    async def give_up():
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(run_compute(Stuck({}), [["a", "b"]]), 0.2)
+
+    runner = threading.Thread(target=asyncio.run, args=(give_up(),), daemon=True)
+    start = time.monotonic()
+    runner.start()
+    runner.join(timeout=2)
+    assert not runner.is_alive(), "asyncio.run waited for the stuck compute's thread"
+    assert time.monotonic() - start < 2

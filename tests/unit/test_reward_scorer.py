@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import socket
+import threading
+import time
 
 import pytest
 
 from lampo.config import LampoConfig
-from lampo.reward import InProcessScorer, RewardError, RewardUnavailable, make_scorer
+from lampo.reward import InProcessScorer, RewardCancelled, RewardError, RewardUnavailable, make_scorer
 from lampo.reward_model import RewardModelTemplate
 from lampo.reward_server import Batcher
 
@@ -115,7 +118,152 @@ def test_batcher_errors_reach_every_request_of_the_batch():
                for e in errors)
 
 
+def test_batcher_answers_any_failure_of_a_batch_and_serves_the_next():
+    class Unreadable:
+        def tolist(self):  # check_scores converts arrays with tolist(); this one raises
+            raise RuntimeError("device lost")
+
+    class Flaky(RewardModelTemplate):
+        calls = 0
+
+        async def compute(self, messages):
+            self.calls += 1
+            return Unreadable() if self.calls == 1 else [2.0] * len(messages)
+
+    async def go():
+        batcher = Batcher(Flaky({}), max_batch_size=8, max_wait_ms=1)
+        batcher.start()
+        try:
+            first = await asyncio.wait_for(asyncio.gather(batcher.submit([["q", "a"]]), return_exceptions=True), 5)
+            second = await asyncio.wait_for(batcher.submit([["q", "b"]]), 5)
+            return first[0], second
+        finally:
+            await batcher.stop()
+
+    error, scores = asyncio.run(go())
+    assert str(error) == "Flaky.compute returned a reply that could not be checked: RuntimeError: device lost"
+    assert scores == [2.0]
+
+
 @pytest.mark.parametrize("value", ["localhost:8000", "my reward model", "Model"])
 def test_reward_model_that_is_neither_url_nor_class_path(value):
     with pytest.raises(RewardError, match="neither a URL"):
         make_scorer(LampoConfig(reward_model=value).reward)
+
+
+# Models that never return in time, in a module of the current folder (as users write them). The
+# sleeps are long for the tests and finite, so a thread left behind ends on its own.
+STUCK_MODELS = """
+import asyncio, time
+from lampo.reward_model import RewardModelTemplate
+
+
+class AsyncForever(RewardModelTemplate):
+    async def compute(self, messages):
+        if messages[0][-1] != "ok":
+            await asyncio.sleep(20)
+        return [1.0] * len(messages)
+
+
+class SyncForever(RewardModelTemplate):
+    def compute(self, messages):
+        if messages[0][-1] != "ok":
+            time.sleep(20)
+        return [1.0] * len(messages)
+
+
+class BlocksItsLoop(RewardModelTemplate):
+    async def compute(self, messages):
+        if messages[0][-1] != "ok":
+            time.sleep(20)  # blocking work inside async def: the event loop stops with it
+        return [1.0] * len(messages)
+"""
+
+
+@pytest.fixture
+def stuck_models(tmp_path, monkeypatch):
+    (tmp_path / "stuck_models.py").write_text(STUCK_MODELS)
+    monkeypatch.chdir(tmp_path)
+
+
+def within(seconds: float, fn, *args):
+    """fn(*args) in a daemon thread: its result, or AssertionError if it takes longer (never a hung test)."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} took longer than {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+@pytest.mark.parametrize(("model", "left"), [
+    ("AsyncForever", "it was cancelled"),
+    ("SyncForever", "a plain `def compute` runs in a thread that cannot be stopped: it is left running"),
+    ("BlocksItsLoop", "it blocks its event loop"),
+])
+def test_in_process_compute_is_bounded_by_reward_timeout(stuck_models, model, left):
+    cfg = LampoConfig(reward_model=f"stuck_models.{model}", reward_timeout=0.3, reward_deadline=600).reward
+    scorer = make_scorer(cfg, {})
+    try:
+        with pytest.raises(RewardError) as info:
+            within(3, scorer.score, [["q", "stuck"]])
+        assert str(info.value).startswith(
+            f"in-process reward model stuck_models.{model}: {model}.compute did not return within "
+            f"reward_timeout = 0.3 s for 1 conversations; {left}"
+        )
+        assert scorer.stats()["reward/failed_requests"] == 1
+        # The next call is not held up behind the stuck one.
+        assert within(1, scorer.score, [["q", "ok"]]) == [1.0]
+    finally:
+        scorer.close()
+
+
+def test_in_process_compute_is_bounded_by_reward_deadline_when_that_is_shorter(stuck_models):
+    scorer = InProcessScorer("stuck_models.AsyncForever", {}, timeout=5, deadline=0.3)
+    try:
+        with pytest.raises(RewardError, match=r"AsyncForever.compute did not return within reward_deadline = 0.3 s"):
+            within(3, scorer.score, [["q", "stuck"]])
+    finally:
+        scorer.close()
+
+
+def test_cancel_ends_an_in_process_score_in_flight_and_every_later_one(stuck_models):
+    scorer = make_scorer(LampoConfig(reward_model="stuck_models.AsyncForever", reward_timeout=600).reward, {})
+    try:
+        threading.Timer(0.3, scorer.cancel, args=("SIGTERM received",)).start()
+        start = time.monotonic()
+        with pytest.raises(RewardCancelled, match="reward scoring cancelled: SIGTERM received"):
+            within(3, scorer.score, [["q", "stuck"]])
+        assert time.monotonic() - start < 1
+        with pytest.raises(RewardCancelled):
+            within(1, scorer.score, [["q", "ok"]])
+    finally:
+        scorer.close()
+
+
+def test_cancel_ends_the_retries_of_a_dead_reward_server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here: every attempt is a connection error
+    cfg = LampoConfig(reward_model=f"http://127.0.0.1:{port}", reward_deadline=600, reward_max_retries=1000).reward
+    scorer = make_scorer(cfg)
+    try:
+        threading.Timer(1.0, scorer.cancel, args=("SIGTERM received",)).start()
+        start = time.monotonic()
+        with pytest.raises(RewardCancelled, match="reward scoring cancelled: SIGTERM received"):
+            within(5, scorer.score, [["q", "a"]])
+        assert time.monotonic() - start < 2
+        assert isinstance(RewardCancelled("x"), RewardError)  # the trainer's handling of reward errors applies
+        with pytest.raises(RewardCancelled):
+            within(1, scorer.score, [["q", "a"]])
+    finally:
+        scorer.close()

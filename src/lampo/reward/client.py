@@ -2,7 +2,9 @@
 
 1. Split the batch into chunks of `reward_batch_size` conversations, sent concurrently.
 2. Each chunk: per-request timeout; retry with exponential backoff and full jitter on connection
-   errors, timeouts, 5xx and 429 (honouring `Retry-After`); any other 4xx is raised as is.
+   errors, timeouts, 5xx and 429 (honouring `Retry-After`, unless it reaches past the deadline:
+   then the call fails at once, saying so); any other 4xx, and any error the
+   server marks `Lampo-Retryable: false`, is raised at once.
 3. Check every reply (count, finite numbers, per-turn lengths) and reassemble in order.
 4. The whole call has a deadline. A final failure raises `RewardError`, never a score of 0.
 """
@@ -22,9 +24,16 @@ import httpx
 
 from lampo.reward_model import Score, check_scores
 
+RETRYABLE_HEADER = "Lampo-Retryable"
+"""Response header of the reward protocol: `false` marks an error that the same request would get again."""
+
 
 class RewardError(RuntimeError):
     """Scores could not be obtained; the message says what the server answered and how to start it."""
+
+
+class RewardCancelled(RewardError):
+    """The scorer's cancel() was called (the run is stopping): scores were not obtained."""
 
 
 class RewardUnavailable(RewardError):
@@ -111,9 +120,10 @@ class RewardClient:
         if not messages:
             return []
         chunks = [messages[i : i + self.batch_size] for i in range(0, len(messages), self.batch_size)]
+        deadline_at = asyncio.get_running_loop().time() + self.deadline
         try:
-            async with asyncio.timeout(self.deadline):
-                results = await self._gather(chunks)
+            async with asyncio.timeout_at(deadline_at):
+                results = await self._gather(chunks, deadline_at)
         except TimeoutError:
             self.stats.failed_requests += 1
             raise RewardError(
@@ -122,10 +132,10 @@ class RewardClient:
             ) from None
         return [s for chunk_scores in results for s in chunk_scores]
 
-    async def _gather(self, chunks: list[list[list[str]]]) -> list[list[Score]]:
+    async def _gather(self, chunks: list[list[list[str]]], deadline_at: float) -> list[list[Score]]:
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._score_chunk(c, i)) for i, c in enumerate(chunks)]
+                tasks = [group.create_task(self._score_chunk(c, i, deadline_at)) for i, c in enumerate(chunks)]
         except BaseExceptionGroup as group_error:
             # One chunk failed for good and the others were cancelled: report the first reason.
             first = next((e for e in group_error.exceptions if isinstance(e, RewardError)), None)
@@ -134,7 +144,7 @@ class RewardClient:
             raise first from None
         return [task.result() for task in tasks]
 
-    async def _score_chunk(self, chunk: list[list[str]], index: int) -> list[Score]:
+    async def _score_chunk(self, chunk: list[list[str]], index: int, deadline_at: float) -> list[Score]:
         body = {"messages": chunk}
         attempt = 0
         while True:
@@ -158,6 +168,13 @@ class RewardClient:
                         f"reward server at {self.url}/compute refused chunk {index} "
                         f"({len(chunk)} conversations): {problem}"
                     )
+                if response.headers.get(RETRYABLE_HEADER, "").strip().lower() == "false":
+                    self.stats.failed_requests += 1
+                    raise RewardError(
+                        f"reward server at {self.url}/compute could not score chunk {index} ({len(chunk)} "
+                        f"conversations): {problem}; not retried: the server answered {RETRYABLE_HEADER}: false "
+                        "(the same request would fail the same way)"
+                    )
                 wait = _retry_after(response)
             self.stats.failed_requests += 1
             if attempt >= self.max_retries:
@@ -165,6 +182,14 @@ class RewardClient:
                     f"reward request for chunk {index} ({len(chunk)} conversations) to {self.url}/compute "
                     f"failed after {attempt + 1} attempts (reward_max_retries = {self.max_retries}); last "
                     f"answer: {problem}; {start_hint(self.url)}"
+                )
+            left = deadline_at - asyncio.get_running_loop().time()
+            if wait is not None and wait >= left:
+                # Waiting as asked could not lead to another attempt before the deadline.
+                raise RewardError(
+                    f"reward server at {self.url}/compute asked to wait {wait:g} s before retrying chunk {index} "
+                    f"(Retry-After), more than the {max(left, 0):.1f} s left of reward_deadline = "
+                    f"{self.deadline:g} s; last answer: {problem}. Raise reward_deadline if the server needs that long"
                 )
             if wait is None:
                 # Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff
@@ -178,7 +203,7 @@ class RewardClient:
         try:
             scores = response.json()["scores"]
             return check_scores(scores, chunk, source=f"reward server at {self.url}")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
             self.stats.failed_requests += 1
             raise RewardError(
                 f"reward server at {self.url}/compute sent an invalid reply for chunk {index} "
