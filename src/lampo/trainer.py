@@ -304,10 +304,14 @@ class Trainer:
                 per_turn.append([]), positions.append([]), totals.append(0.0)
                 continue
             if isinstance(score, list):
-                if len(score) != len(ends):
+                # One score per assistant turn of the conversation the reward model read, given
+                # history first (PaddleNLP `tgt`, earlier `messages` turns): only the generated
+                # turns, the last len(ends), are actions to reward (docs/reward-server.md).
+                given = len(b.messages[i]) // 2 - len(ends)
+                if len(score) != given + len(ends):
                     raise ValueError(f"conversation {i}: the reward model gave {len(score)} per-turn scores for "
-                                     f"{len(ends)} assistant turns")
-                turn_scores, turn_pos = list(score), list(ends)
+                                     f"{given + len(ends)} assistant turns ({given} given, {len(ends)} generated)")
+                turn_scores, turn_pos = list(score[given:]), list(ends)
             else:
                 turn_scores, turn_pos = [float(score)], [ends[-1]]
             if opt.non_stop_penalty and not bool(stopped[i]):
