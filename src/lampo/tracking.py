@@ -102,6 +102,40 @@ TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id.txt"
 
 
+class MetricWindow:
+    """The steps between two logged steps (`logging_steps`), reduced to one record.
+
+    As transformers' Trainer logs the mean loss since its last log: each metric is averaged over
+    the window, except event counts, which are summed (a retry two steps ago still happened), and
+    running totals and settings, which take their latest value.
+    """
+
+    SUMMED = ("reward/retries", "reward/failed_requests", "data/skipped_rows", "optim/skipped_steps")
+    LATEST = ("episode", "epoch", "lr", "objective/kl_coef", "time/from_scratch", "policy/version_lag")
+
+    def __init__(self) -> None:
+        self._rows: list[dict[str, float]] = []
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self._rows.append(dict(metrics))
+
+    def reduce(self) -> dict[str, float]:
+        """The window's record; the window starts empty again."""
+        rows, self._rows = self._rows, []
+        out: dict[str, float] = {}
+        for name in dict.fromkeys(k for row in rows for k in row):
+            values = [row[name] for row in rows if name in row and row[name] is not None]
+            if not values:
+                continue
+            if name in self.SUMMED:
+                out[name] = float(sum(values))
+            elif name in self.LATEST:
+                out[name] = values[-1]
+            else:
+                out[name] = float(sum(values) / len(values))
+        return out
+
+
 class TrackingError(RuntimeError):
     """A tracker could not start or a logged value is unusable; the message says what to do."""
 
@@ -490,6 +524,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 __all__ = [
     "EVAL_PREFIX",
+    "MetricWindow",
     "KEY_METRICS",
     "METRIC_NAMES",
     "Tracker",

@@ -43,7 +43,7 @@ from lampo.rollout.batch import RolloutBatch
 from lampo.rollout.engines import make_engine
 from lampo.rollout.multistep import rollout
 from lampo.rollout.weight_sync import engine_weights
-from lampo.tracking import Tracker
+from lampo.tracking import MetricWindow, Tracker
 
 log = logging.getLogger("lampo")
 
@@ -219,6 +219,7 @@ class Trainer:
         if self.pending is not None:
             pending = _done_future(self.pending)
         last_stats: dict[str, float] = {}
+        window = MetricWindow()  # the steps since the last logged one (`logging_steps`)
         self._install_signal_handlers()
         step = self.start_step
         try:
@@ -251,12 +252,16 @@ class Trainer:
                 stats.update(perf.step_mfu(stats, flops, self.peak_flops))
                 stats = self._reduce(stats)
                 last_stats = stats
-                self.tracker.log(step, stats)
+                stop = self._early_stop(stats)
+                window.add(stats)
+                if self.tracker.should_log(step) or self.stop_requested or stop:
+                    self.tracker.log(step, window.reduce())
+                else:
+                    self.tracker.advance(step)
                 if cfg.train.log_samples_steps and step % cfg.train.log_samples_steps == 0:
                     self.tracker.log_samples(step, self._samples(produced))
                 if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and not self.stop_requested:
                     self.tracker.log(step, self.evaluate())
-                stop = self._early_stop(stats)
                 if self.stop_requested:
                     self.tracker.print(f"{self.stop_requested} received: saving a checkpoint after step {step}")
                 if cfg.train.save_step and step % cfg.train.save_step == 0 or self.stop_requested:
@@ -268,6 +273,9 @@ class Trainer:
                     break
             self.save_final()
         except RewardFailure as exc:
+            unlogged = window.reduce()
+            if unlogged:  # the trained steps since the last logged one
+                self.tracker.log(step, unlogged)
             self.save_checkpoint(step, None)
             if self.stop_requested:  # the stop cancelled this reward phase: nothing was trained on it
                 raise RunStopped(self._stopped_message(step)) from None

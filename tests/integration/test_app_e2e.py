@@ -494,3 +494,14 @@ def test_second_sigint_exits_at_once(tmp_path, tiny_model_path):
     from lampo.checkpoint import find_latest_checkpoint
 
     assert find_latest_checkpoint(tmp_path / "run") is not None  # the first SIGINT's checkpoint
+
+
+def test_logging_steps_writes_every_nth_step_with_the_window_averaged(tmp_path, tiny_model_path):
+    cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.VowelReward", max_steps=5,
+                       logging_steps=2, async_mode=False)
+    out = run_app(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [r for r in metrics(tmp_path / "run") if "objective/scores" in r]
+    # the first step, every second, and the last: steps 3 and 4 are one record at step 4
+    assert [r["step"] for r in rows] == [1, 2, 4, 5]
+    assert [r["episode"] for r in rows] == [4.0, 8.0, 16.0, 20.0]  # running totals: the latest value

@@ -152,6 +152,18 @@ def test_should_log_follows_logging_steps(tmp_path):
     tracker.close()
 
 
+def test_metric_window_averages_sums_counts_and_keeps_the_latest_totals():
+    from lampo.tracking import MetricWindow
+
+    w = MetricWindow()
+    w.add({"objective/scores": 0.2, "reward/retries": 1, "episode": 16.0, "loss/policy_avg": None})
+    w.add({"objective/scores": 0.4, "reward/retries": 2, "episode": 32.0, "loss/policy_avg": -0.5})
+    # scores (0.2 + 0.4) / 2 = 0.3; retries 1 + 2 = 3; episode the latest, 32; a skipped null is not a 0
+    assert w.reduce() == pytest.approx({"objective/scores": 0.3, "reward/retries": 3.0, "episode": 32.0,
+                                        "loss/policy_avg": -0.5})
+    assert w.reduce() == {}  # the next window starts empty
+
+
 def _fake_wandb(calls: list) -> types.ModuleType:
     mod = types.ModuleType("wandb")
 
