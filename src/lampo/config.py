@@ -113,6 +113,8 @@ class GenerationConfig:
     """Most tokens generated per assistant turn."""
     min_new_tokens: int = 0
     """Fewest tokens generated per assistant turn before the stop token is allowed."""
+    truncated_turn: Literal["continue", "end"] = "continue"
+    """A turn cut at max_new_tokens: `continue` the conversation (the turn is closed with the end-of-turn token; the non-stop penalty still applies) or `end` it there."""
     stop_token: str | None = None
     """Stop string; null uses the tokenizer's end-of-turn token (`<|im_end|>` for ChatML, else eos)."""
     num_generations: int = 1

@@ -141,11 +141,25 @@ def test_empty_later_cells_end_conversations_early(tok):
     assert not batch.action_mask[1, n1:].any()
 
 
-def test_non_stopped_turn_is_flagged_and_ends_the_conversation(tok):
+def test_non_stopped_turn_is_flagged_closed_and_the_conversation_goes_on(tok):
     # Call 0 (step 0): row 0 is cut off at max_new_tokens, row 1 stops.
     engine = ScriptedEngine(tok, stop=lambda k, i, j: not (k == 0 and i == 0))
     rows = [PromptRow(0, ("a", "b")), PromptRow(1, ("c", "d"))]
     batch = rollout(engine, tok, rows, *cfgs(), policy_version=0)
+    assert batch.finish_reasons == [["length", "stop"], ["stop", "stop"]]
+    assert batch.stopped.tolist() == [False, True]  # the non-stop penalty still sees the cut turn
+    assert [len(c) for c in engine.calls] == [2, 2]
+    assert len(batch.messages[0]) == 4  # the reward model receives every turn of the row
+    # The cut turn is closed as the template writes it: <|im_end|> (not an action) + "\n" + next turn.
+    end = batch.turn_spans[0][0][1]
+    assert engine.calls[1][0][end:] == [EOT] + enc(tok, "\n<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\n")
+    assert not batch.action_mask[0, end] and batch.action_mask[0, end + 1 :].any()
+
+
+def test_truncated_turn_end_ends_the_conversation_at_the_cut_turn(tok):
+    engine = ScriptedEngine(tok, stop=lambda k, i, j: not (k == 0 and i == 0))
+    rows = [PromptRow(0, ("a", "b")), PromptRow(1, ("c", "d"))]
+    batch = rollout(engine, tok, rows, *cfgs(truncated_turn="end"), policy_version=0)
     assert batch.finish_reasons == [["length"], ["stop", "stop"]]
     assert batch.stopped.tolist() == [False, True]
     assert [len(c) for c in engine.calls] == [2, 1]

@@ -14,10 +14,12 @@ end-of-turn token (the model generated it when it stopped at that token; otherwi
 as a template token) and the template's separator after it (`"\\n"` for ChatML). Only tokens
 the engine generated are actions (`action_mask`); glue, user and template tokens are not.
 
-A conversation ends early when its next cell is empty, when a turn hits `max_new_tokens`
-without the stop token (finish reason "length": nothing sensible follows a cut-off answer, and
-the non-stop penalty applies to the whole conversation), or when its next prompt would exceed
-`max_prompt_len`.
+A conversation ends early when its next cell is empty or when its next prompt would exceed
+`max_prompt_len`. A turn that hits `max_new_tokens` without the stop token (finish reason
+"length") is closed with the end-of-turn token, as the template writes it, and the conversation
+goes on (`truncated_turn: continue`, the default), so the reward model receives every turn of the
+row and the later turns are trained; the non-stop penalty still applies to the conversation.
+With `truncated_turn: end` the conversation ends at the cut turn.
 """
 
 from __future__ import annotations
@@ -149,8 +151,9 @@ def rollout(
         for c in convs:
             if c.done:
                 continue
-            if step >= len(c.row.steps) or c.reasons[-1] != "stop":
-                c.done = True  # empty later cell, or a cut-off answer: the conversation ends here
+            cut_ends = c.reasons[-1] != "stop" and generation_cfg.truncated_turn == "end"
+            if step >= len(c.row.steps) or cut_ends:
+                c.done = True  # no later cell, or a cut-off answer with truncated_turn: end
                 continue
             going.append(c)
         segments = _encode(tokenizer, [fmt.separator + fmt.next_segment(c.row.steps[step]) for c in going])
