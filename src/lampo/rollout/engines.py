@@ -114,12 +114,16 @@ class HFEngine:
         device: str | torch.device = "cpu",
         max_batch_size: int | None = None,
         onednn_linear: bool = False,
+        attn_implementation: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
         torch_dtype = _torch_dtype(dtype)
         if isinstance(model, (str, Path)):
-            self.model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype)
+            # the learner's attention kernels (`model.attn_implementation`): Gemma 2's attention
+            # soft-capping, for one, is computed by transformers' eager kernels only
+            attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            self.model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype, **attn)
         else:
             self.model = _standalone_copy(model).to(torch_dtype)
         self.model.to(device).eval()
@@ -589,12 +593,15 @@ def make_engine(
     dtype: str = "float32",
     seed: int = 0,
     onednn_linear: bool = False,
+    attn_implementation: str | None = None,
 ) -> HFEngine | VLLMEngine:
     """Build the engine `generation_cfg.engine` names (`auto`: vLLM when importable).
 
     model: the policy object for the `hf` engine (it copies it); without it, `hf` loads
     `model_path`. vLLM always loads `model_path` and receives later weights by `update_weights`.
     onednn_linear: the `hf` engine's fp32 linear layers on oneDNN (vLLM picks its own kernels).
+    attn_implementation: the `hf` engine's attention kernels when it loads `model_path` (pass the
+    learner's `model.attn_implementation`; None keeps transformers' default).
     """
     choice = generation_cfg.engine
     if choice == "auto":
@@ -609,5 +616,5 @@ def make_engine(
         return VLLMEngine(model_path, tokenizer, generation_cfg, max_model_len=max_len, dtype=dtype, seed=seed)
     if choice == "hf":
         return HFEngine(model if model is not None else model_path, tokenizer, dtype=dtype,
-                        onednn_linear=onednn_linear)
+                        onednn_linear=onednn_linear, attn_implementation=attn_implementation)
     raise ValueError(f"engine must be auto, hf or vllm, got {choice!r}")

@@ -81,6 +81,10 @@ class Family:
     """The family's own config values: what makes it differ from the others."""
     trait: str
     """What the family adds to the test matrix (docs/models.md lists it)."""
+    attn_implementation: str | None = None
+    """transformers attention kernels that compute the family exactly (None: its default will do).
+    Gemma 2: `eager`, the only one that applies its attention soft-capping (transformers' sdpa
+    and flash paths leave it out, vLLM applies it)."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -102,13 +106,16 @@ FAMILIES: dict[str, Family] = {
                       "Mistral's own model classes (v0.2+ without a sliding window)"),
     # Gemma 2 alternates sliding-window and global attention layers; a window of 16 tokens is
     # shorter than the tests' conversations, so its sliding layers really drop keys there.
+    # Soft-capping (cap * tanh(x / cap)) is scaled down to a random model's numbers (attention
+    # scores under 0.1, logits under 1; Gemma 2 itself caps at 50 and 30), so that it binds: an
+    # engine or attention kernel that skipped it would fail the parity tests.
     # query_pre_attn_scalar is head_dim (64 in every size), as in Gemma 2 2B/9B.
     "gemma2": Family("Gemma2Config", _DECODER_KEYS, {"tie_word_embeddings": True, "rms_norm_eps": 1e-6,
                                                      "attention_dropout": 0.0, "sliding_window": 16,
-                                                     "query_pre_attn_scalar": 64, "attn_logit_softcapping": 50.0,
-                                                     "final_logit_softcapping": 30.0},
+                                                     "query_pre_attn_scalar": 64, "attn_logit_softcapping": 0.05,
+                                                     "final_logit_softcapping": 0.5},
                      "soft-capped attention and output logits, sliding-window layers, scaled embedding, "
-                     "tied head"),
+                     "tied head", attn_implementation="eager"),
     "gpt2": Family("GPT2Config", _GPT2_KEYS, {"tie_word_embeddings": True, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                                               "attn_pdrop": 0.0},
                    "learned absolute positions, Conv1D layers (transposed weights), LayerNorm with bias, "
