@@ -11,8 +11,8 @@ The matrix of docs/models.md, per family:
   pass under grpo) equal a plain forward of each sequence alone.
 - saving: `PPOTrainer.save_model` loads back in transformers with the same logits (LoRA: the
   adapter, and the merged model); vLLM's engine starts from that saved directory.
-- resume: the application's `Trainer` (hf engine, in-process VowelReward): 2 steps with
-  save_step 1, then resumed to 3, equals 3 uninterrupted steps to 1e-6.
+- resume: the application's `Trainer` (hf engine, in-process VowelReward): resumed from the
+  checkpoint of step 2 to step 3, it equals 3 uninterrupted steps to 1e-6.
 
 Time: the fixtures are module-scoped and parametrized by family, so pytest runs one family's
 cells together; each family is built once (build/test-models/<arch>), its vLLM engine started
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 from pathlib import Path
 
@@ -217,9 +218,8 @@ def test_hf_engine_greedy_equals_transformers(arch, family_dir, tok, prompts, gr
 
 @pytest.mark.vllm
 def test_vllm_starts_from_the_saved_model_and_equals_transformers(arch, saved_dir, tok, prompts, greedy, vllm_engine):
-    model = load_hf(saved_dir, arch)
-    vllm_engine.update_weights(engine_weights(model))  # the saved weights, whatever ran before
-    assert_matches(reference_greedy(model, prompts, tok.eos_token_id),
+    # the engine holds the weights it loaded from saved_dir (the sync tests put them back after)
+    assert_matches(reference_greedy(load_hf(saved_dir, arch), prompts, tok.eos_token_id),
                    [g[0] for g in vllm_engine.generate(prompts, greedy)])
 
 
@@ -246,19 +246,19 @@ def test_weight_sync_after_an_update(arch, family_dir, saved_dir, tok, prompts, 
         engine = HFEngine(start, tok, attn_implementation=FAMILIES[arch].attn_implementation)
     else:
         start = saved_dir
-        engine = request.getfixturevalue("vllm_engine")
-        engine.update_weights(engine_weights(load_hf(start, arch)))
+        engine = request.getfixturevalue("vllm_engine")  # it holds the saved weights
     before = [g[0] for g in engine.generate(prompts, greedy)]
     model = update(load_hf(start, arch), tok, how)
     seen, reload_log = Records(), logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
     reload_log.addHandler(seen)
     try:
         engine.update_weights(engine_weights(model))
+        after = [g[0] for g in engine.generate(prompts, greedy)]
     finally:
         reload_log.removeHandler(seen)
+        engine.update_weights(engine_weights(load_hf(start, arch)))  # back to the saved weights
     # vLLM: every layer the contract fills reloaded; tied heads and rotary tables are vLLM's own
     assert not [m for m in seen.messages if "Failed to load weights" in m]
-    after = [g[0] for g in engine.generate(prompts, greedy)]
     # the engine took the update: its answers or their log-probs moved (a random GPT-2 repeats one
     # token before and after a step, with other log-probs)
     assert any(a.token_ids != b.token_ids or max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) > 1e-3
@@ -407,7 +407,10 @@ LORA_GAE_RESUME = pytest.mark.xfail(
 def test_resumed_run_equals_uninterrupted(arch, family_dir, tmp_path, mode, monkeypatch):
     monkeypatch.setenv("LAMPO_PEAK_FLOPS", "2e11")  # skip measuring this machine's peak
     run_app(arch, family_dir, tmp_path / "a", 3, mode, resume=False)
-    run_app(arch, family_dir, tmp_path / "b", 2, mode, resume=False)
+    # A run stopped after step 2 leaves exactly a's checkpoint-2 (sync mode, constant learning
+    # rate: nothing in steps 1-2 depends on max_steps), so b starts from a copy of it rather than
+    # training those two steps again; tests/integration/test_app_e2e.py kills a real run instead.
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
     run_app(arch, family_dir, tmp_path / "b", 3, mode, resume=True)
     # the final policy (or adapter) and everything in checkpoint-3 (policy, critic) agree
     a = tmp_path / "a"
