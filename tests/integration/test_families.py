@@ -25,7 +25,9 @@ import logging
 import math
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -276,9 +278,14 @@ def vowels(text: str) -> float:
     return min(1.0, sum(c in "aeiou " for c in text) / 40)
 
 
+@dataclass
 class TwoSteps:
-    def __init__(self, trainer, before, stats, logprob_gap):
-        self.trainer, self.before, self.stats, self.logprob_gap = trainer, before, stats, logprob_gap
+    trainer: Any
+    before: dict[str, torch.Tensor]
+    """engine_weights of the policy before the steps"""
+    stats: list[dict[str, float]]
+    logprob_gap: float
+    """largest |learner's old log-prob - plain forward's| over the response tokens"""
 
 
 def train_two_steps(arch: str, path: Path, tok, estimator: str, lora: bool) -> TwoSteps:
