@@ -28,3 +28,12 @@ def tiny_classifier_path() -> Path:
     from lampo.testing import build_tiny_model
 
     return build_tiny_model(BUILD / "tiny-classifier", size="tiny", seed=1, kind="classifier")
+
+
+@pytest.fixture(scope="session")
+def family_model_path():
+    """`family_model_path(arch)`: the tiny causal LM of a family of lampo.testing.FAMILIES
+    (build/test-models/<arch>, built once per session and reused by later sessions)."""
+    from lampo.testing import build_tiny_model
+
+    return lambda arch: build_tiny_model(BUILD / arch, size="tiny", seed=0, arch=arch)

@@ -14,8 +14,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="train: lampo train --config cfg.yaml [--key value ...] (= python -m lampo.ppo_vllm)",
                    add_help=False)
     sub.add_parser("reward-server", help="= python -m lampo.reward_server", add_help=False)
-    tiny = sub.add_parser("tiny-model", help="build an offline Llama model + ChatML tokenizer")
+    tiny = sub.add_parser("tiny-model", help="build an offline random model + ChatML tokenizer (Llama by default)")
     tiny.add_argument("out_dir")
+    tiny.add_argument("--arch", default="llama",
+                      help="model family: llama (default), llama-tied, qwen2, qwen3, mistral, gemma2, gpt2 "
+                           "(lampo.testing.FAMILIES, docs/models.md)")
     tiny.add_argument("--size", choices=["tiny", "small"], default="tiny")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--kind", choices=["causal-lm", "classifier"], default="causal-lm")
@@ -44,10 +47,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo()
     if args.command == "tiny-model":
-        from lampo.testing.tiny import build_tiny_model, num_parameters
+        from lampo.testing.tiny import FAMILIES, build_tiny_model, num_parameters
 
-        path = build_tiny_model(args.out_dir, size=args.size, seed=args.seed, kind=args.kind, overwrite=args.overwrite)
-        print(f"{args.kind} model ({args.size}, {num_parameters(path):,} parameters) in {path}")
+        if args.arch not in FAMILIES:
+            parser.error(f"argument --arch: {args.arch!r} is not a model family; choose from {', '.join(FAMILIES)}")
+        path = build_tiny_model(args.out_dir, size=args.size, seed=args.seed, kind=args.kind, overwrite=args.overwrite,
+                                arch=args.arch)
+        print(f"{args.arch} {args.kind} model ({args.size}, {num_parameters(path):,} parameters) in {path}")
         return 0
     if args.command == "plot":
         from lampo.plot import plot_run

@@ -50,8 +50,9 @@ class ModelShape:
     """What the cost model needs to know about a decoder-only transformer."""
 
     matmul_params: int
-    """Parameters that take part in a matmul per token: every Linear, the LM head included, the
-    input embedding excluded (a look-up, no arithmetic)."""
+    """Parameters that take part in a matmul per token: the weight of every matmul layer
+    (`MATMUL_LAYERS`), the LM head included even when it is tied to the input embedding, the
+    input embedding itself excluded (a look-up, no arithmetic)."""
     num_layers: int
     attn_dim: int
     """num_attention_heads x head_dim: the width of the query/key products."""
@@ -69,15 +70,18 @@ class ModelShape:
         base = base_causal_lm(model)
         cfg = base.config
         embeddings = {id(m.weight) for m in base.modules() if isinstance(m, nn.Embedding)}
+        layers = matmul_layers()
         params = 0
         seen: set[int] = set()
         for module in base.modules():
-            if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+            if isinstance(module, layers) and id(module.weight) not in seen:
                 seen.add(id(module.weight))
                 # A tied LM head is still a matmul over the vocabulary: count it.
                 params += module.weight.numel()
         if not seen and embeddings:
-            raise ValueError("the model has no nn.Linear layers: ModelShape cannot count its matmuls")
+            names = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in layers)
+            raise ValueError(f"the model has no matmul layers ({names}): ModelShape cannot count its matmuls; "
+                             "add the model's matmul layer class to lampo.perf.matmul_layers")
         return cls.from_config(cfg, matmul_params=params)
 
     @classmethod
@@ -85,6 +89,17 @@ class ModelShape:
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return cls(matmul_params=int(matmul_params), num_layers=int(cfg.num_hidden_layers), attn_dim=heads * head_dim)
+
+
+def matmul_layers() -> tuple[type[nn.Module], ...]:
+    """The layer classes whose weight multiplies every token: `nn.Linear` and transformers'
+    `Conv1D` (GPT-2's projections: a linear layer with the weight stored transposed, in x out,
+    so the same in x out multiply-adds per token). LoRA's A and B are `nn.Linear` too."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
 
 
 def forward_flops(shape: ModelShape, seq_lens: Iterable[int]) -> float:
@@ -376,6 +391,7 @@ __all__ = [
     "keep_freed_memory",
     "learner_step_flops",
     "machine_peak",
+    "matmul_layers",
     "measure_peak",
     "onednn_linear_available",
     "rollout_cached_prompt_lens",

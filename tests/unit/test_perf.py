@@ -80,6 +80,47 @@ def test_model_shape_from_a_llama():
     assert shape == ModelShape(matmul_params=147_456, num_layers=2, attn_dim=64)
 
 
+@pytest.mark.slow  # imports transformers
+def test_model_shape_counts_a_tied_head_once_as_a_matmul():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # Same products as the untied model above: the head multiplies every token by the 64 x 1024
+    # embedding matrix, which the look-up does not. 81,920 + 65,536 = 147,456.
+    assert ModelShape.from_model(model) == ModelShape(matmul_params=147_456, num_layers=2, attn_dim=64)
+
+
+@pytest.mark.slow  # imports transformers
+def test_model_shape_counts_gpt2_conv1d_layers():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=1024, n_embd=64, n_layer=2, n_head=1, n_inner=128, n_positions=1024)
+    model = GPT2LMHeadModel(cfg)
+    # GPT-2's projections are transformers' Conv1D (weight in x out), its tied head an nn.Linear.
+    # Per layer c_attn 64 * 192 = 12,288, attn.c_proj 64 * 64 = 4,096, c_fc 64 * 128 = 8,192,
+    # mlp.c_proj 128 * 64 = 8,192: 32,768; x 2 = 65,536. Head 64 * 1024 = 65,536 -> 131,072.
+    # The position table (wpe) is a look-up like the token embedding: not counted.
+    # attn_dim: 1 head x (64 / 1) = 64.
+    assert ModelShape.from_model(model) == ModelShape(matmul_params=131_072, num_layers=2, attn_dim=64)
+    # A separate critic's trunk (GPT2Model, no head): the Conv1D layers alone, 65,536.
+    assert ModelShape.from_model(model.transformer).matmul_params == 65_536
+
+
+@pytest.mark.slow  # imports transformers and peft
+def test_model_shape_of_gpt2_with_lora_counts_base_and_adapters():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=1024, n_embd=64, n_layer=2, n_head=1, n_inner=128, n_positions=1024)
+    lora = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    # The base as above (131,072) plus, per layer, c_attn's adapter A (2 x 64) and B (192 x 2):
+    # 128 + 384 = 512; x 2 = 1,024 -> 132,096.
+    assert ModelShape.from_model(lora).matmul_params == 132_096
+
+
 def test_step_mfu_per_phase_and_total():
     times = {"time/rollout": 2.0, "time/forward": 1.0, "time/optimize": 4.0, "time/reward": 9.0}
     flops = {"rollout": 100.0, "forward": 50.0, "optimize": 300.0}

@@ -4,7 +4,7 @@ Both engines take token ids and return token ids, so the rollout phase never dep
 engine's tokenizer or text handling:
 
     engine.generate(prompts: list[list[int]], settings) -> list[list[Generation]]
-    engine.update_weights(named_tensors)   # names as in the base model's transformers checkpoint
+    engine.update_weights(named_tensors)   # the weight contract of lampo.rollout.weight_sync
     engine.close()
 
 Log-probs. Both engines report, for each generated token, the log-probability of that token
@@ -114,12 +114,16 @@ class HFEngine:
         device: str | torch.device = "cpu",
         max_batch_size: int | None = None,
         onednn_linear: bool = False,
+        attn_implementation: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
         torch_dtype = _torch_dtype(dtype)
         if isinstance(model, (str, Path)):
-            self.model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype)
+            # the learner's attention kernels (`model.attn_implementation`): Gemma 2's attention
+            # soft-capping, for one, is computed by transformers' eager kernels only
+            attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            self.model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype, **attn)
         else:
             self.model = _standalone_copy(model).to(torch_dtype)
         self.model.to(device).eval()
@@ -272,8 +276,10 @@ def _standalone_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _copy_named_into(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
+    """Copy tensors named by the weight contract (`lampo.rollout.weight_sync`) into `model`."""
+    from lampo.rollout.weight_sync import tied_aliases, weight_targets
+
+    params = weight_targets(model)
     unknown = []
     for name, tensor in named_tensors:
         target = params.get(name)
@@ -285,8 +291,12 @@ def _copy_named_into(model: torch.nn.Module, named_tensors: Iterable[tuple[str, 
                              f"{tuple(target.shape)}")
         target.copy_(tensor.to(device=target.device, dtype=target.dtype))
     if unknown:
-        raise KeyError(f"update_weights: {len(unknown)} names are not in the engine's model, e.g. {unknown[:3]}; "
-                       "pass names of the base model's transformers checkpoint (lampo.rollout.weight_sync.engine_weights)")
+        aliases = tied_aliases(model)
+        tied = [f"'{n}' (tied to '{aliases[n]}')" for n in unknown if n in aliases]
+        hint = (f"; {', '.join(tied[:3])}: send a tied tensor once, under its first name" if tied else "")
+        raise KeyError(f"update_weights: {len(unknown)} names are not in the engine's model's parameters, e.g. "
+                       f"{unknown[:3]}{hint}. Pass the base model's parameters under their transformers names, "
+                       "each tensor once, no buffers (lampo.rollout.weight_sync.engine_weights yields exactly that)")
 
 
 def _let_cpu_attention_take_blocks_of_16() -> None:
@@ -312,6 +322,88 @@ def _let_cpu_attention_take_blocks_of_16() -> None:
         return [*declared(kv_cache_spec), 16]
 
     CPUAttentionBackend.get_supported_kernel_block_sizes = staticmethod(with_16)  # type: ignore[method-assign]
+
+
+# vLLM's in-place reload warns "<layer>: Failed to load weights" for every layer that holds a
+# tensor the weights sent did not fill, then puts that layer's own tensor back (vLLM 0.32,
+# model_loader/reload/layerwise.py). Under the weight contract (lampo.rollout.weight_sync) that
+# is expected of two kinds of layer, on every step: layers with buffers and no parameters of
+# their own (the rotary cos/sin table, Gemma 2's embedding normaliser), which vLLM computes from
+# the config; and a tied LM head, whose one parameter is the embedding's and arrives under the
+# embedding's name. Only those notices are dropped: any other layer that fails to load is
+# still reported.
+_VLLM_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _ExpectedReloadNotices:
+    """A logging filter: False (drop) for vLLM's reload warning about a layer the weight contract
+    leaves to vLLM, True for any other record.
+
+    quiet: class names of such layers in this engine's model (`_layers_left_to_vllm`); rotary
+    layers are always among them.
+    """
+
+    def __init__(self, quiet: Iterable[str] = ()) -> None:
+        self.quiet = frozenset(quiet)
+
+    def __call__(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.msg != "%s: Failed to load weights" or not args:
+            return True
+        layer = str(args[0])
+        return not (layer.endswith("RotaryEmbedding") or layer in self.quiet)
+
+
+_rotary_table_notice = _ExpectedReloadNotices()
+"""The notices expected of every model, whatever its layers: its rotary tables."""
+
+
+def _tied_and_bufferonly_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """(tied, buffer-only) layers of a model, in module order.
+
+    Tied: all of the layer's own parameters were met first in an earlier layer (the canonical
+    holder, which the weights sent fill). Buffer-only: buffers and no parameters of its own.
+    """
+    owned: set[int] = set()
+    tied, buffers_only = [], []
+    for module in model.modules():
+        own = [p for p in module._parameters.values() if p is not None]
+        if own and all(id(p) in owned for p in own):
+            tied.append(module)
+        elif not own and any(b is not None for b in module._buffers.values()):
+            buffers_only.append(module)
+        owned.update(id(p) for p in own)
+    return tied, buffers_only
+
+
+def _layers_left_to_vllm(model: torch.nn.Module) -> tuple[int, frozenset[str]]:
+    """(number of tied layers, class names whose every layer is tied or buffer-only) of vLLM's model.
+
+    Run inside vLLM's worker by `LLM.apply_model`. A class name is quiet only when no layer of
+    that class holds a parameter of its own, so a real load failure of the class still shows.
+    """
+    tied, buffers_only = _tied_and_bufferonly_layers(model)
+    left = {id(m) for m in tied + buffers_only}
+    names = {type(m).__name__ for m in tied + buffers_only}
+    names -= {type(m).__name__ for m in model.modules() if id(m) not in left}
+    return len(tied), frozenset(names)
+
+
+def _repack_tied_layers(model: torch.nn.Module) -> None:
+    """Rebuild the CPU matmul kernel of each tied layer on its (shared, reloaded) weight.
+
+    vLLM's CPU backend packs a layer's weight into its own kernel when the layer is loaded
+    (`dispatch_cpu_unquantized_gemm`, stored as `layer.cpu_linear`). A reload refills and
+    repacks the embedding, but a tied LM head is not loaded at all (its weight arrives as the
+    embedding's), so its packed copy would keep computing logits from the old weights. GPU
+    backends read the weight itself and have no `cpu_linear`: nothing to do there.
+    """
+    tied, _ = _tied_and_bufferonly_layers(model)
+    for layer in tied:
+        if hasattr(layer, "cpu_linear"):
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
 
 
 class VLLMEngine:
@@ -372,6 +464,21 @@ class VLLMEngine:
         dt = getattr(torch, str(kwargs["dtype"]), None)
         self.weight_dtype: torch.dtype | None = dt if isinstance(dt, torch.dtype) else None
         self._lock = threading.Lock()
+        try:
+            tied, quiet = self.llm.apply_model(_layers_left_to_vllm)[0]
+        except Exception as exc:
+            # Workers in other processes (tensor parallel on GPUs) may refuse a pickled function.
+            # Only the CPU backend needs the tied heads repacked, and its worker is this process.
+            if not torch.cuda.is_available():
+                raise
+            log.debug("vLLM apply_model: %s; reload notices of tied heads stay", exc)
+        else:
+            self._tied_layers, self._reload_notices = tied, _ExpectedReloadNotices(quiet)
+
+    _tied_layers = 0
+    """Layers of vLLM's model that hold only another layer's parameters (a tied LM head)."""
+    _reload_notices = _rotary_table_notice
+    """The reload notices to drop (the model's own are found at start)."""
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[Generation]]:
         from vllm import SamplingParams
@@ -423,23 +530,31 @@ class VLLMEngine:
         return result
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new weights (transformers names) in place, then drop cached prefixes of the old ones.
+        """Load new weights in place, then drop cached prefixes of the old ones.
+
+        named_tensors: the base model's parameters under their canonical transformers names,
+        each tensor once (tied aliases such as `lm_head.weight` left out: vLLM's Gemma 2 has no
+        such parameter), no buffers: what `weight_sync.engine_weights` yields.
 
         Floating tensors are cast to the engine's dtype first: vLLM would cast them too, but
         it logs a warning for every narrowed tensor on every reload (fp32 master weights into a
-        bf16 engine: one line per weight per step). vLLM's "RotaryEmbedding: Failed to load
-        weights" notice, also logged on every reload, is dropped (see `_rotary_table_notice`).
+        bf16 engine: one line per weight per step). vLLM's "<layer>: Failed to load weights"
+        notice, logged on every reload for the layers the contract leaves to vLLM (rotary
+        tables, tied heads), is dropped for those layers only (see `_ExpectedReloadNotices`).
+        A tied head's CPU kernel is then rebuilt on the new weights (see `_repack_tied_layers`).
         """
         cast = self.weight_dtype
         weights = [(name, t.detach().to(cast) if cast is not None and t.is_floating_point() else t.detach())
                    for name, t in named_tensors]
         reload_log = logging.getLogger(_VLLM_RELOAD_LOGGER)
         with self._lock:
-            reload_log.addFilter(_rotary_table_notice)
+            reload_log.addFilter(self._reload_notices)
             try:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             finally:
-                reload_log.removeFilter(_rotary_table_notice)
+                reload_log.removeFilter(self._reload_notices)
+            if self._tied_layers:
+                self.llm.apply_model(_repack_tied_layers)
             self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -454,20 +569,6 @@ class VLLMEngine:
                     log.debug("vLLM shutdown: %s", exc)
             del llm
         gc.collect()
-
-
-# vLLM's in-place reload warns "<layer>: Failed to load weights" for every layer that holds a
-# tensor the checkpoint did not fill, then puts that layer's own tensor back. The rotary layer's
-# cos/sin table is such a tensor: vLLM computes it from the config and no checkpoint has it, so a
-# sound reload logs this warning on every step (vLLM 0.32, model_loader/reload/layerwise.py).
-# Only that notice is dropped: any other layer that fails to load is still reported.
-_VLLM_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
-
-
-def _rotary_table_notice(record: logging.LogRecord) -> bool:
-    """False (drop) for vLLM's reload warning about a rotary layer, True for any other record."""
-    args = record.args if isinstance(record.args, tuple) else ()
-    return not (record.msg == "%s: Failed to load weights" and args and str(args[0]).endswith("RotaryEmbedding"))
 
 
 def _sampled_logprobs(tokens: list[int], logprobs: Any) -> list[float]:
@@ -492,12 +593,15 @@ def make_engine(
     dtype: str = "float32",
     seed: int = 0,
     onednn_linear: bool = False,
+    attn_implementation: str | None = None,
 ) -> HFEngine | VLLMEngine:
     """Build the engine `generation_cfg.engine` names (`auto`: vLLM when importable).
 
     model: the policy object for the `hf` engine (it copies it); without it, `hf` loads
     `model_path`. vLLM always loads `model_path` and receives later weights by `update_weights`.
     onednn_linear: the `hf` engine's fp32 linear layers on oneDNN (vLLM picks its own kernels).
+    attn_implementation: the `hf` engine's attention kernels when it loads `model_path` (pass the
+    learner's `model.attn_implementation`; None keeps transformers' default).
     """
     choice = generation_cfg.engine
     if choice == "auto":
@@ -512,5 +616,5 @@ def make_engine(
         return VLLMEngine(model_path, tokenizer, generation_cfg, max_model_len=max_len, dtype=dtype, seed=seed)
     if choice == "hf":
         return HFEngine(model if model is not None else model_path, tokenizer, dtype=dtype,
-                        onednn_linear=onednn_linear)
+                        onednn_linear=onednn_linear, attn_implementation=attn_implementation)
     raise ValueError(f"engine must be auto, hf or vllm, got {choice!r}")

@@ -1,5 +1,5 @@
 """Offline builders for tests, the demo and benchmarks (no hub access needed)."""
 
-from lampo.testing.tiny import SIZES, build_tiny_model, build_tokenizer
+from lampo.testing.tiny import FAMILIES, SIZES, build_tiny_model, build_tokenizer
 
-__all__ = ["SIZES", "build_tiny_model", "build_tokenizer"]
+__all__ = ["FAMILIES", "SIZES", "build_tiny_model", "build_tokenizer"]

@@ -1,10 +1,12 @@
-"""Offline tiny models: a Llama-architecture causal LM and tokenizer built from a seed.
+"""Offline tiny models: causal LMs of several families and a tokenizer, built from a seed.
 
 No hub download is possible on Lampo's CI machines, so tests, the demo and the benchmarks
 build their own models. The tokenizer is a byte-level BPE trained on `corpus.txt` (written
 for this project), with a ChatML chat template, `<|im_end|>` as end of turn and a pad token.
-Everything is saved in Hugging Face format, so `AutoModelForCausalLM.from_pretrained` and
-vLLM load it like any hub model.
+The model is built from transformers' own config class of its family (`FAMILIES`: Llama with
+an untied or a tied head, Qwen2, Qwen3, Mistral, Gemma 2, GPT-2) with random weights, and
+everything is saved in Hugging Face format, so `AutoModelForCausalLM.from_pretrained` and vLLM
+load it like any hub model of that family.
 """
 
 from __future__ import annotations
@@ -47,6 +49,80 @@ SIZES = {
     "small": TinySpec(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408),
 }
 
+# The config key each family uses for a TinySpec field. Decoders after Llama share one set of
+# names; GPT-2 has its own (and no key-value heads or head_dim: it computes n_embd / n_head).
+_DECODER_KEYS = {
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings",
+}
+_GPT2_KEYS = {
+    "hidden_size": "n_embd",
+    "num_layers": "n_layer",
+    "num_heads": "n_head",
+    "intermediate_size": "n_inner",
+    "max_position_embeddings": "n_positions",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: transformers' config class, its names for the shape, its own settings."""
+
+    config_class: str
+    """Name of the config class in `transformers` (the model class follows from it)."""
+    shape_keys: dict[str, str]
+    """TinySpec field -> this family's config key."""
+    settings: dict[str, object]
+    """The family's own config values: what makes it differ from the others."""
+    trait: str
+    """What the family adds to the test matrix (docs/models.md lists it)."""
+    attn_implementation: str | None = None
+    """transformers attention kernels that compute the family exactly (None: its default will do).
+    Gemma 2: `eager`, the only one that applies its attention soft-capping (transformers' sdpa
+    and flash paths leave it out, vLLM applies it)."""
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaConfig", _DECODER_KEYS, {"tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+                                                   "attention_dropout": 0.0},
+                    "rotary positions, RMSNorm, SwiGLU, an untied LM head (the default model)"),
+    "llama-tied": Family("LlamaConfig", _DECODER_KEYS, {"tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+                                                        "attention_dropout": 0.0},
+                         "the LM head is the input embedding (Llama 3.2 1B/3B)"),
+    "qwen2": Family("Qwen2Config", _DECODER_KEYS, {"tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+                                                   "attention_dropout": 0.0, "use_sliding_window": False},
+                    "biases on the q/k/v projections, tied head (Qwen2/2.5 0.5B-3B)"),
+    "qwen3": Family("Qwen3Config", _DECODER_KEYS, {"tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+                                                   "attention_dropout": 0.0, "attention_bias": False,
+                                                   "use_sliding_window": False},
+                    "RMSNorm on queries and keys per head (q_norm, k_norm)"),
+    "mistral": Family("MistralConfig", _DECODER_KEYS, {"tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+                                                       "attention_dropout": 0.0, "sliding_window": None},
+                      "Mistral's own model classes (v0.2+ without a sliding window)"),
+    # Gemma 2 alternates sliding-window and global attention layers; a window of 16 tokens is
+    # shorter than the tests' conversations, so its sliding layers really drop keys there.
+    # Soft-capping (cap * tanh(x / cap)) is scaled down to a random model's numbers (attention
+    # scores under 0.1, logits under 1; Gemma 2 itself caps at 50 and 30), so that it binds: an
+    # engine or attention kernel that skipped it would fail the parity tests.
+    # query_pre_attn_scalar is head_dim (64 in every size), as in Gemma 2 2B/9B.
+    "gemma2": Family("Gemma2Config", _DECODER_KEYS, {"tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+                                                     "attention_dropout": 0.0, "sliding_window": 16,
+                                                     "query_pre_attn_scalar": 64, "attn_logit_softcapping": 0.05,
+                                                     "final_logit_softcapping": 0.5},
+                     "soft-capped attention and output logits, sliding-window layers, scaled embedding, "
+                     "tied head", attn_implementation="eager"),
+    "gpt2": Family("GPT2Config", _GPT2_KEYS, {"tie_word_embeddings": True, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                                              "attn_pdrop": 0.0},
+                   "learned absolute positions, Conv1D layers (transposed weights), LayerNorm with bias, "
+                   "tied head"),
+}
+"""The model families `build_tiny_model(arch=...)` builds (`lampo tiny-model --arch`)."""
+
 
 def build_tokenizer(vocab_size: int = 1024):
     """Train a byte-level BPE on the shipped corpus and wrap it with the ChatML template."""
@@ -77,6 +153,29 @@ def build_tokenizer(vocab_size: int = 1024):
     return fast
 
 
+def tiny_config(arch: str, spec: TinySpec, tokenizer, num_labels: int = 1):
+    """The transformers config of family `arch` (a key of FAMILIES) in the shape `spec`."""
+    import transformers
+
+    if arch not in FAMILIES:
+        raise ValueError(f"arch must be one of {sorted(FAMILIES)}, got {arch!r}")
+    family = FAMILIES[arch]
+    shape = {"hidden_size": spec.hidden_size, "num_layers": spec.num_layers, "num_heads": spec.num_heads,
+             "kv_heads": spec.num_heads, "head_dim": spec.hidden_size // spec.num_heads,
+             "intermediate_size": spec.intermediate_size, "max_position_embeddings": spec.max_position_embeddings}
+    values = {family.shape_keys[k]: v for k, v in shape.items() if k in family.shape_keys}
+    values.update(family.settings)
+    config_class = getattr(transformers, family.config_class)
+    return config_class(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        num_labels=num_labels,
+        **values,
+    )
+
+
 def build_tiny_model(
     out_dir: str | Path,
     size: str = "tiny",
@@ -84,51 +183,42 @@ def build_tiny_model(
     kind: str = "causal-lm",
     overwrite: bool = False,
     pretrain_steps: int = 0,
+    arch: str = "llama",
 ) -> Path:
-    """Create (deterministically from `seed`) a Llama model + tokenizer in `out_dir`.
+    """Create (deterministically from `seed`) a model of family `arch` + tokenizer in `out_dir`.
 
-    kind: `causal-lm` (policy) or `classifier` (a 1-label sequence classifier in the same
-    vocabulary, standing in for a Hugging Face reward model). Returns the directory.
+    arch: a key of FAMILIES (`llama`, the default, `llama-tied`, `qwen2`, `qwen3`, `mistral`,
+    `gemma2`, `gpt2`). kind: `causal-lm` (policy) or `classifier` (a 1-label sequence
+    classifier in the same vocabulary, standing in for a Hugging Face reward model).
+    Returns the directory.
     pretrain_steps: train the causal LM this many steps on the corpus's chat examples first,
     so that it answers in short sentences and ends its turns with `<|im_end|>` (the demo's
     starting point: a chat model, not random weights).
     An existing complete build is reused unless `overwrite`.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     if kind not in ("causal-lm", "classifier"):
         raise ValueError(f"kind must be 'causal-lm' or 'classifier', got {kind!r}")
+    if arch not in FAMILIES:
+        raise ValueError(f"arch must be one of {sorted(FAMILIES)}, got {arch!r}")
     out = Path(out_dir)
     marker = out / "lampo-tiny.json"
-    recipe = {"size": size, "seed": seed, "kind": kind}
+    recipe: dict[str, object] = {"size": size, "seed": seed, "kind": kind}
+    if arch != "llama":  # the default's recipe is unchanged, so its existing builds stay valid
+        recipe["arch"] = arch
     if pretrain_steps:
         recipe["pretrain_steps"] = pretrain_steps
     if marker.exists() and not overwrite and json.loads(marker.read_text()) == recipe:
         return out
     spec = SIZES[size]
     tokenizer = build_tokenizer(spec.vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        head_dim=spec.hidden_size // spec.num_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        attention_dropout=0.0,
-        num_labels=1,
-    )
+    config = tiny_config(arch, spec, tokenizer)
     torch.manual_seed(seed)
-    cls = LlamaForCausalLM if kind == "causal-lm" else LlamaForSequenceClassification
-    model = cls(config).to(torch.float32)
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
+    model = auto.from_config(config).to(torch.float32)
     if pretrain_steps and kind == "causal-lm":
         _pretrain_on_chats(model, tokenizer, pretrain_steps, seed)
     model.eval()
