@@ -38,7 +38,13 @@ from lampo.data.formats import PromptRow
 from lampo.data.loading import load_prompt_dataset
 from lampo.optimize import maths as M
 from lampo.optimize.learner import Learner, TrainBatch
-from lampo.optimize.models import ValueModel, check_same_vocab, is_peft_model, load_policy
+from lampo.optimize.models import (
+    ValueModel,
+    attn_implementation_for,
+    check_same_vocab,
+    is_peft_model,
+    load_policy,
+)
 from lampo.rollout.batch import RolloutBatch
 from lampo.rollout.engines import make_engine
 from lampo.rollout.multistep import rollout
@@ -136,7 +142,9 @@ class Trainer:
         self.engine = make_engine(cfg.generation, cfg.model.model_name_or_path, self.tokenizer,
                                   max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed + self.rank,
                                   dtype="bfloat16" if cfg.model.bf16 else "float32",
-                                  onednn_linear=cfg.model.onednn_linear)
+                                  onednn_linear=cfg.model.onednn_linear,
+                                  attn_implementation=attn_implementation_for(cfg.model.model_name_or_path,
+                                                                               cfg.model))
         self.start_step, self.policy_version, self.pending = 0, 0, None
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -167,8 +175,8 @@ class Trainer:
             policy = load_policy(cfg.model, path=str(policy_dir))
         value = None
         if cfg.uses_critic and cfg.model.value_model == "separate":
-            value = ValueModel.from_pretrained(ckpt.model_path(resume, "value_model"),
-                                               attn_implementation=cfg.model.attn_implementation)
+            value_dir = ckpt.model_path(resume, "value_model")
+            value = ValueModel.from_pretrained(value_dir, attn_implementation=attn_implementation_for(value_dir, cfg.model))
         # The reference is the model the run started from, not the checkpoint's policy. With LoRA
         # it is the base with the adapter disabled, which the checkpoint never changed.
         ref = None if cfg.model.use_peft else load_policy(_no_peft(cfg.model))

@@ -404,13 +404,7 @@ def run_app(arch: str, path: Path, out: Path, steps: int, mode: str, resume: boo
             signal.signal(s, h)
 
 
-LORA_GAE_RESUME = pytest.mark.xfail(
-    raises=ValueError, strict=True,
-    reason="issue 16 (lead's item): resume with LoRA and gae stops in Learner.load_state_dict with "
-           "'loaded state dict contains a parameter group that doesn't match'")
-
-
-@pytest.mark.parametrize("mode", ["gae", "grpo-lora", pytest.param("gae-lora", marks=LORA_GAE_RESUME)])
+@pytest.mark.parametrize("mode", ["gae", "grpo-lora", "gae-lora"])
 def test_resumed_run_equals_uninterrupted(arch, family_dir, tmp_path, mode, monkeypatch):
     monkeypatch.setenv("LAMPO_PEAK_FLOPS", "2e11")  # skip measuring this machine's peak
     run_app(arch, family_dir, tmp_path / "a", 3, mode, resume=False)

@@ -90,3 +90,14 @@ def test_attn_implementation_reaches_the_trained_models(tiny_model_path):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():  # same maths, other kernels
         assert torch.allclose(default(input_ids=ids).logits, eager(input_ids=ids).logits, atol=1e-5)
+
+
+def test_a_model_that_soft_caps_attention_loads_with_eager_kernels(tmp_path):
+    # transformers' default sdpa kernel cannot soft-cap: the learner would compute another
+    # function than vLLM samples from. An explicit attn_implementation still wins.
+    from lampo.testing import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "gemma2", arch="gemma2")
+    assert load_policy(ModelConfig(model_name_or_path=str(path))).config._attn_implementation == "eager"
+    explicit = ModelConfig(model_name_or_path=str(path), attn_implementation="sdpa")
+    assert load_policy(explicit).config._attn_implementation == "sdpa"

@@ -55,7 +55,7 @@ def load_policy(model_cfg: ModelConfig, path: str | None = None) -> nn.Module:
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code,
-            **_attn_kwargs(model_cfg.attn_implementation),
+            **_attn_kwargs(attn_implementation_for(name, model_cfg)),
         )
     except OSError as exc:
         raise OSError(
@@ -64,6 +64,21 @@ def load_policy(model_cfg: ModelConfig, path: str | None = None) -> nn.Module:
             "(`lampo tiny-model build/tiny-model` builds an offline test model)."
         ) from exc
     return prepare_policy(model, model_cfg)
+
+
+def attn_implementation_for(name_or_path: str, model_cfg: ModelConfig) -> str | None:
+    """The attention kernels to load `name_or_path` with: `attn_implementation` when set, else
+    eager for a model whose attention soft-caps its scores (Gemma 2), else None (transformers' choice).
+
+    transformers' default SDPA kernel cannot soft-cap attention scores, so with it the learner
+    would compute another function than the one vLLM samples from (vLLM soft-caps).
+    """
+    if model_cfg.attn_implementation:
+        return model_cfg.attn_implementation
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else None
 
 
 def _attn_kwargs(attn_implementation: str | None) -> dict:
@@ -178,8 +193,8 @@ class ValueModel(nn.Module):
 def build_value_model(model_cfg: ModelConfig, policy: nn.Module) -> nn.Module:
     """The separate critic of `value_model: separate` (a head on the trunk is built by the learner)."""
     if model_cfg.value_model_name_or_path:
-        value = ValueModel.from_pretrained(model_cfg.value_model_name_or_path, model_cfg.trust_remote_code,
-                                           model_cfg.attn_implementation)
+        path = model_cfg.value_model_name_or_path
+        value = ValueModel.from_pretrained(path, model_cfg.trust_remote_code, attn_implementation_for(path, model_cfg))
     else:
         value = ValueModel.from_policy(policy)
     if model_cfg.gradient_checkpointing:
