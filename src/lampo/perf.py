@@ -293,23 +293,29 @@ def onednn_linear_available() -> bool:
     return onednn_linear.available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def measure_peak(dtype: torch.dtype = torch.float32, kind: str = "matmul", n: int = 2048, repeats: int = 5) -> float:
-    """Measured matmul rate in FLOP/s: the median of `repeats` timed n x n x n products.
+def measure_peak(dtype: torch.dtype = torch.float32, kind: str = "matmul", n: int = 2048, repeats: int = 5,
+                 device: torch.device | str = "cpu") -> float:
+    """Measured matmul rate in FLOP/s on `device`: the median of `repeats` timed n x n x n products.
 
     kind: "matmul" (torch.matmul, the default kernels), "onednn" (oneDNN's linear with a
-    prepacked weight), or "best" (the larger of the available ones).
-    Each product costs 2 n^3 FLOPs. One untimed warm-up run precedes the timed ones.
+    prepacked weight, CPU only), or "best" (the larger of the available ones).
+    Each product costs 2 n^3 FLOPs. One untimed warm-up run precedes the timed ones. On a GPU
+    the device is synchronised around each product, so the time is the kernel's, not its launch's.
     """
+    device = torch.device(device)
     if kind == "best":
-        rates = [measure_peak(dtype, "matmul", n, repeats)]
-        if onednn_linear_available():
-            rates.append(measure_peak(dtype, "onednn", n, repeats))
+        rates = [measure_peak(dtype, "matmul", n, repeats, device)]
+        if device.type == "cpu" and onednn_linear_available():
+            rates.append(measure_peak(dtype, "onednn", n, repeats, device))
         return max(rates)
     if kind not in ("matmul", "onednn"):
         raise ValueError(f"kind must be 'matmul', 'onednn' or 'best', got {kind!r}")
+    if kind == "onednn" and device.type != "cpu":
+        raise ValueError(f"kind 'onednn' runs on the CPU only, not on {device}; use kind='matmul'")
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(dtype)
-    w = torch.randn(n, n, generator=gen).to(dtype)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    w = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if kind == "matmul":
         def run():
             return torch.matmul(a, w)
@@ -323,9 +329,11 @@ def measure_peak(dtype: torch.dtype = torch.float32, kind: str = "matmul", n: in
     times = []
     with torch.no_grad():
         run()
+        sync()
         for _ in range(repeats):
             t0 = time.perf_counter()
             run()
+            sync()
             times.append(time.perf_counter() - t0)
     return 2.0 * n**3 / statistics.median(times)
 
@@ -333,8 +341,8 @@ def measure_peak(dtype: torch.dtype = torch.float32, kind: str = "matmul", n: in
 _PEAK_CACHE: dict[tuple, float] = {}
 
 
-def machine_peak(dtype: torch.dtype = torch.float32, kind: str = "best") -> float:
-    """`measure_peak`, measured once per process and cached (a few seconds on a busy CPU).
+def machine_peak(dtype: torch.dtype = torch.float32, kind: str = "best", device: torch.device | str = "cpu") -> float:
+    """`measure_peak` on `device` (the one that holds the model), measured once per process and cached.
 
     The environment variable LAMPO_PEAK_FLOPS (FLOP/s, e.g. `4.5e11`) skips the measurement:
     for GPUs' data-sheet figures, or for test runs that should not spend the seconds.
@@ -348,9 +356,10 @@ def machine_peak(dtype: torch.dtype = torch.float32, kind: str = "best") -> floa
         if value <= 0:
             raise ValueError(f"LAMPO_PEAK_FLOPS must be positive, got {fixed!r}")
         return value
-    key = (dtype, kind, torch.get_num_threads())
+    device = torch.device(device)
+    key = (dtype, kind, torch.get_num_threads(), str(device))
     if key not in _PEAK_CACHE:
-        _PEAK_CACHE[key] = measure_peak(dtype, kind, repeats=3)
+        _PEAK_CACHE[key] = measure_peak(dtype, kind, repeats=3, device=device)
     return _PEAK_CACHE[key]
 
 

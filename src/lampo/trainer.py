@@ -151,7 +151,8 @@ class Trainer:
             self._sync_weights()
         self.engine_version = self.policy_version
         # Utilisation is reported against this machine's measured matmul peak (LAMPO_PEAK_FLOPS overrides).
-        self.peak_flops = perf.machine_peak(torch.bfloat16 if cfg.model.bf16 else torch.float32)
+        self.peak_flops = perf.machine_peak(torch.bfloat16 if cfg.model.bf16 else torch.float32,
+                                            device=next(policy.parameters()).device)
         self.tracker = Tracker(cfg, cfg.to_dict(), self.num_steps, is_main_process=self.is_main,
                                resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
@@ -371,8 +372,7 @@ class Trainer:
             **produced.reward_stats,
         }
         if getattr(self.scorer, "verifiable", False):
-            flat = [s if not isinstance(s, list) else (s[-1] if s else 0.0) for s in produced.scores]
-            metrics["objective/verifiable_correct_rate"] = float(np.mean([x >= 1.0 for x in flat])) if flat else 0.0
+            metrics["objective/verifiable_correct_rate"] = _correct_rate(produced.scores)
         return metrics
 
     SUMMED = ("val/num_stop_token_ids", "reward/retries", "reward/failed_requests", "data/skipped_rows",
@@ -411,7 +411,7 @@ class Trainer:
         if not self.test_rows:
             return {}
         per = self.cfg.optim.batch_size
-        scores, lengths, stops = [], [], []
+        scores, lengths, stops, replies = [], [], [], []
         for k in range(self.cfg.train.eval_batches):
             rows = self.test_rows[k * per : (k + 1) * per]
             if not rows:
@@ -421,11 +421,15 @@ class Trainer:
             except RewardError as exc:  # as in training: checkpoint and stop, no traceback
                 raise RewardFailure(f"reward phase of evaluation batch {k + 1} failed: {exc}") from exc
             tb = self.to_train_batch(p)
+            replies += p.scores
             scores += tb.seq_scores.tolist()
             lengths += tb.action_mask.sum(1).tolist()
             stops += tb.stopped.tolist()
-        return {"eval/scores": float(np.mean(scores)), "eval/sequence_lengths": float(np.mean(lengths)),
-                "eval/num_stop_token_ids": float(np.sum(stops))}
+        out = {"eval/scores": float(np.mean(scores)), "eval/sequence_lengths": float(np.mean(lengths)),
+               "eval/num_stop_token_ids": float(np.sum(stops))}
+        if getattr(self.scorer, "verifiable", False):
+            out["eval/verifiable_correct_rate"] = _correct_rate(replies)
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, pending: concurrent.futures.Future | None) -> Path | None:
@@ -502,6 +506,12 @@ def _no_peft(model_cfg):
     import dataclasses
 
     return dataclasses.replace(model_cfg, use_peft=False)
+
+
+def _correct_rate(scores: list) -> float:
+    """Share of conversations a verifiable reward judged correct (score 1; with per-turn scores, the last turn's)."""
+    last = [s if not isinstance(s, list) else (s[-1] if s else 0.0) for s in scores]
+    return float(np.mean([x >= 1.0 for x in last])) if last else 0.0
 
 
 def _done_future(value) -> concurrent.futures.Future:

@@ -505,3 +505,17 @@ def test_logging_steps_writes_every_nth_step_with_the_window_averaged(tmp_path, 
     # the first step, every second, and the last: steps 3 and 4 are one record at step 4
     assert [r["step"] for r in rows] == [1, 2, 4, 5]
     assert [r["episode"] for r in rows] == [4.0, 8.0, 16.0, 20.0]  # running totals: the latest value
+
+
+def test_a_verifiable_reward_logs_the_correct_rate_in_training_and_evaluation(tmp_path, tiny_model_path):
+    cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.ExactAnswerReward",
+                       reward_model_config={"expected_answer": 4}, max_steps=2, eval_steps=2, async_mode=False)
+    out = run_app(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = metrics(tmp_path / "run")
+    train = [r for r in rows if "objective/scores" in r]
+    evals = [r for r in rows if "eval/scores" in r]
+    assert all(0.0 <= r["objective/verifiable_correct_rate"] <= 1.0 for r in train)
+    # a random tiny model almost never answers 4: the rate is the share of 1.0 scores, like eval/scores
+    assert [r["step"] for r in evals] == [2]
+    assert evals[0]["eval/verifiable_correct_rate"] == pytest.approx(evals[0]["eval/scores"])

@@ -152,6 +152,22 @@ def test_measure_peak_is_a_positive_rate():
         perf.measure_peak(torch.float32, "gpu")
 
 
+def test_the_peak_is_measured_on_the_device_that_holds_the_model(monkeypatch):
+    # perf/mfu on a GPU must be against the GPU's rate, not this CPU's: the device reaches the
+    # measurement and keys the cache, and oneDNN (a CPU kernel) is not offered for another device.
+    monkeypatch.delenv("LAMPO_PEAK_FLOPS", raising=False)
+    seen = []
+    monkeypatch.setattr(perf, "measure_peak", lambda dtype, kind, repeats, device: seen.append(str(device)) or 1e9)
+    monkeypatch.setattr(perf, "_PEAK_CACHE", {})
+    assert perf.machine_peak(torch.float32, device="cpu") == 1e9
+    assert perf.machine_peak(torch.float32, device="cuda:0") == 1e9
+    assert perf.machine_peak(torch.float32, device="cuda:0") == 1e9  # cached per device
+    assert seen == ["cpu", "cuda:0"]
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="CPU only"):
+        perf.measure_peak(torch.float32, "onednn", n=8, repeats=1, device="meta")
+
+
 def test_count_flops_without_the_old_logprob_pass():
     # Fused old log-probs and no reference: the forward phase costs nothing.
     assert count_flops(TOY, [4], old_logprobs=False, reference=False)["forward"] == 0
