@@ -1,6 +1,5 @@
 """Offline tiny models, model construction details (value head, dropout) and the vocabulary check."""
 
-import math
 
 import pytest
 import torch
@@ -35,8 +34,8 @@ def test_tiny_model_is_deterministic_small_and_loads(tmp_path):
 
 def test_value_head_init_and_dropout_disabled(tiny_model_path):
     torch.manual_seed(0)
-    head = init_value_head(1023)  # std = 1/sqrt(1024) = 0.03125
-    assert head.weight.std().item() == pytest.approx(1 / math.sqrt(1024), rel=0.05)
+    head = init_value_head(1023)  # std = 1/(1023 + 1) = 0.0009765625: the critic starts near 0
+    assert head.weight.std().item() == pytest.approx(1 / 1024, rel=0.05)
     assert torch.all(head.bias == 0)
     policy = load_policy(ModelConfig(model_name_or_path=str(tiny_model_path)))
     policy.config.attention_dropout = 0.5
@@ -101,3 +100,24 @@ def test_a_model_that_soft_caps_attention_loads_with_eager_kernels(tmp_path):
     assert load_policy(ModelConfig(model_name_or_path=str(path))).config._attn_implementation == "eager"
     explicit = ModelConfig(model_name_or_path=str(path), attn_implementation="sdpa")
     assert load_policy(explicit).config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("value_model", ["separate", "head"])
+def test_an_untrained_critic_starts_close_to_a_constant(tiny_model_path, value_model):
+    # Head weights of std 1/(H + 1) on a final hidden state of about unit scale per dimension give
+    # values of spread about 1/sqrt(H): the critic adds little noise to GAE before it has learnt.
+    # (A reward model's std 1/sqrt(H + 1) gives a spread near 1, many times a typical score's.)
+    from transformers import AutoTokenizer
+
+    from lampo import PPOConfig, PPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    torch.manual_seed(0)
+    trainer = PPOTrainer(PPOConfig(value_model=value_model, batch_size=4, mini_batch_size=4), policy, tok)
+    queries = [torch.randint(4, 1000, (12,)) for _ in range(4)]
+    responses = [torch.randint(4, 1000, (20,)) for _ in range(4)]
+    fw = trainer.learner.forward_batch(trainer.make_batch(queries, responses, [0.0] * 4))
+    H = policy.config.hidden_size
+    values = fw.values[fw.values != 0]
+    assert values.numel() > 50 and values.std().item() < 2 / H**0.5, values.std()

@@ -246,3 +246,30 @@ def test_the_separate_critic_trains_fully_under_lora(model, tok):
     trainer.step(queries, trainer.generate(queries), [float(i) / 8 for i in range(8)])
     changed = [k for k, v in critic.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("trunk.layers") for k in changed), changed
+
+
+@pytest.mark.parametrize("value_model", ["separate", "head"])
+def test_policy_and_critic_read_a_row_the_same_whatever_its_padding_side(family_model_path, value_model):
+    # Positions come from the attention mask, as generate counts them: a left-padded row gives
+    # the same log-probs and values as the same row right-padded (the columns are shifted).
+    # GPT-2: with learned absolute positions a shift changes the result (rotary embeddings, as
+    # Llama's, are relative and would not show it).
+    from lampo.optimize.learner import TrainBatch
+
+    path = family_model_path("gpt2")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    trainer = PPOTrainer(base_config(batch_size=2, mini_batch_size=2, value_model=value_model), model, tok)
+    right = trainer.make_batch([prompt_ids(tok, "Hi."), prompt_ids(tok, "Tell me a short story, please.")],
+                               [torch.tensor([5, 6, 7]), torch.tensor([8, 9])], [1.0, 0.0])
+    n = right.attention_mask.sum(1)
+    T = right.input_ids.shape[1]
+    left = TrainBatch(**{k: v for k, v in vars(right).items()})
+    for name in ("input_ids", "attention_mask", "action_mask", "placed_scores"):
+        t = getattr(right, name)
+        setattr(left, name, torch.stack([torch.roll(t[i], int(T - n[i])) for i in range(2)]))
+    assert not torch.equal(left.input_ids, right.input_ids)  # the short row really moved
+    fr, fl = trainer.learner.forward_batch(right), trainer.learner.forward_batch(left)
+    for name in ("old_logprobs", "values"):
+        a, b = getattr(fr, name)[right.action_mask], getattr(fl, name)[left.action_mask]
+        assert torch.allclose(a, b, atol=1e-5), (name, a, b)

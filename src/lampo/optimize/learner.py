@@ -106,6 +106,15 @@ def fed_columns(length: int) -> int:
     return max(length - 1, 1)
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position counted over the real tokens of its row, as `generate` counts them.
+
+    The policy and the critic get the same positions whatever side a row is padded on: without
+    them transformers numbers columns, so a left-padded row would be read at shifted positions.
+    """
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
 def shift_align(per_position: torch.Tensor, length: int) -> torch.Tensor:
     """Move values computed at position t-1 (which predicts token t) onto token t; token 0 gets 0."""
     return torch.nn.functional.pad(per_position[:, : length - 1], (1, 0))
@@ -222,6 +231,7 @@ class Learner:
             out = model(
                 input_ids=mb.input_ids[:, :fed],
                 attention_mask=mb.attention_mask[:, :fed],
+                position_ids=position_ids(mb.attention_mask[:, :fed]),
                 use_cache=False,
                 output_hidden_states=want_hidden,
             )
@@ -283,7 +293,8 @@ class Learner:
         if self.value_model is not None:
             fed = fed_columns(L)
             with self._autocast():
-                v = self.value_model(mb.input_ids[:, :fed], mb.attention_mask[:, :fed])
+                mask = mb.attention_mask[:, :fed]
+                v = self.value_model(mb.input_ids[:, :fed], mask, position_ids=position_ids(mask))
             return shift_align(v.float(), L)
         if self.value_head is not None:
             hidden = policy_out.hidden_states[-1]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from pathlib import Path
 
 import torch
@@ -130,9 +129,17 @@ def trunk_of(causal_lm: nn.Module) -> nn.Module:
 
 
 def init_value_head(hidden_size: int) -> nn.Linear:
-    """Scalar head with std = 1/sqrt(hidden_size + 1), bias 0 (Stiennon et al. 2020, p. 11)."""
+    """The critic's scalar head: weights with std 1/(hidden_size + 1), bias 0 (OpenRLHF's critic).
+
+    The critic starts close to a constant 0. A final hidden state has about unit scale per
+    dimension, so the value's initial spread is about sqrt(H) x std: 1/sqrt(H) here. Stiennon et
+    al. (2020, p. 11)'s std 1/sqrt(H + 1) is a *reward model's* initialisation, meant to give
+    outputs of unit variance; as a critic's it gives random values of spread ~1 at every token,
+    often many times the spread of the scores, and GAE turns that noise into the advantages until
+    the critic has unlearnt it (measured in docs/algorithms.md, "PPO's critic").
+    """
     head = nn.Linear(hidden_size, 1)
-    nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden_size + 1))
+    nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1))
     nn.init.zeros_(head.bias)
     return head
 
@@ -182,8 +189,10 @@ class ValueModel(nn.Module):
         self.trunk.save_pretrained(path, **kwargs)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(Path(path) / VALUE_HEAD_FILE))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
