@@ -10,7 +10,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="lampo", description="RL fine-tuning of language models (PPO, GRPO).")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="build a tiny model, start a reward server, train, show the result (no arguments)")
+    demo = sub.add_parser("demo", help="build a tiny model, start a reward server, train, show the result")
+    demo.add_argument("--max-steps", type=int, default=None,
+                      help="training steps (default: the demo's 60); fewer for a quick smoke run")
+    demo.add_argument("--engine", choices=["auto", "hf", "vllm"], default=None,
+                      help="rollout engine (default auto: vLLM when installed)")
+    demo.add_argument("--pretrain-steps", type=int, default=300,
+                      help="supervised warm-up steps of the tiny chat model (fewer for a quick smoke run)")
     sub.add_parser("train", help="train: lampo train --config cfg.yaml [--key value ...] (= python -m lampo.ppo_vllm)",
                    add_help=False)
     sub.add_parser("reward-server", help="= python -m lampo.reward_server", add_help=False)
@@ -45,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from lampo.demo import run_demo
 
-        return run_demo()
+        overrides = {k: v for k, v in (("max_steps", args.max_steps), ("engine", args.engine)) if v is not None}
+        return run_demo(overrides, pretrain_steps=args.pretrain_steps)
     if args.command == "tiny-model":
         from lampo.testing.tiny import FAMILIES, build_tiny_model, num_parameters
 

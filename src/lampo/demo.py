@@ -25,7 +25,10 @@ import yaml
 from lampo.reward.client import wait_until_healthy
 from lampo.reward_model import RewardModelTemplate
 
-REPO_EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data" / "multistep"
+EXAMPLE_DATA = "multistep"
+"""The example dataset shipped inside the package (lampo/data/example/multistep: train and test
+splits), so that `lampo demo` runs from an installed wheel in any folder; the repository's
+examples/data/multistep is a link to it."""
 
 
 class PoliteReward(RewardModelTemplate):
@@ -77,12 +80,13 @@ def free_port() -> int:
 
 
 def write_dataset(out: Path) -> Path:
-    """Copy the shipped 3-step example dataset (train and test splits)."""
-    if not (REPO_EXAMPLES / "train.jsonl").exists():
-        raise FileNotFoundError(f"the example dataset is missing at {REPO_EXAMPLES}; run the demo from a clone of Lampo")
+    """Copy the shipped 3-step example dataset (train and test splits) out of the package."""
+    from importlib.resources import files
+
+    source = files("lampo.data") / "example" / EXAMPLE_DATA
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
-        shutil.copyfile(REPO_EXAMPLES / f"{split}.jsonl", out / f"{split}.jsonl")
+        (out / f"{split}.jsonl").write_bytes((source / f"{split}.jsonl").read_bytes())
     return out
 
 
