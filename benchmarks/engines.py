@@ -114,7 +114,7 @@ def bench_hf(model_dir: Path, tok, batch: int, runs: int) -> dict:
         ended = (out == fmt.end_of_turn_id).int().cumsum(1)
         return int(((ended == 0) | ((ended == 1) & (out == fmt.end_of_turn_id))).sum())
 
-    engine = HFEngine(model, tok, onednn_linear=True)  # as the application (model.onednn_linear)
+    engine = HFEngine(model, tok, onednn_linear=True)  # as the application (speed.onednn_linear)
 
     def lampo() -> int:
         return rollout(engine, tok, rows, gen_cfg, data_cfg, policy_version=0).num_generated_tokens

@@ -7,12 +7,12 @@ temperature 1, one optimisation epoch with one optimiser step per batch, no refe
 
 - trl: `GRPOTrainer` with transformers `generate` (no vLLM), fp32, in a process as TRL users run
   it. trl-tuned: the same with the process-wide settings Lampo's process has: the kept memory
-  (`train.keep_freed_memory`) and OpenMP threads bound to cores (as vLLM binds them).
+  (`speed.keep_freed_memory`) and OpenMP threads bound to cores (as vLLM binds them).
 - lampo-fp32 / lampo-bf16: the application's Trainer (`lampo.trainer.Trainer`, the code behind
   `python -m lampo.ppo_vllm`) with the `hf` engine, synchronous mode; bf16 = autocast with fp32
   master weights and a bf16 engine (what the trainer does with `bf16: true`). A Lampo step is the
   body of `Trainer.train` in synchronous mode, phase by phase: produce (rollout + reward),
-  to_train_batch, learner.train (forward, advantages, optimise), weight sync.
+  to_train_batch, learn (forward, advantages, optimise), sync.
   bf16 runs train with `attn_implementation: eager` (faster than sdpa for bf16 on this CPU).
 - lampo-vllm-fp32 / lampo-vllm-bf16: the same with `engine: vllm` (in-process vLLM on CPU), the
   engine the product is named after. lampo-vllm-bf16-sdpa: with transformers' default attention.
@@ -90,10 +90,10 @@ def lampo_step(trainer, step: int) -> dict:
     produced = trainer.produce(step)  # 1-2. rollout and reward
     batch = trainer.to_train_batch(produced)
     flops = perf.learner_step_flops(trainer.learner, batch, trainer.engine.prompt_cache_block)
-    stats = trainer.learner.train(batch)  # 3-5. forward, advantages, optimise
+    stats = trainer.learn(batch)  # 3-5. forward, advantages, optimise
     trainer.policy_version += 1
     t0 = time.perf_counter()
-    trainer._sync_weights()  # 6. weight sync
+    trainer.sync()  # 6. weight sync
     stats["time/weight_sync"] = time.perf_counter() - t0
     step_s = time.perf_counter() - t_step
     phases = {k: v for k, v in {**stats, **produced.times}.items() if k.startswith("time/")}
@@ -105,7 +105,7 @@ def lampo_step(trainer, step: int) -> dict:
 def trl_worker(conn, name: str, total: int) -> None:
     """TRL's GRPOTrainer in a process of its own, one step per turn (see `run_all`).
 
-    `trl-tuned` first applies Lampo's allocator setting (`perf.keep_freed_memory`); its threads
+    `trl-tuned` first applies Lampo's allocator setting (`speed.machine.keep_freed_memory`); its threads
     are bound by `run_all`. It shows how much of the ratio is process-wide settings, which TRL
     users can have too (tcmalloc or jemalloc preloaded, OMP_PROC_BIND).
     """
@@ -115,10 +115,10 @@ def trl_worker(conn, name: str, total: int) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from benchmarks.rewards import vowel_share
-    from lampo import perf
+    from lampo.speed import machine
 
     if name == "trl-tuned":
-        perf.keep_freed_memory()
+        machine.keep_freed_memory()
     print(f"{name}: pid {os.getpid()}, {torch.get_num_threads()} threads", file=sys.stderr)
     folder = Path(tempfile.mkdtemp(prefix="lampo-bench-trl-"))
     path = model_dir("small")
@@ -167,7 +167,7 @@ def run_all(runs: list[str], steps: int, warmup: int) -> dict[str, dict]:
     """Every run, taking turns step by step; returns each run's measured records.
 
     TRL runs in a process of its own: Lampo's process-wide settings (vLLM's OpenMP thread binding,
-    `train.keep_freed_memory`) must not reach it, so TRL runs as its users run it. The processes
+    `speed.keep_freed_memory`) must not reach it, so TRL runs as its users run it. The processes
     take turns (one computes while the others wait on a pipe), so every run sees the same load.
     """
     import multiprocessing as mp
@@ -235,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = ["trl", "lampo-vllm-fp32", "lampo-vllm-bf16"] if args.quick else args.runs.split(",")
     import torch
 
-    from lampo import perf
+    from lampo.speed import machine
 
     def measure_peaks() -> dict[str, float]:
-        return {f"{dt}/{kind}": perf.measure_peak(getattr(torch, dt), kind) for dt in ("float32", "bfloat16")
-                for kind in ("matmul", "onednn") if kind == "matmul" or perf.onednn_linear_available()}
+        return {f"{dt}/{kind}": machine.measure_peak(getattr(torch, dt), kind) for dt in ("float32", "bfloat16")
+                for kind in ("matmul", "onednn") if kind == "matmul" or machine.onednn_linear_available()}
 
     peaks_start = measure_peaks()
     load = os.getloadavg()[0]

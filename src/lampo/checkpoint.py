@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lampo.files import fsync_dir, fsync_tree, write_text
+
 MANIFEST = "checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
 MODULE_WEIGHTS = "model.safetensors"
@@ -119,8 +121,8 @@ def save_checkpoint(
             kinds[name] = _save_model(model, tmp / name)
         for name, state in states.items():
             torch.save(state, tmp / f"{name}.pt")
-        _write_text(tmp / TRAINER_STATE, trainer_state_text)
-        _fsync_tree(tmp)
+        write_text(tmp / TRAINER_STATE, trainer_state_text)
+        fsync_tree(tmp)
         manifest = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -129,8 +131,8 @@ def save_checkpoint(
             "complete": True,
         }
         # The marker goes last: a directory without it is never a checkpoint.
-        _write_text(tmp / MANIFEST, json.dumps(manifest, indent=2), fsync=True)
-        _fsync_dir(tmp)
+        write_text(tmp / MANIFEST, json.dumps(manifest, indent=2), fsync=True)
+        fsync_dir(tmp)
         _install(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,11 +214,11 @@ def _install(tmp: Path, final: Path) -> None:
         old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
         os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
 
 def _rotate(output_dir: Path, limit: int, keep: Path) -> None:
@@ -242,41 +244,6 @@ def clean_temp_dirs(output_dir: str | Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def _write_text(path: Path, text: str, fsync: bool = False) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory below `root` (files written by save_pretrained included)."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    # A directory fsync makes the new entries (and a rename) durable; some filesystems do not
-    # support it, which is not an error worth stopping training for.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import sys
 import types
 import typing
@@ -26,6 +27,9 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
+
+REWARD_TOKEN_ENV = "LAMPO_REWARD_TOKEN"
+"""The environment variable that holds the reward server's token when the config does not."""
 
 
 class ConfigError(ValueError):
@@ -69,8 +73,6 @@ class ModelConfig:
     """Pass trust_remote_code to transformers when loading models."""
     attn_implementation: str | None = None
     """Attention kernels of the trained models (transformers' `attn_implementation`: sdpa, eager, ...); null: its default."""
-    onednn_linear: bool = True
-    """On CPU, run the fp32 linear layers of the learner and the hf engine on oneDNN's kernels instead of MKL (same maths, faster on AMD)."""
 
 
 @dataclass
@@ -127,8 +129,6 @@ class GenerationConfig:
     """vLLM context length; null uses max_prompt_len + max_new_tokens (every step's prompt, earlier turns included, fits max_prompt_len)."""
     vllm_enforce_eager: bool = False
     """Run vLLM's model eagerly; false (vLLM's default) compiles it at start: 10-25 s once, then a faster rollout."""
-    vllm_block_size: int = 16
-    """Tokens per vLLM KV-cache block (a multiple of 16); a prompt's samples share its KV in whole blocks only, so 16 shares more than vLLM's CPU default 128."""
 
 
 @dataclass
@@ -159,6 +159,10 @@ class RewardConfig:
     """Server: largest request body accepted (413 above it)."""
     reward_model_config: dict[str, object] | None = None
     """Settings for the reward model's `__init__` (e.g. `keywords`); merged over the file's top-level keys."""
+
+    def token(self) -> str | None:
+        """The bearer token, for the server and its clients alike: `reward_token`, else LAMPO_REWARD_TOKEN."""
+        return self.reward_token or os.environ.get(REWARD_TOKEN_ENV) or None
 
 
 @dataclass
@@ -227,8 +231,6 @@ class OptimConfig:
     """Score given to a conversation whose response never produced the stop token (non-stop penalty)."""
     max_bad_steps: int = 3
     """Consecutive steps with a non-finite loss or gradient (skipped) before training stops with an error."""
-    share_prefix: bool = True
-    """With num_generations > 1: run each prompt once per group in the learner's passes (exact; minibatches hold whole groups)."""
 
 
 @dataclass
@@ -269,8 +271,21 @@ class TrainConfig:
     """Stop when a logged metric reaches a threshold (value >= threshold), e.g. {"objective/scores": 0.9}."""
     progress: bool = True
     """Show the live progress bar."""
+
+
+@dataclass
+class SpeedConfig:
+    """The speed wing (`lampo.speed`): what changes how long a step takes, never its result. The best
+    settings depend on the machine; each is tested for equality with the plain path."""
+
+    share_prefix: bool = True
+    """With num_generations > 1: run each prompt once per group in the learner's passes (minibatches hold whole groups)."""
+    onednn_linear: bool = True
+    """On CPU, run the fp32 linear layers of the learner and the hf engine on oneDNN's kernels instead of MKL's (same products; faster on some CPUs)."""
     keep_freed_memory: bool = True
-    """Keep freed memory in the process (glibc mallopt) instead of re-faulting fresh pages every step: -7 to -15% time/optimize on CPU."""
+    """Keep freed memory in the process (glibc mallopt) so each step re-uses the last step's pages instead of faulting in fresh ones; process-wide, CPU."""
+    vllm_block_size: int = 16
+    """Tokens per vLLM KV-cache block (a multiple of 16); a prompt's samples share its KV in whole blocks only, so 16 shares more than vLLM's CPU default 128."""
 
 
 SECTIONS: dict[str, type] = {
@@ -280,6 +295,7 @@ SECTIONS: dict[str, type] = {
     "reward": RewardConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "speed": SpeedConfig,
 }
 
 
@@ -298,6 +314,7 @@ class LampoConfig:
     reward: RewardConfig
     optim: OptimConfig
     train: TrainConfig
+    speed: SpeedConfig
 
     def __init__(self, values: dict[str, Any] | None = None, **flat: Any) -> None:
         merged: dict[str, Any] = dict(values or {})
@@ -423,7 +440,8 @@ class LampoConfig:
         _check(g.vllm_kv_cache_gb > 0, "vllm_kv_cache_gb", g.vllm_kv_cache_gb, "must be > 0")
         _check(0 < g.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization",
                g.vllm_gpu_memory_utilization, "must be in (0, 1]")
-        _check(g.vllm_block_size >= 16 and g.vllm_block_size % 16 == 0, "vllm_block_size", g.vllm_block_size,
+        _check(self.speed.vllm_block_size >= 16 and self.speed.vllm_block_size % 16 == 0, "vllm_block_size",
+               self.speed.vllm_block_size,
                "must be a positive multiple of 16 (vLLM's attention kernels work in blocks of 16)")
         _check(d.max_prompt_len >= 1, "max_prompt_len", d.max_prompt_len, "must be >= 1")
         _check(0 <= d.test_split_ratio < 1, "test_split_ratio", d.test_split_ratio, "must be in [0, 1)")
@@ -467,9 +485,14 @@ class LampoConfig:
 
     @property
     def num_steps(self) -> int:
-        """Derived: training steps of the run (from total_episodes when set, else max_steps)."""
+        """Derived: training steps of the run (from total_episodes when set, else max_steps), one process."""
+        return self.steps_for(world=1)
+
+    def steps_for(self, world: int) -> int:
+        """Training steps with `world` data-parallel processes: total_episodes counts conversations
+        over all of them, each rolling out its own batch."""
         if self.train.total_episodes is not None:
-            return max(1, self.train.total_episodes // self.rollout_batch_size)
+            return max(1, self.train.total_episodes // (self.rollout_batch_size * world))
         return self.train.max_steps
 
 

@@ -105,7 +105,7 @@ def resolve_settings(args: argparse.Namespace, raw: dict[str, Any]) -> ServerSet
         host=rc.reward_host,
         # one config file serves trainer and server: the port of the URL the trainer calls
         port=cfg.reward_server_port,
-        token=rc.reward_token or os.environ.get("LAMPO_REWARD_TOKEN") or None,
+        token=rc.token(),
         max_batch_size=rc.reward_max_batch_size,
         max_wait_ms=rc.reward_max_wait_ms,
         max_request_bytes=rc.reward_max_request_bytes,

@@ -23,6 +23,7 @@ Every metric name is documented in docs/metrics.md; `METRIC_NAMES` is the same l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import operator
@@ -30,11 +31,13 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lampo.files import atomic_write_text
 
 # Per training step, as in the design documents (open-instruct's PPO metric names), plus the
 # value model, per-phase timing, throughput, staleness and robustness counters.
@@ -79,6 +82,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "reward/retries",
     "reward/failed_requests",
     "data/skipped_rows",
+    "data/cut_at_max_prompt_len",
     "optim/skipped_steps",
     "eval/scores",
     "eval/sequence_lengths",
@@ -102,6 +106,21 @@ TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id.txt"
 
 
+class PhaseTimer:
+    """Times the phases of a step: `with timer("forward"): ...` records `time/forward` in `timer.times`."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[f"time/{phase}"] = time.perf_counter() - start
+
+
 class MetricWindow:
     """The steps between two logged steps (`logging_steps`), reduced to one record.
 
@@ -110,7 +129,8 @@ class MetricWindow:
     running totals and settings, which take their latest value.
     """
 
-    SUMMED = ("reward/retries", "reward/failed_requests", "data/skipped_rows", "optim/skipped_steps")
+    SUMMED = ("reward/retries", "reward/failed_requests", "data/skipped_rows", "data/cut_at_max_prompt_len",
+              "optim/skipped_steps")
     LATEST = ("episode", "epoch", "lr", "objective/kl_coef", "time/from_scratch", "policy/version_lag")
 
     def __init__(self) -> None:
@@ -186,7 +206,7 @@ class Tracker:
         self._start_time = time.monotonic()
 
         config_text = yaml.safe_dump(full_config_dict, sort_keys=False)
-        _atomic_write(self.output_dir / CONFIG_FILE, config_text)
+        atomic_write_text(self.output_dir / CONFIG_FILE, config_text)
         if resume_step is not None:
             self.truncate_after(resume_step)
 
@@ -288,7 +308,7 @@ class Tracker:
                     continue  # a line torn by the crash that made this resume necessary
                 if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                     kept.append(line)
-            _atomic_write(path, "".join(line + "\n" for line in kept))
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # --- shutdown ------------------------------------------------------------------------
     def close(self) -> None:
@@ -396,7 +416,7 @@ def _init_wandb(output_dir: Path, run_name: str, config: dict[str, Any], resume_
         run_id = id_file.read_text().strip()
     else:
         run_id = uuid.uuid4().hex[:12]
-        _atomic_write(id_file, run_id + "\n")
+        atomic_write_text(id_file, run_id + "\n")
     kwargs: dict[str, Any] = dict(
         project=os.environ.get("WANDB_PROJECT", "lampo"),
         name=run_name,
@@ -513,18 +533,10 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 __all__ = [
     "EVAL_PREFIX",
     "MetricWindow",
+    "PhaseTimer",
     "KEY_METRICS",
     "METRIC_NAMES",
     "Tracker",

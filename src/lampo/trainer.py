@@ -32,12 +32,13 @@ import numpy as np
 import torch
 
 from lampo import checkpoint as ckpt
-from lampo import perf
+from lampo import perf, speed
 from lampo.config import LampoConfig
 from lampo.data.formats import PromptRow
 from lampo.data.loading import load_prompt_dataset
-from lampo.optimize import maths as M
-from lampo.optimize.learner import Learner, TrainBatch
+from lampo.optimize.advantages import compute_advantages
+from lampo.optimize.batch import TrainBatch, build_train_batch
+from lampo.optimize.learner import Learner, fw_is_finite
 from lampo.optimize.models import (
     ValueModel,
     attn_implementation_for,
@@ -49,9 +50,14 @@ from lampo.rollout.batch import RolloutBatch
 from lampo.rollout.engines import make_engine
 from lampo.rollout.multistep import rollout
 from lampo.rollout.weight_sync import engine_weights
-from lampo.tracking import MetricWindow, Tracker
+from lampo.speed.machine import machine_peak
+from lampo.tracking import MetricWindow, PhaseTimer, Tracker
 
 log = logging.getLogger("lampo")
+
+
+SEED_STRIDE, RANK_STRIDE, SEED_MODULUS = 1_000_003, 10_007, 2**31 - 1
+"""How a run's seed, a rank and a step number mix into a sampling seed (`Trainer._sampling_seed`)."""
 
 
 class RunStopped(RuntimeError):
@@ -107,13 +113,10 @@ class Trainer:
         self.rank = accelerator.process_index if accelerator else 0
         self.world = accelerator.num_processes if accelerator else 1
         self.is_main = self.rank == 0
-        # total_episodes counts conversations over all ranks; each rank rolls out its own batch.
-        episodes = cfg.train.total_episodes
-        self.num_steps = max(1, episodes // (cfg.rollout_batch_size * self.world)) if episodes else cfg.num_steps
+        self.num_steps = cfg.steps_for(self.world)
         self.stop_requested: str | None = None
         _seed_everything(cfg.train.seed + self.rank)
-        if cfg.train.keep_freed_memory:
-            perf.keep_freed_memory()  # before the models: every later allocation is kept for re-use
+        speed.apply_machine_settings(cfg.speed)
 
         # The reward server must answer before minutes go into loading models.
         from lampo.reward import make_scorer
@@ -137,22 +140,22 @@ class Trainer:
                                num_training_steps=self.num_steps,
                                accelerator=accelerator if self.world > 1 else None)
         self._check_reward_vocab(policy)
-        # With bf16 the engine generates in bf16 too (measured 1.4x faster rollout on this CPU);
-        # the learner keeps fp32 master weights and recomputes every log-prob it trains on.
+        # With bf16 the engine generates in bf16 too (faster rollouts); the learner keeps fp32
+        # master weights and recomputes every log-prob it trains on.
         self.engine = make_engine(cfg.generation, cfg.model.model_name_or_path, self.tokenizer,
                                   max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed + self.rank,
-                                  dtype="bfloat16" if cfg.model.bf16 else "float32",
-                                  onednn_linear=cfg.model.onednn_linear,
+                                  dtype="bfloat16" if cfg.model.bf16 else "float32", speed=cfg.speed,
                                   attn_implementation=attn_implementation_for(cfg.model.model_name_or_path,
                                                                                cfg.model))
         self.start_step, self.policy_version, self.pending = 0, 0, None
         if self.resume_from is not None:
             self._restore(self.resume_from)
-            self._sync_weights()
+            self.sync()
         self.engine_version = self.policy_version
-        # Utilisation is reported against this machine's measured matmul peak (LAMPO_PEAK_FLOPS overrides).
-        self.peak_flops = perf.machine_peak(torch.bfloat16 if cfg.model.bf16 else torch.float32,
-                                            device=next(policy.parameters()).device)
+        # Utilisation is reported against the measured matmul peak of the model's device
+        # (LAMPO_PEAK_FLOPS overrides it).
+        self.peak_flops = machine_peak(torch.bfloat16 if cfg.model.bf16 else torch.float32,
+                                       device=next(policy.parameters()).device)
         self.tracker = Tracker(cfg, cfg.to_dict(), self.num_steps, is_main_process=self.is_main,
                                resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
@@ -215,8 +218,10 @@ class Trainer:
                         self.scorer.stats())
 
     def _sampling_seed(self, step: int) -> int:
-        # Sampling depends only on (seed, rank, step): a resumed run draws the same samples.
-        return (self.cfg.train.seed * 1_000_003 + self.rank * 10_007 + step) % (2**31 - 1)
+        # Sampling depends only on (seed, rank, step): a resumed run draws the same samples. The
+        # seed and the rank are spread apart by primes so that no two (seed, rank, step) collide
+        # in practice, and the result is a positive 31-bit seed, as engines take.
+        return (self.cfg.train.seed * SEED_STRIDE + self.rank * RANK_STRIDE + step) % SEED_MODULUS
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
@@ -244,15 +249,16 @@ class Trainer:
 
                 # 3-5. forward, advantages, optimise
                 train_batch = self.to_train_batch(produced)
-                stats = self.learner.train(train_batch)
+                stats = self.learn(train_batch)
                 self.policy_version += 1
 
                 # 6. weight sync, once the actor is idle (it generates with one version only)
                 if pending is not None:
                     concurrent.futures.wait([pending])
-                t0 = time.perf_counter()
-                self._sync_weights()
-                stats["time/weight_sync"] = time.perf_counter() - t0
+                timer = PhaseTimer()
+                with timer("weight_sync"):
+                    self.sync()
+                stats.update(timer.times)
 
                 # 7. log, evaluate, checkpoint
                 step += 1
@@ -302,6 +308,21 @@ class Trainer:
         return (f"stopped by {self.stop_requested} after step {step}; checkpoint saved in "
                 f"{self.cfg.train.output_dir}. Resume with the same command plus --resume_from_checkpoint auto")
 
+    # ------------------------------------------------------------------ phases 3-5: the learner
+    def learn(self, batch: TrainBatch) -> dict[str, float]:
+        """Forward, advantages and optimise on one batch, each timed; returns the step's metrics."""
+        timer = PhaseTimer()
+        with timer("forward"):  # 3. old log-probs, reference log-probs, values
+            fw = self.learner.forward(batch)
+        if not fw_is_finite(fw):
+            return self.learner.skip_step("old or reference log-probs are not finite (the weights may hold NaN)",
+                                          timer.times)
+        with timer("advantages"):  # 4. rewards with KL, then GAE or a group estimator
+            adv = compute_advantages(batch, fw, self.learner.kl_ctl.value, self.cfg)
+        with timer("optimize"):  # 5. ppo_epochs over minibatches
+            stats = self.learner.optimise(batch, fw, adv)
+        return {**stats, **timer.times}
+
     def _result(self, future: concurrent.futures.Future, step: int) -> Produced:
         from lampo.reward import RewardError
 
@@ -312,45 +333,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ batch conversion
     def to_train_batch(self, produced: Produced) -> TrainBatch:
-        """Place each score on its turn's last token, apply the non-stop penalty."""
+        """Each score on its turn's last token, the non-stop penalty applied (`build_train_batch`)."""
         b, opt = produced.batch, self.cfg.optim
-        stopped = b.stopped
-        per_turn, positions, totals = [], [], []
-        for i, (score, ends) in enumerate(zip(produced.scores, b.turn_ends, strict=True)):
-            if not ends:  # no assistant turn (nothing generated): nothing to place
-                per_turn.append([]), positions.append([]), totals.append(0.0)
-                continue
-            if isinstance(score, list):
-                # One score per assistant turn of the conversation the reward model read, given
-                # history first (PaddleNLP `tgt`, earlier `messages` turns): only the generated
-                # turns, the last len(ends), are actions to reward (docs/reward-server.md).
-                given = len(b.messages[i]) // 2 - len(ends)
-                if len(score) != given + len(ends):
-                    raise ValueError(f"conversation {i}: the reward model gave {len(score)} per-turn scores for "
-                                     f"{given + len(ends)} assistant turns ({given} given, {len(ends)} generated)")
-                turn_scores, turn_pos = list(score[given:]), list(ends)
-            else:
-                turn_scores, turn_pos = [float(score)], [ends[-1]]
-            if opt.non_stop_penalty and not bool(stopped[i]):
-                turn_scores, turn_pos = [opt.penalty_reward_value], [ends[-1]]
-            per_turn.append(turn_scores)
-            positions.append(turn_pos)
-            totals.append(sum(turn_scores))
-        placed = M.place_scores(per_turn, positions, tuple(b.input_ids.shape))
-        return TrainBatch(
-            input_ids=b.input_ids,
-            attention_mask=b.attention_mask,
-            action_mask=b.action_mask,
-            placed_scores=placed,
-            seq_scores=torch.tensor(totals, dtype=torch.float32),
-            stopped=stopped,
+        return build_train_batch(
+            b.input_ids, b.attention_mask, b.action_mask, produced.scores, b.turn_ends, b.stopped,
+            # the reward model also read the turns the dataset gave: they come first
+            given_turns=[len(m) // 2 - len(ends) for m, ends in zip(b.messages, b.turn_ends, strict=True)],
+            non_stop_penalty=opt.penalty_reward_value if opt.non_stop_penalty else None,
             group_size=self.cfg.generation.num_generations,
             # without them (engine_logprobs: false) the rollout holds zeros: no val/engine_logprob_diff
             engine_logprobs=b.engine_logprobs if self.cfg.generation.engine_logprobs else None,
         )
 
-    # ------------------------------------------------------------------ weight sync
-    def _sync_weights(self) -> None:
+    # ------------------------------------------------------------------ phase 6: weight sync
+    def sync(self) -> None:
         policy = self.learner.unwrapped_policy()
         self.engine.update_weights(engine_weights(policy))
         self.engine_version = self.policy_version
@@ -368,6 +364,7 @@ class Trainer:
             "time/from_scratch": time.perf_counter() - start,
             "perf/tokens_per_second": float(tb.action_mask.sum()) / max(step_time, 1e-9),
             "data/skipped_rows": float(b.skipped_rows),
+            "data/cut_at_max_prompt_len": float(b.cut_at_max_prompt_len),
             **produced.times,
             **produced.reward_stats,
         }
@@ -375,8 +372,8 @@ class Trainer:
             metrics["objective/verifiable_correct_rate"] = _correct_rate(produced.scores)
         return metrics
 
-    SUMMED = ("val/num_stop_token_ids", "reward/retries", "reward/failed_requests", "data/skipped_rows",
-              "optim/skipped_steps")
+    SUMMED = ("val/num_stop_token_ids", *MetricWindow.SUMMED)
+    """Metrics summed over the ranks (counts of the whole step); the rest are averaged."""
 
     def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
         """Across ranks: counts are summed, everything else averaged (episode/epoch are already global)."""
@@ -442,8 +439,7 @@ class Trainer:
         if self.is_main:
             models = {"policy": self.learner.unwrapped_policy()}
             if self.learner.value_model is not None:
-                v = self.learner.value_model
-                models["value_model"] = self.acc.unwrap_model(v) if self.acc and self.world > 1 else v
+                models["value_model"] = self.learner.unwrapped(self.learner.value_model)
             epoch, position = self.sampler.position(step)
             path = ckpt.save_checkpoint(
                 self.cfg.train.output_dir, step,
@@ -558,7 +554,7 @@ def run(cfg: LampoConfig, raw_config: dict | None = None) -> int:
         if accelerator is not None:
             # Destroy the process group before the interpreter exits: left to shutdown, gloo's
             # threads can abort a finished run with SIGABRT ("terminate called without an active
-            # exception"), about one launch in four on this machine.
+            # exception").
             accelerator.end_training()
 
 

@@ -307,7 +307,7 @@ def train_two_steps(arch: str, path: Path, tok, estimator: str, lora: bool) -> T
         responses = trainer.generate(queries)
         scores = [vowels(tok.decode(r)) for r in responses]
         batch = trainer.make_batch(queries, responses, scores)
-        old = trainer.learner.forward_batch(batch).old_logprobs
+        old = trainer.learner.forward(batch).old_logprobs
         with torch.no_grad():
             for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
                 seq = torch.cat([q, r])[None]

@@ -117,7 +117,7 @@ def test_an_untrained_critic_starts_close_to_a_constant(tiny_model_path, value_m
     trainer = PPOTrainer(PPOConfig(value_model=value_model, batch_size=4, mini_batch_size=4), policy, tok)
     queries = [torch.randint(4, 1000, (12,)) for _ in range(4)]
     responses = [torch.randint(4, 1000, (20,)) for _ in range(4)]
-    fw = trainer.learner.forward_batch(trainer.make_batch(queries, responses, [0.0] * 4))
+    fw = trainer.learner.forward(trainer.make_batch(queries, responses, [0.0] * 4))
     H = policy.config.hidden_size
     values = fw.values[fw.values != 0]
     assert values.numel() > 50 and values.std().item() < 2 / H**0.5, values.std()

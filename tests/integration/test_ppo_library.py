@@ -55,7 +55,7 @@ def test_step_logprobs_equal_generate_scores_at_same_temperature(model, tok):
     queries = [prompt_ids(tok, t) for t in ("Hi.", "What is your name?", "Tell me a short story.", "Hi.")]
     responses, gen_logprobs = trainer.generate(queries, return_logprobs=True)
     batch = trainer.make_batch(queries, responses, [0.0] * 4)
-    fw = trainer.learner.forward_batch(batch)
+    fw = trainer.learner.forward(batch)
     for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
         recomputed = fw.old_logprobs[i, len(q) : len(q) + len(r)]
         assert torch.allclose(recomputed, gen_logprobs[i], atol=1e-5), (recomputed, gen_logprobs[i])
@@ -69,7 +69,7 @@ def test_step_trains_at_the_temperature_generate_sampled_at(model, tok):
     trainer = PPOTrainer(base_config(temperature=1.0), model, tok)
     queries = [prompt_ids(tok, t) for t in ("Hi.", "Tell me a short story.")]
     responses, gen_logprobs = trainer.generate(queries, return_logprobs=True, temperature=0.7)
-    fw = trainer.learner.forward_batch(trainer.make_batch(queries, responses, [0.0, 0.0]))
+    fw = trainer.learner.forward(trainer.make_batch(queries, responses, [0.0, 0.0]))
     for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
         assert torch.allclose(fw.old_logprobs[i, len(q) : len(q) + len(r)], gen_logprobs[i], atol=1e-5)
 
@@ -122,7 +122,7 @@ def test_lora_reference_is_the_base_model_with_adapter_disabled(model, tok):
     queries = [prompt_ids(tok, "Hi."), prompt_ids(tok, "Why is the sky blue?")]
     responses = trainer.generate(queries)
     batch = trainer.make_batch(queries, responses, [0.0, 1.0])
-    fw = trainer.learner.forward_batch(batch)
+    fw = trainer.learner.forward(batch)
     with torch.no_grad():
         logits = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     base_lp = torch.nn.functional.pad(M.logprobs_from_logits(logits[:, :-1], batch.input_ids[:, 1:]), (1, 0))
@@ -269,7 +269,7 @@ def test_policy_and_critic_read_a_row_the_same_whatever_its_padding_side(family_
         t = getattr(right, name)
         setattr(left, name, torch.stack([torch.roll(t[i], int(T - n[i])) for i in range(2)]))
     assert not torch.equal(left.input_ids, right.input_ids)  # the short row really moved
-    fr, fl = trainer.learner.forward_batch(right), trainer.learner.forward_batch(left)
+    fr, fl = trainer.learner.forward(right), trainer.learner.forward(left)
     for name in ("old_logprobs", "values"):
         a, b = getattr(fr, name)[right.action_mask], getattr(fl, name)[left.action_mask]
         assert torch.allclose(a, b, atol=1e-5), (name, a, b)

@@ -92,7 +92,7 @@ def test_hf_engine_keeps_its_own_copy_until_update(model, tok, onednn_linear):
 
 
 def test_hf_engine_on_onednn_samples_like_the_default(model, tok, monkeypatch):
-    from lampo.optimize import onednn_linear as D
+    from lampo.speed import onednn_linear as D
 
     if not D.available():
         pytest.skip("this torch build has no oneDNN linear kernel")

@@ -289,14 +289,14 @@ def test_transformers_and_peft_models_round_trip(tmp_path, tiny_model_path):
 
 def test_manifest_written_last_marks_completeness(tmp_path, monkeypatch):
     # If the manifest write itself fails, nothing is installed.
-    real = ck._write_text
+    real = ck.write_text
 
     def fail_on_manifest(path, text, fsync=False):
         if path.name == ck.MANIFEST:
             raise OSError(errno.EIO, "I/O error")
         return real(path, text, fsync)
 
-    monkeypatch.setattr(ck, "_write_text", fail_on_manifest)
+    monkeypatch.setattr(ck, "write_text", fail_on_manifest)
     with pytest.raises(CheckpointError):
         save_checkpoint(tmp_path, 1, trainer_state={"a": 1})
     assert list(tmp_path.iterdir()) == []

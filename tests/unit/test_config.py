@@ -59,7 +59,7 @@ def test_out_of_range_values():
     for bad in (0, 24):
         with pytest.raises(ConfigError, match=rf"'vllm_block_size' = {bad} is invalid: must be a positive multiple of 16"):
             LampoConfig(vllm_block_size=bad)
-    assert LampoConfig(vllm_block_size=128).generation.vllm_block_size == 128
+    assert LampoConfig(vllm_block_size=128).speed.vllm_block_size == 128
 
 
 def test_override_parsing_errors_and_values():

@@ -141,7 +141,6 @@ def test_logprobs_and_entropy_use_temperature():
     lp2 = M.logprobs_from_logits(logits, torch.tensor([0]), 2.0)
     assert lp2.item() == pytest.approx(math.log(0.366025), abs=1e-5)
     # entropy at T=1: -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.346574 + 0.215762 = 0.562335
-    assert M.entropy_from_logits(logits).item() == pytest.approx(0.562335, abs=1e-5)
     assert M.entropy_from_logprobs(torch.log(t([[0.25, 0.75]]))).item() == pytest.approx(0.562335, abs=1e-5)
     lp, ent = M.logprobs_and_entropy(logits.clone().requires_grad_(), torch.tensor([1]))
     assert (lp.item(), ent.item()) == pytest.approx((math.log(0.75), 0.562335), abs=1e-5)
@@ -208,3 +207,28 @@ def test_explained_variance():
     assert M.explained_variance(r, r, mask).item() == pytest.approx(1.0)
     # predicting the mean everywhere explains nothing
     assert M.explained_variance(torch.full((1, 4), 2.5), r, mask).item() == pytest.approx(0.0)
+
+
+def test_kl_in_the_loss_and_in_the_scores():
+    # logp = log 0.5, ref = log 0.25: k1 = log 2 = 0.693147; with coefficient 0.1, 0.0693147
+    logp, ref = torch.log(t([[0.5]])), torch.log(t([[0.25]]))
+    assert M.kl_loss(logp, ref, 0.1, "k1").item() == pytest.approx(0.0693147, abs=1e-6)
+    # k3 = r - 1 - log r with r = ref/pi = 0.5: 0.5 - 1 + 0.693147 = 0.193147
+    assert M.kl_loss(logp, ref, 1.0, "k3").item() == pytest.approx(0.193147, abs=1e-6)
+    # scores [1, 2] minus 0.5 x KL [0.4, 1.0] = [0.8, 1.5]
+    assert M.kl_shaped_scores(t([1.0, 2.0]), t([0.4, 1.0]), 0.5).tolist() == pytest.approx([0.8, 1.5])
+
+
+def test_engine_logprob_gap_is_the_mean_absolute_gap_on_the_action_tokens():
+    # gaps |-1 - -1.5| = 0.5 and |-2 - -1| = 1 on the mask; the unmasked 9 is ignored: mean 0.75
+    gap = M.engine_logprob_gap(t([[-1.0, -2.0, 5.0]]), t([[-1.5, -1.0, -4.0]]), torch.tensor([[True, True, False]]))
+    assert gap.item() == pytest.approx(0.75)
+
+
+def test_the_ratio_is_pinned_to_one_off_the_mask():
+    logp = t([[-1.0, -2.0]]).requires_grad_()
+    old = t([[-1.5, 50.0]])  # a huge gap off the mask would overflow exp()
+    pinned = M.pin_ratio_off_mask(old, logp, torch.tensor([[True, False]]))
+    assert pinned.tolist() == [[-1.5, -2.0]] and not pinned.requires_grad
+    ratio = torch.exp(logp - pinned)
+    assert ratio[0, 1].item() == 1.0 and ratio[0, 0].item() == pytest.approx(math.exp(0.5))

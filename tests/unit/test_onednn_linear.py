@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lampo.optimize import onednn_linear as D
+from lampo.speed import onednn_linear as D
 
 pytestmark = pytest.mark.skipif(not D.available(), reason="this torch build has no oneDNN linear")
 

@@ -1,4 +1,5 @@
-"""The FLOP cost model and MFU arithmetic of lampo.perf, against numbers worked out by hand; its allocator setting."""
+"""The FLOP cost model (lampo.speed.cost) and MFU arithmetic (lampo.perf), against numbers worked out by
+hand; the machine's peak and allocator setting (lampo.speed.machine)."""
 
 import platform
 import subprocess
@@ -7,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from lampo import perf
-from lampo.perf import ModelShape, count_flops, forward_flops, step_mfu, training_flops
+from lampo.perf import step_mfu
+from lampo.speed import cost, machine
+from lampo.speed.cost import ModelShape, count_flops, forward_flops, training_flops
 
 # A toy shape: N = 1000 matmul parameters, L = 2 layers, d_attn = 4.
 TOY = ModelShape(matmul_params=1000, num_layers=2, attn_dim=4)
@@ -50,8 +52,8 @@ def test_count_flops_per_phase():
 
 def test_rollout_counts_the_prompt_blocks_the_engine_cached_once():
     # vLLM's samples of a P-token prompt share its whole blocks of the first P - 1 positions.
-    assert perf.rollout_cached_prompt_lens([40, 33, 32, 17, 16, 5], 16) == [32, 32, 16, 16, 0, 0]
-    assert perf.rollout_cached_prompt_lens([40, 33], 0) == []  # transformers generate: no cache
+    assert cost.rollout_cached_prompt_lens([40, 33, 32, 17, 16, 5], 16) == [32, 32, 16, 16, 0, 0]
+    assert cost.rollout_cached_prompt_lens([40, 33], 0) == []  # transformers generate: no cache
     # A 4-token sequence whose first 2 positions came from the cache: the rollout computed
     # positions 3 only of [1..3], i.e. forward_flops([3]) - forward_flops([2]).
     # forward_flops([2]) = 2 * 1000 * 2 + 4 * L * d * (1 + 2) = 4000 + 4 * 2 * 4 * 3 = 4096.
@@ -145,11 +147,11 @@ def test_step_mfu_leaves_out_untimed_phases_and_rejects_bad_peak():
 
 
 def test_measure_peak_is_a_positive_rate():
-    assert perf.measure_peak(torch.float32, "matmul", n=64, repeats=1) > 0
-    if perf.onednn_linear_available():
-        assert perf.measure_peak(torch.float32, "onednn", n=64, repeats=1) > 0
+    assert machine.measure_peak(torch.float32, "matmul", n=64, repeats=1) > 0
+    if machine.onednn_linear_available():
+        assert machine.measure_peak(torch.float32, "onednn", n=64, repeats=1) > 0
     with pytest.raises(ValueError, match="kind"):
-        perf.measure_peak(torch.float32, "gpu")
+        machine.measure_peak(torch.float32, "gpu")
 
 
 def test_the_peak_is_measured_on_the_device_that_holds_the_model(monkeypatch):
@@ -157,15 +159,15 @@ def test_the_peak_is_measured_on_the_device_that_holds_the_model(monkeypatch):
     # measurement and keys the cache, and oneDNN (a CPU kernel) is not offered for another device.
     monkeypatch.delenv("LAMPO_PEAK_FLOPS", raising=False)
     seen = []
-    monkeypatch.setattr(perf, "measure_peak", lambda dtype, kind, repeats, device: seen.append(str(device)) or 1e9)
-    monkeypatch.setattr(perf, "_PEAK_CACHE", {})
-    assert perf.machine_peak(torch.float32, device="cpu") == 1e9
-    assert perf.machine_peak(torch.float32, device="cuda:0") == 1e9
-    assert perf.machine_peak(torch.float32, device="cuda:0") == 1e9  # cached per device
+    monkeypatch.setattr(machine, "measure_peak", lambda dtype, kind, repeats, device: seen.append(str(device)) or 1e9)
+    monkeypatch.setattr(machine, "_PEAK_CACHE", {})
+    assert machine.machine_peak(torch.float32, device="cpu") == 1e9
+    assert machine.machine_peak(torch.float32, device="cuda:0") == 1e9
+    assert machine.machine_peak(torch.float32, device="cuda:0") == 1e9  # cached per device
     assert seen == ["cpu", "cuda:0"]
     monkeypatch.undo()
     with pytest.raises(ValueError, match="CPU only"):
-        perf.measure_peak(torch.float32, "onednn", n=8, repeats=1, device="meta")
+        machine.measure_peak(torch.float32, "onednn", n=8, repeats=1, device="meta")
 
 
 def test_count_flops_without_the_old_logprob_pass():
@@ -176,17 +178,17 @@ def test_count_flops_without_the_old_logprob_pass():
 
 def test_machine_peak_from_the_environment(monkeypatch):
     monkeypatch.setenv("LAMPO_PEAK_FLOPS", "4.5e11")
-    assert perf.machine_peak() == 4.5e11
+    assert machine.machine_peak() == 4.5e11
     monkeypatch.setenv("LAMPO_PEAK_FLOPS", "fast")
     with pytest.raises(ValueError, match="LAMPO_PEAK_FLOPS"):
-        perf.machine_peak()
+        machine.machine_peak()
 
 
 FAULTS_SCRIPT = """
 import resource, sys, torch
-from lampo import perf
+from lampo.speed import machine
 if sys.argv[1] == "keep":
-    assert perf.keep_freed_memory()
+    assert machine.keep_freed_memory()
 def step():
     # a training step's pattern: activations pile up (forward), then are all freed (backward)
     live = [torch.ones(3 << 20) for _ in range(24)]  # 24 x 12 MB, every page written

@@ -9,6 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lampo import PPOConfig, PPOTrainer
+from lampo.speed.passes import aligned_logprobs
+from lampo.speed.shared_prefix import plan_prefixes
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +36,12 @@ def _batch(trainer, tok):
 def test_kl_coef_zero_skips_the_reference(tiny_model_path):
     trainer, tok = _trainer(tiny_model_path)
     assert trainer.learner.ref_model is None and not trainer.learner.uses_reference
-    fw = trainer.learner.forward_batch(_batch(trainer, tok))
-    assert fw.ref_logprobs is fw.old_logprobs  # KL to the reference reads exactly 0
+    batch = _batch(trainer, tok)
+    fw = trainer.learner.forward(batch)
+    assert fw.ref_logprobs is None  # no reference pass: the KL to the reference reads exactly 0
+    from lampo.optimize.advantages import compute_advantages
+
+    assert compute_advantages(batch, fw, 0.0, trainer.config).stats["objective/kl"] == 0.0
     with_kl, _ = _trainer(tiny_model_path, kl_coef=0.01)
     assert with_kl.learner.ref_model is not None
 
@@ -65,13 +71,14 @@ def test_fused_old_logprobs_give_the_same_update_and_stats(tiny_model_path):
 
 def test_learner_step_flops_follow_the_skipped_passes(tiny_model_path):
     from lampo import perf
+    from lampo.speed import cost
 
     trainer, tok = _trainer(tiny_model_path, share_prefix=False)  # shared prompts: the test below
     batch = _batch(trainer, tok)
-    shape = perf.ModelShape.from_model(trainer.model)
+    shape = cost.ModelShape.from_model(trainer.model)
     lens = batch.attention_mask.sum(1).tolist()
     flops = perf.learner_step_flops(trainer.learner, batch)
-    assert flops == perf.count_flops(shape, lens, old_logprobs=False, reference=False)
+    assert flops == cost.count_flops(shape, lens, old_logprobs=False, reference=False)
     assert flops["forward"] == 0
     with_kl, _ = _trainer(tiny_model_path, kl_coef=0.01, ppo_epochs=2, share_prefix=False)
     flops = perf.learner_step_flops(with_kl.learner, batch)
@@ -109,16 +116,16 @@ def _multi_turn_batch(tok):
 
 
 def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(tiny_model_path):
-    from lampo.optimize.shared_prefix import plan_prefixes, shared_prefix_logprobs
+    from lampo.speed.shared_prefix import plan_prefixes, shared_prefix_logprobs
 
     trainer, tok = _trainer(tiny_model_path, num_generations=3, mini_batch_size=6, temperature=0.7)
     model = trainer.model
     batch = _multi_turn_batch(tok)
     plan = plan_prefixes(batch.input_ids, batch.attention_mask, batch.action_mask)
     assert plan is not None and plan.prefix_ids.shape[0] == 2
-    lp_shared, ent_shared = shared_prefix_logprobs(model, plan, batch.input_ids.shape[1], trainer.learner.temperature)
+    lp_shared, ent_shared = shared_prefix_logprobs(model, plan, batch.input_ids.shape[1], trainer.learner.passes.temperature)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    lp_plain, ent_plain = trainer.learner._logprobs_entropy(out.logits, batch)
+    lp_plain, ent_plain = aligned_logprobs(out.logits, batch.input_ids, trainer.learner.passes.temperature)
     act = batch.action_mask
     assert torch.allclose(lp_shared[act], lp_plain[act], atol=1e-5)
     assert torch.allclose(ent_shared[act], ent_plain[act], atol=1e-5)
@@ -135,7 +142,7 @@ def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(tiny_m
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_prefixes_give_the_padded_batchs_logprobs_and_gradients(tiny_model_path, attn):
     # prompts of 5 and 9 tokens: the padded prefix batch is [2, 9], the packed row [1, 14]
-    from lampo.optimize.shared_prefix import plan_prefixes, shared_prefix_logprobs
+    from lampo.speed.shared_prefix import plan_prefixes, shared_prefix_logprobs
 
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32, attn_implementation=attn)
@@ -167,12 +174,12 @@ def test_the_learner_packs_prefixes_of_different_lengths(tiny_model_path):
     hook = trainer.model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                                    with_kwargs=True)
     with torch.no_grad():
-        lp, _, _ = trainer.learner._policy_logprobs(trainer.model, batch)
+        lp, _, _ = trainer.learner.passes.logprobs(trainer.model, batch)
     hook.remove()
     assert shapes[0] == (1, 14)
     with torch.no_grad():
         out = trainer.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        want, _ = trainer.learner._logprobs_entropy(out.logits, batch)
+        want, _ = aligned_logprobs(out.logits, batch.input_ids, trainer.learner.passes.temperature)
     assert torch.allclose(lp[batch.action_mask], want[batch.action_mask], atol=1e-5)
 
 
@@ -182,10 +189,10 @@ def test_share_prefix_changes_the_time_not_the_update(tiny_model_path, kl_coef):
     # minibatch's, so the order of the rows does not matter): same weights, same statistics.
     shared, tok = _trainer(tiny_model_path, adam_eps=1e-3, kl_coef=kl_coef)
     plain = copy.deepcopy(shared)
-    plain.learner.opt_cfg = copy.deepcopy(plain.learner.opt_cfg)
-    plain.learner.opt_cfg.share_prefix = False
+    plain.learner.passes.share_prefix = False
     batch = _batch(shared, tok)
-    assert shared.learner._prefix_plan(batch) is not None and plain.learner._prefix_plan(batch) is None
+    assert plan_prefixes(batch.input_ids, batch.attention_mask, batch.action_mask) is not None
+    assert shared.learner.passes.shares_prefix(batch.group_size) and not plain.learner.passes.shares_prefix(batch.group_size)
     s_shared = shared.learner.train(batch)
     s_plain = plain.learner.train(batch)
     for key in ("objective/entropy", "loss/policy_avg", "val/ratio", "policy/entropy_avg", "objective/kl"):
@@ -197,33 +204,34 @@ def test_share_prefix_changes_the_time_not_the_update(tiny_model_path, kl_coef):
 def test_shuffle_keeps_groups_together_when_sharing(tiny_model_path):
     trainer, tok = _trainer(tiny_model_path)
     batch = _batch(trainer, tok)
-    order = trainer.learner._shuffled(batch).tolist()
+    order = trainer.learner.passes.order(batch, trainer.learner.generator).tolist()
     assert sorted(order) == list(range(8))
     assert [sorted(order[i: i + 4]) for i in (0, 4)] in ([[0, 1, 2, 3], [4, 5, 6, 7]], [[4, 5, 6, 7], [0, 1, 2, 3]])
 
 
 def test_cost_model_counts_each_groups_prompt_once(tiny_model_path):
     from lampo import perf
+    from lampo.speed import cost
 
     trainer, tok = _trainer(tiny_model_path)
     batch = _batch(trainer, tok)
     flops = perf.learner_step_flops(trainer.learner, batch)
     prompt_lens = batch.action_mask.int().argmax(1).tolist()
     saved = [prompt_lens[i] for i in (1, 2, 3, 5, 6, 7)]  # all but the first answer of each group
-    shape = perf.ModelShape.from_model(trainer.model)
-    assert flops == perf.count_flops(shape, batch.attention_mask.sum(1).tolist(), old_logprobs=False,
+    shape = cost.ModelShape.from_model(trainer.model)
+    assert flops == cost.count_flops(shape, batch.attention_mask.sum(1).tolist(), old_logprobs=False,
                                      reference=False, shared_prefix_lens=saved)
     # With vLLM's prefix cache (blocks of 2 tokens here), the rollout computes the whole blocks
     # of each group's prompt once; the learner's passes are counted as before.
     cached = perf.learner_step_flops(trainer.learner, batch, cache_block=2)
-    assert cached == perf.count_flops(shape, batch.attention_mask.sum(1).tolist(), old_logprobs=False,
+    assert cached == cost.count_flops(shape, batch.attention_mask.sum(1).tolist(), old_logprobs=False,
                                       reference=False, shared_prefix_lens=saved,
                                       cached_prompt_lens=[(p - 1) // 2 * 2 for p in saved])
     assert cached["rollout"] < flops["rollout"] and cached["optimize"] == flops["optimize"]
 
 
 def test_shared_prefix_with_an_empty_generation_in_the_batch(tiny_model_path):
-    from lampo.optimize.shared_prefix import plan_prefixes, shared_prefix_logprobs
+    from lampo.speed.shared_prefix import plan_prefixes, shared_prefix_logprobs
 
     trainer, tok = _trainer(tiny_model_path, num_generations=3, mini_batch_size=6)
     batch = _multi_turn_batch(tok)
@@ -233,26 +241,25 @@ def test_shared_prefix_with_an_empty_generation_in_the_batch(tiny_model_path):
     with torch.no_grad():
         lp_shared, _ = shared_prefix_logprobs(trainer.model, plan, batch.input_ids.shape[1], 1.0)
         out = trainer.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    lp_plain, _ = trainer.learner._logprobs_entropy(out.logits, batch)
+    lp_plain, _ = aligned_logprobs(out.logits, batch.input_ids, trainer.learner.passes.temperature)
     act = batch.action_mask
     assert torch.allclose(lp_shared[act], lp_plain[act], atol=1e-5)
     assert bool((lp_shared[2] == 0).all())
 
 
 def test_unsupported_cache_falls_back_to_the_plain_pass(tiny_model_path, monkeypatch, caplog):
-    from lampo.optimize import shared_prefix as SP
+    from lampo.speed import shared_prefix as SP
 
     def refuse(cache):
         raise SP.UnsupportedModel("sliding-window cache")
 
     shared, tok = _trainer(tiny_model_path, adam_eps=1e-3)
     plain = copy.deepcopy(shared)
-    plain.learner.opt_cfg = copy.deepcopy(plain.learner.opt_cfg)
-    plain.learner.opt_cfg.share_prefix = False
+    plain.learner.passes.share_prefix = False
     batch = _batch(shared, tok)
     monkeypatch.setattr(SP, "check_cache", refuse)
     s_shared = shared.learner.train(batch)
-    assert shared.learner._prefix_unsupported and "falling back to the plain forward" in caplog.text
+    assert shared.learner.passes.cache_unsupported and "falling back to the plain forward" in caplog.text
     s_plain = plain.learner.train(batch)
     assert s_shared["loss/policy_avg"] == pytest.approx(s_plain["loss/policy_avg"], abs=1e-6)
     for a, b in zip(shared.model.parameters(), plain.model.parameters(), strict=True):
@@ -275,8 +282,8 @@ def test_the_passes_never_compute_the_last_position(tiny_model_path, value_model
                                          with_kwargs=True)
              for m in (learner.policy, learner.value_model) if m is not None]
     with torch.no_grad():
-        lp, ent, out = learner._policy_logprobs(learner.policy, batch)
-        values = learner._values(batch, out)
+        lp, ent, hidden = learner.passes.logprobs(learner.policy, batch, hidden=value_model == "head")
+        values = learner._values(batch, hidden)
     for h in hooks:
         h.remove()
     assert widths == [L - 1] * len(hooks)
@@ -286,7 +293,7 @@ def test_the_passes_never_compute_the_last_position(tiny_model_path, value_model
             full_values = learner.value_head(full.hidden_states[-1]).squeeze(-1)
         else:
             full_values = learner.value_model(batch.input_ids, batch.attention_mask)
-    want_lp, want_ent = M.logprobs_and_entropy(full.logits[:, :-1], batch.input_ids[:, 1:], learner.temperature)
+    want_lp, want_ent = M.logprobs_and_entropy(full.logits[:, :-1], batch.input_ids[:, 1:], learner.passes.temperature)
     act = batch.action_mask[:, 1:]
     assert torch.allclose(lp[:, 1:][act], want_lp[act], atol=1e-5)
     assert torch.allclose(ent[:, 1:][act], want_ent[act], atol=1e-5)
@@ -295,7 +302,7 @@ def test_the_passes_never_compute_the_last_position(tiny_model_path, value_model
 
 
 def test_the_shared_suffix_pass_leaves_out_the_last_column(tiny_model_path):
-    from lampo.optimize.shared_prefix import plan_prefixes, shared_prefix_logprobs
+    from lampo.speed.shared_prefix import plan_prefixes, shared_prefix_logprobs
 
     trainer, tok = _trainer(tiny_model_path, num_generations=3, mini_batch_size=6)
     batch = _multi_turn_batch(tok)

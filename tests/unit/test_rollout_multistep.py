@@ -223,7 +223,7 @@ def test_later_step_over_max_prompt_len_ends_the_conversation(tok):
     first = enc(tok, tok.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False, add_generation_prompt=True))
     batch = rollout(engine, tok, [PromptRow(0, ("a", "b " * 40))], *cfgs(max_prompt_len=len(first) + 10), policy_version=0)
     assert len(engine.calls) == 1 and len(batch.turn_spans[0]) == 1
-    assert batch.extras["conversations_cut_at_max_prompt_len"] == 1
+    assert batch.cut_at_max_prompt_len == 1
 
 
 def test_sampling_settings_follow_the_config(tok):
@@ -301,14 +301,10 @@ def test_another_template_is_read_off_the_template(tiny_model_path):
 
 
 def test_engine_logprob_diff_is_the_mean_over_action_tokens():
-    from lampo.rollout.batch import RolloutBatch
-    from lampo.rollout.multistep import engine_logprob_diff
+    from lampo.optimize import maths as M
 
-    batch = RolloutBatch(
-        input_ids=torch.zeros((1, 4), dtype=torch.long), attention_mask=torch.ones((1, 4), dtype=torch.long),
-        action_mask=torch.tensor([[False, True, True, False]]),
-        engine_logprobs=torch.tensor([[0.0, -1.0, -2.0, 0.0]]),
-        turn_spans=[[(1, 3)]], finish_reasons=[["stop"]], messages=[["u", "a"]], prompt_index=torch.tensor([0]),
-    )
+    action_mask = torch.tensor([[False, True, True, False]])
+    engine_logprobs = torch.tensor([[0.0, -1.0, -2.0, 0.0]])
     # |-1 - (-1.5)| = 0.5 and |-2 - (-2.1)| = 0.1 on the two actions; position 3 (not an action) is ignored.
-    assert abs(engine_logprob_diff(batch, torch.tensor([[9.0, -1.5, -2.1, 9.0]])) - 0.3) < 1e-6
+    gap = M.engine_logprob_gap(torch.tensor([[9.0, -1.5, -2.1, 9.0]]), engine_logprobs, action_mask)
+    assert abs(gap.item() - 0.3) < 1e-6

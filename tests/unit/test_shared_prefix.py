@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from lampo import perf
-from lampo.optimize.shared_prefix import plan_prefixes, scatter_suffix, should_pack
+from lampo.speed import cost
+from lampo.speed.passes import should_pack
+from lampo.speed.shared_prefix import plan_prefixes, scatter_suffix
 
 
 def _batch(rows: list[tuple[list[int], list[int]]]):
@@ -70,10 +71,10 @@ def test_scatter_suffix_puts_values_back_at_their_token_positions():
 
 
 def test_cost_model_subtracts_the_prompt_copies_not_computed():
-    shape = perf.ModelShape(matmul_params=1000, num_layers=2, attn_dim=8)
+    shape = cost.ModelShape(matmul_params=1000, num_layers=2, attn_dim=8)
     # two answers of 3 tokens after one 4-token prompt: sequences of 7, the second prompt copy skipped
-    plain = perf.count_flops(shape, [7, 7], old_logprobs=True, reference=False)
-    shared = perf.count_flops(shape, [7, 7], old_logprobs=True, reference=False, shared_prefix_lens=[4])
+    plain = cost.count_flops(shape, [7, 7], old_logprobs=True, reference=False)
+    shared = cost.count_flops(shape, [7, 7], old_logprobs=True, reference=False, shared_prefix_lens=[4])
     prefix = 2 * 1000 * 4 + 2 * 2 * 8 * 4 * 5  # 2NP + 2 L d P (P + 1)
     assert plain["forward"] - shared["forward"] == prefix
     assert plain["optimize"] - shared["optimize"] == 3 * prefix
@@ -87,11 +88,11 @@ def test_packing_pays_when_the_padding_outweighs_the_extra_attention():
     ids, mask, act = _batch([([5] * 9, [8, 9]), ([5] * 9, [10]), ([11] * 5, [13]), ([11] * 5, [16])])
     plan = plan_prefixes(ids, mask, act)
     assert (plan.prefix_ids.shape, int(plan.prefix_mask.sum())) == ((2, 9), 14)
-    assert should_pack("sdpa", plan, perf.ModelShape(matmul_params=300, num_layers=2, attn_dim=8))
-    assert should_pack("eager", plan, perf.ModelShape(matmul_params=300, num_layers=2, attn_dim=8))
-    assert not should_pack("sdpa", plan, perf.ModelShape(matmul_params=250, num_layers=2, attn_dim=8))
+    assert should_pack("sdpa", plan, cost.ModelShape(matmul_params=300, num_layers=2, attn_dim=8))
+    assert should_pack("eager", plan, cost.ModelShape(matmul_params=300, num_layers=2, attn_dim=8))
+    assert not should_pack("sdpa", plan, cost.ModelShape(matmul_params=250, num_layers=2, attn_dim=8))
     # attention implementations that take no custom 4D mask keep the padded batch
-    assert not should_pack("flash_attention_2", plan, perf.ModelShape(matmul_params=300, num_layers=2, attn_dim=8))
+    assert not should_pack("flash_attention_2", plan, cost.ModelShape(matmul_params=300, num_layers=2, attn_dim=8))
     # nothing to gain without padding: prefixes of equal length
     ids, mask, act = _batch([([5] * 4, [8]), ([5] * 4, [9]), ([6] * 4, [8]), ([6] * 4, [9])])
-    assert not should_pack("sdpa", plan_prefixes(ids, mask, act), perf.ModelShape(10**9, 2, 8))
+    assert not should_pack("sdpa", plan_prefixes(ids, mask, act), cost.ModelShape(10**9, 2, 8))

@@ -1,10 +1,12 @@
 """The learner: from a batch of scored conversations to updated weights.
 
-One call to `Learner.train(batch)` is the optimisation half of a PPO step:
-  1. forward:    old log-probs, reference log-probs, values and entropy, without gradients
-  2. advantages: rewards with KL, then GAE (critic) or a group estimator
-  3. optimise:   `ppo_epochs` passes over shuffled minibatches, micro-batches accumulated
-Each phase is timed. The maths lives in `maths.py`; this file only moves tensors around.
+One PPO step on a `TrainBatch` is three phases (`Learner.train`; the application's `Trainer`
+calls and times them one by one):
+  3. forward:    old log-probs, reference log-probs and values, without gradients (`forward`)
+  4. advantages: rewards with KL, then GAE or a group estimator (`advantages.compute_advantages`)
+  5. optimise:   `ppo_epochs` passes over shuffled minibatches, micro-batches accumulated (`optimise`)
+The maths is in `maths.py`. How a pass is computed (shared prompts, packed rows, oneDNN kernels,
+the fused old log-probs) is the speed wing's business, behind one seam: `self.passes`.
 """
 
 from __future__ import annotations
@@ -12,112 +14,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lampo.config import LampoConfig
 from lampo.optimize import maths as M
-from lampo.optimize import shared_prefix as SP
+from lampo.optimize.advantages import Advantages, compute_advantages, sequence_statistics
+from lampo.optimize.batch import Forwarded, TrainBatch
 from lampo.optimize.models import (
-    ValueModel,
     base_causal_lm,
     build_reference,
     build_value_model,
     init_value_head,
-    is_peft_model,
     reference_mode,
 )
-from lampo.optimize.onednn_linear import use_onednn_linear
-from lampo.perf import ModelShape
+from lampo.optimize.optimizers import make_optimizer, trainable
+from lampo.speed.passes import Passes
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-@dataclass
-class TrainBatch:
-    """What the learner trains on: B conversations, right-padded to T tokens.
-
-    Attributes:
-        input_ids: LongTensor [B, T].
-        attention_mask: LongTensor [B, T].
-        action_mask: BoolTensor [B, T], True on generated (trained) tokens.
-        placed_scores: FloatTensor [B, T], each score on the last token of its turn.
-        seq_scores: FloatTensor [B], the conversation's total score (after the non-stop penalty).
-        stopped: BoolTensor [B], every turn ended with the stop token.
-        group_size: samples per prompt; groups are contiguous (grpo, rloo, dr_grpo).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    action_mask: torch.Tensor
-    placed_scores: torch.Tensor
-    seq_scores: torch.Tensor
-    stopped: torch.Tensor
-    group_size: int = 1
-    engine_logprobs: torch.Tensor | None = None
-    """Optional [B, T]: the engine's sampling log-probs, compared with the recomputed ones."""
-    temperature: float | None = None
-    """The temperature the batch was sampled at; None: the config's. The learner's log-probs use it,
-    so that pi / pi_old compares the distribution the tokens were drawn from."""
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def select(self, idx: torch.Tensor) -> TrainBatch:
-        """Rows `idx`, trimmed to their longest sequence (right padding makes that safe)."""
-        length = int(self.attention_mask[idx].sum(1).max().item()) if len(idx) else 1
-        return TrainBatch(
-            input_ids=self.input_ids[idx, :length],
-            attention_mask=self.attention_mask[idx, :length],
-            action_mask=self.action_mask[idx, :length],
-            placed_scores=self.placed_scores[idx, :length],
-            seq_scores=self.seq_scores[idx],
-            stopped=self.stopped[idx],
-            group_size=self.group_size,
-            temperature=self.temperature,
-        )
-
-
-@dataclass
-class Forwarded:
-    """Per-token tensors [B, T] from the no-grad forward pass (aligned with tokens)."""
-
-    old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor | None
-    entropy: torch.Tensor
-
-
-def fed_columns(length: int) -> int:
-    """How many leading columns of a [B, length] batch the model passes compute.
-
-    The last token is only ever predicted, never an input to a prediction (generation never feeds
-    its last sampled token back either), so its position is not computed: 1/length less work.
-    One column stays for a batch of width 1 (nothing is predicted there, all outputs are 0).
-    """
-    return max(length - 1, 1)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Each token's position counted over the real tokens of its row, as `generate` counts them.
-
-    The policy and the critic get the same positions whatever side a row is padded on: without
-    them transformers numbers columns, so a left-padded row would be read at shifted positions.
-    """
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-
-
-def shift_align(per_position: torch.Tensor, length: int) -> torch.Tensor:
-    """Move values computed at position t-1 (which predicts token t) onto token t; token 0 gets 0."""
-    return torch.nn.functional.pad(per_position[:, : length - 1], (1, 0))
 
 
 class Learner:
@@ -135,86 +55,46 @@ class Learner:
         seed: int | None = None,
     ):
         self.cfg = config
-        self.opt_cfg = config.optim
+        opt = self.opt_cfg = config.optim
         self.accelerator = accelerator
-        self.temperature = config.generation.temperature
         self.policy = policy
         # With kl_coef 0 (and no adaptive controller that could raise it) the reference never
-        # enters a reward or a loss: skip its forward pass and its copy of the weights. Its
-        # log-probs are then the old policy's, so objective/kl reads exactly 0 (as beta = 0 in TRL).
-        self.uses_reference = config.optim.kl_coef > 0 or config.optim.adaptive_kl
-        if not self.uses_reference:
-            self.ref_model = None
-        else:
+        # enters a reward or a loss: no reference pass and no copy of its weights.
+        self.uses_reference = opt.kl_coef > 0 or opt.adaptive_kl
+        self.ref_model = None
+        if self.uses_reference:
             self.ref_model = ref_model if ref_model is not None else build_reference(policy, config.model)
-        self.value_head: nn.Linear | None = None
-        self.value_model: nn.Module | None = None
-        if config.uses_critic:
-            if config.model.value_model == "head":
-                hidden = base_causal_lm(policy).config.hidden_size
-                self.value_head = init_value_head(hidden)
-            else:
-                self.value_model = value_model if value_model is not None else build_value_model(config.model, policy)
         if self.ref_model is not None:
             self.ref_model.requires_grad_(False).eval()
-        if config.model.onednn_linear:  # docs/performance.md, change 9
-            for model in (self.policy, self.ref_model, self.value_model, self.value_head):
-                if model is not None:
-                    use_onednn_linear(model)
+        self.value_head: nn.Linear | None = None
+        self.value_model: nn.Module | None = None
+        if config.uses_critic and config.model.value_model == "head":
+            self.value_head = init_value_head(base_causal_lm(policy).config.hidden_size)
+        elif config.uses_critic:
+            self.value_model = value_model if value_model is not None else build_value_model(config.model, policy)
+        autocast = torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else None
+        self.passes = Passes(config, autocast)
+        self.passes.prepare(self.policy, self.ref_model, self.value_model, self.value_head)
 
-        self.kl_ctl = (
-            M.AdaptiveKLController(self.opt_cfg.kl_coef, self.opt_cfg.kl_target, self.opt_cfg.kl_horizon)
-            if self.opt_cfg.adaptive_kl
-            else M.FixedKLController(self.opt_cfg.kl_coef)
-        )
+        self.kl_ctl = (M.AdaptiveKLController(opt.kl_coef, opt.kl_target, opt.kl_horizon) if opt.adaptive_kl
+                       else M.FixedKLController(opt.kl_coef))
         steps = num_training_steps or config.num_steps
-        self.optimizer, self.scheduler = self._make_optimizer(policy, self.value_head, config.optim.learning_rate, steps)
+        groups = [{"params": trainable(policy), "lr": opt.learning_rate}]
+        if self.value_head is not None:
+            groups.append({"params": list(self.value_head.parameters()), "lr": config.critic_learning_rate})
+        self.optimizer, self.scheduler = make_optimizer(groups, opt.learning_rate, opt.weight_decay, opt.adam_eps,
+                                                        opt.lr_scheduler_type, opt.warmup_ratio, steps)
         self.critic_optimizer = self.critic_scheduler = None
         if self.value_model is not None:
-            self.critic_optimizer, self.critic_scheduler = self._make_optimizer(
-                self.value_model, None, config.critic_learning_rate, steps
-            )
+            self.critic_optimizer, self.critic_scheduler = make_optimizer(
+                [{"params": trainable(self.value_model)}], config.critic_learning_rate, opt.weight_decay,
+                opt.adam_eps, opt.lr_scheduler_type, opt.warmup_ratio, steps)
         if accelerator is not None:
             self._prepare_with_accelerator()
         self.generator = torch.Generator().manual_seed(config.train.seed if seed is None else seed)
         self.consecutive_bad_steps = 0
         self.skipped_updates = 0
         self.global_step = 0
-        self.autocast_dtype = torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else None
-        self._fused_old = False
-        self._prefix_unsupported = False
-        self._packing: tuple[ModelShape, str | None] | None = None  # for shared_prefix.should_pack, read once
-
-    # ------------------------------------------------------------------ set-up helpers
-    def _make_optimizer(self, model: nn.Module, extra_head: nn.Module | None, lr: float, steps: int):
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": params, "lr": lr}]
-        if extra_head is not None:
-            groups.append({"params": list(extra_head.parameters()), "lr": self.cfg.critic_learning_rate})
-        # fused AdamW is a single kernel per step on CPU and GPU (torch >= 2.4)
-        optimizer = torch.optim.AdamW(
-            groups, lr=lr, weight_decay=self.opt_cfg.weight_decay, eps=self.opt_cfg.adam_eps, fused=True
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(self.opt_cfg.lr_scheduler_type,
-                                                                           self.opt_cfg.warmup_ratio, steps))
-        return optimizer, scheduler
-
-    def _prepare_with_accelerator(self) -> None:
-        acc = self.accelerator
-        self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
-        if self.value_model is not None:
-            self.value_model, self.critic_optimizer = acc.prepare(self.value_model, self.critic_optimizer)
-        if self.value_head is not None:
-            self.value_head = acc.prepare(self.value_head)
-
-    def unwrapped_policy(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.policy) if self.accelerator is not None else self.policy
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        device = next(self.policy.parameters()).device.type
-        return torch.autocast(device_type=device, dtype=self.autocast_dtype)
 
     @property
     def micro_batch_size(self) -> int:
@@ -224,308 +104,113 @@ class Learner:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    # ------------------------------------------------------------------ model calls
-    def _policy_forward(self, model: nn.Module, mb: TrainBatch, want_hidden: bool = False):
-        fed = fed_columns(mb.input_ids.shape[1])
-        with self._autocast():
-            out = model(
-                input_ids=mb.input_ids[:, :fed],
-                attention_mask=mb.attention_mask[:, :fed],
-                position_ids=position_ids(mb.attention_mask[:, :fed]),
-                use_cache=False,
-                output_hidden_states=want_hidden,
-            )
-        return out
-
-    def _shares_prefix(self, group_size: int) -> bool:
-        """Whether the passes share each group's prompt (see optimize/shared_prefix.py).
-
-        Needs several samples per prompt; not with a value head (it needs the hidden state of
-        every position) nor with gradient checkpointing (transformers turns the KV cache off
-        under it); off for good once the model's cache turned out unsupported.
-        """
-        return (self.opt_cfg.share_prefix and group_size >= 2 and self.value_head is None
-                and not self.cfg.model.gradient_checkpointing and not self._prefix_unsupported)
-
-    def _prefix_plan(self, mb: TrainBatch) -> SP.PrefixPlan | None:
-        if not self._shares_prefix(mb.group_size):
-            return None
-        return SP.plan_prefixes(mb.input_ids, mb.attention_mask, mb.action_mask)
-
-    def _policy_logprobs(self, model: nn.Module, mb: TrainBatch, with_entropy: bool = True):
-        """(log-probs, entropy or None, model output or None) of `mb`, aligned with its tokens."""
-        plan = self._prefix_plan(mb)
-        if plan is not None:
-            try:
-                if self._packing is None:
-                    policy = self.unwrapped_policy()
-                    self._packing = (ModelShape.from_model(policy),
-                                     getattr(base_causal_lm(policy).config, "_attn_implementation", None))
-                shape, attn = self._packing
-                with self._autocast():
-                    lp, ent = SP.shared_prefix_logprobs(model, plan, mb.input_ids.shape[1], self._temperature(mb),
-                                                        with_entropy=with_entropy,
-                                                        pack_for=attn if SP.should_pack(attn, plan, shape) else None)
-                return lp, ent, None
-            except (SP.UnsupportedModel, TypeError, AttributeError) as exc:
-                # e.g. sliding-window caches, or remote code without past_key_values/logits_to_keep
-                log.warning("share_prefix: falling back to the plain forward pass for this run (%s)", exc)
-                self._prefix_unsupported = True
-        out = self._policy_forward(model, mb, want_hidden=self.value_head is not None)
-        lp, ent = self._logprobs_entropy(out.logits, mb, with_entropy)
-        return lp, ent, out
-
-    def _temperature(self, mb: TrainBatch) -> float:
-        return self.temperature if mb.temperature is None else mb.temperature
-
-    def _logprobs_entropy(self, logits: torch.Tensor, mb: TrainBatch,
-                          with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # logits at t-1 predict token t (logits of the fed columns, see `fed_columns`): compute
-        # against tokens [:, 1:], then align.
-        L = mb.input_ids.shape[1]
-        lp, ent = M.logprobs_and_entropy(logits[:, : L - 1], mb.input_ids[:, 1:], self._temperature(mb),
-                                         with_entropy)
-        pad = torch.nn.functional.pad
-        return pad(lp, (1, 0)), (pad(ent, (1, 0)) if with_entropy else None)
-
-    def _values(self, mb: TrainBatch, policy_out=None) -> torch.Tensor | None:
-        L = mb.input_ids.shape[1]
-        if self.value_model is not None:
-            fed = fed_columns(L)
-            with self._autocast():
-                mask = mb.attention_mask[:, :fed]
-                v = self.value_model(mb.input_ids[:, :fed], mask, position_ids=position_ids(mask))
-            return shift_align(v.float(), L)
-        if self.value_head is not None:
-            hidden = policy_out.hidden_states[-1]
-            return shift_align(self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float(), L)
-        return None
-
-    # ------------------------------------------------------------------ 1. forward
     def fuses_old_logprobs(self, batch: TrainBatch) -> bool:
-        """Whether the old log-probs can come from the first (only) training pass.
+        """Whether this step's old log-probs come from its first training pass (`Passes.fuses_old_logprobs`)."""
+        return self.passes.fuses_old_logprobs(len(batch), self.uses_reference)
 
-        With one epoch and one minibatch, every micro-batch is trained on the weights that
-        sampled the batch, so pi_old = pi_theta detached: a separate no-grad forward would
-        compute the same numbers again. Without a reference or a critic nothing else needs that
-        forward, and the phase disappears (TRL's GRPOTrainer does the same with num_iterations=1).
-        """
-        return (
-            self.opt_cfg.ppo_epochs == 1
-            and self.opt_cfg.mini_batch_size >= len(batch)
-            and not self.uses_reference
-            and not self.cfg.uses_critic
-        )
+    # ------------------------------------------------------------------ one step
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        """Phases 3-5 on `batch`; returns flat float metrics, phase times included."""
+        from lampo.tracking import PhaseTimer
 
+        timer = PhaseTimer()
+        with timer("forward"):
+            fw = self.forward(batch)
+        if not fw_is_finite(fw):
+            return self.skip_step("old or reference log-probs are not finite (the weights may hold NaN)", timer.times)
+        with timer("advantages"):
+            adv = compute_advantages(batch, fw, self.kl_ctl.value, self.cfg)
+        with timer("optimize"):
+            stats = self.optimise(batch, fw, adv)
+        return {**stats, **timer.times}
+
+    # ------------------------------------------------------------------ 3. forward
     @torch.no_grad()
-    def forward_batch(self, batch: TrainBatch, policy_pass: bool = True) -> Forwarded:
-        """Old log-probs, reference log-probs, values and entropy in micro-batches (no grad).
-
-        Without `policy_pass` the old log-probs are left at 0 for the training pass to fill
-        (see `fuses_old_logprobs`). Without a reference pass (kl_coef 0) the reference
-        log-probs are the same tensor as the old ones.
-        """
+    def forward(self, batch: TrainBatch) -> Forwarded:
+        """Old log-probs, reference log-probs and values, in micro-batches, without gradients."""
         B, T = batch.input_ids.shape
-        old = torch.zeros(B, T)
-        ref = torch.zeros(B, T) if self.uses_reference else old
-        ent = torch.zeros(B, T)
+        old = None if self.fuses_old_logprobs(batch) else torch.zeros(B, T)
+        ref = torch.zeros(B, T) if self.uses_reference else None
         values = torch.zeros(B, T) if self.cfg.uses_critic else None
-        if not policy_pass and not self.uses_reference and values is None:
-            return Forwarded(old_logprobs=old, ref_logprobs=ref, values=values, entropy=ent)
         self.policy.eval()
         for start in range(0, B, self.micro_batch_size):
             idx = torch.arange(start, min(start + self.micro_batch_size, B))
             mb = batch.select(idx)
             L = mb.input_ids.shape[1]
-            if policy_pass or values is not None:
-                lp, e, out = self._policy_logprobs(self.policy, mb)
-                old[idx, :L], ent[idx, :L] = lp, e
+            if old is not None:
+                lp, _, hidden = self.passes.logprobs(self.policy, mb, with_entropy=False,
+                                                     hidden=self.value_head is not None)
+                old[idx, :L] = lp
                 if values is not None:
-                    values[idx, :L] = self._values(mb, out)
-                del out
-            if self.uses_reference:
-                # log-probs only: the reference's entropy is never used
-                with reference_mode(self.unwrapped_policy(), self.ref_model) as ref_model:
-                    ref[idx, :L] = self._policy_logprobs(ref_model, mb, with_entropy=False)[0]
-        return Forwarded(old_logprobs=old, ref_logprobs=ref, values=values, entropy=ent)
+                    values[idx, :L] = self._values(mb, hidden)
+            if ref is not None:
+                with reference_mode(self.unwrapped(self.policy), self.ref_model) as ref_model:
+                    ref[idx, :L] = self.passes.logprobs(ref_model, mb, with_entropy=False)[0]
+        return Forwarded(old_logprobs=old, ref_logprobs=ref, values=values)
 
-    # ------------------------------------------------------------------ 2. advantages
-    def compute_advantages(self, batch: TrainBatch, fw: Forwarded) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-        """Advantages [B, T] (and returns for the critic) plus the objective/* statistics."""
+    def _values(self, mb: TrainBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+        if self.value_head is not None:
+            return self.passes.values(self.value_head, mb, hidden)
+        return self.passes.values(self.value_model, mb)
+
+    # ------------------------------------------------------------------ 5. optimise
+    def optimise(self, batch: TrainBatch, fw: Forwarded, adv: Advantages) -> dict[str, float]:
+        """`ppo_epochs` passes over shuffled minibatches; then the schedules and the KL controller step."""
         opt = self.opt_cfg
-        mask = batch.action_mask
-        beta = self.kl_ctl.value
-        kl = M.kl_penalty(fw.old_logprobs, fw.ref_logprobs, opt.kl_estimator)
-        kl = torch.where(mask, kl, torch.zeros_like(kl))
-        kl_per_seq = kl.sum(1)
-        returns = None
-        if opt.estimator == "gae":
-            rewards = M.token_rewards(batch.placed_scores, kl, mask, beta if self.cfg.kl_in_reward else 0.0)
-            if opt.whiten_rewards:
-                rewards = M.masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = M.gae(rewards, fw.values, mask, opt.gamma, opt.lam)
-            if opt.whiten_advantages:
-                advantages = M.masked_whiten(advantages, mask)
-        elif opt.estimator == "reinforce_pp":
-            # REINFORCE++ (Hu 2025): token rewards with KL, discounted returns, batch-whitened.
-            rewards = M.token_rewards(batch.placed_scores, kl, mask, beta if self.cfg.kl_in_reward else 0.0)
-            advantages = M.masked_whiten(M.discounted_returns(rewards, mask, opt.gamma), mask)
-        else:
-            seq = batch.seq_scores - (beta * kl_per_seq if self.cfg.kl_in_reward else 0.0)
-            seq_adv = M.group_advantages(seq, batch.group_size, opt.estimator, scale_std=opt.grpo_scale_std)
-            advantages = torch.where(mask, seq_adv[:, None].expand_as(mask), torch.zeros(mask.shape))
-        non_score = -beta * kl_per_seq
-        stats = {
-            "objective/kl": kl_per_seq.mean().item(),
-            "objective/kl_coef": beta,
-            "objective/scores": batch.seq_scores.mean().item(),
-            "objective/non_score_reward": non_score.mean().item(),
-            "objective/rlhf_reward": (batch.seq_scores + non_score).mean().item(),
-            # sequence entropy estimate: sum of -log pi over the sampled tokens (open-instruct)
-            "objective/entropy": (-M.masked_sum(fw.old_logprobs, mask, dim=1)).mean().item(),
-            "val/sequence_lengths": mask.sum(1).float().mean().item(),
-            "val/num_stop_token_ids": batch.stopped.float().sum().item(),
-        }
-        return advantages, returns, stats
-
-    # ------------------------------------------------------------------ 3. optimise
-    def train(self, batch: TrainBatch) -> dict[str, float]:
-        """One PPO step on `batch`; returns flat float metrics."""
-        timings = {}
-        t0 = time.perf_counter()
-        self._fused_old = self.fuses_old_logprobs(batch)
-        fw = self.forward_batch(batch, policy_pass=not self._fused_old)
-        timings["time/forward"] = time.perf_counter() - t0
-        if not self._fused_old and not all(torch.isfinite(x).all() for x in (fw.old_logprobs, fw.ref_logprobs)):
-            return self._bad_step("old or reference log-probs are not finite (the weights may hold NaN)", timings)
-
-        t0 = time.perf_counter()
-        # With fused old log-probs these are still zeros here; that is safe because then there is
-        # no reference and no critic: the KL is old - old = 0 and the group advantages use scores only.
-        advantages, returns, stats = self.compute_advantages(batch, fw)
-        timings["time/advantages"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        acc = self._optimise(batch, fw, advantages, returns)
-        timings["time/optimize"] = time.perf_counter() - t0
-        if self._fused_old:  # the training pass has filled in the old log-probs only now
-            stats["objective/entropy"] = (-M.masked_sum(fw.old_logprobs, batch.action_mask, dim=1)).mean().item()
-        if batch.engine_logprobs is not None:
-            # A large gap between the engine's and the learner's log-probs of the same tokens is the
-            # classic sign of a weight-sync or temperature bug.
-            gap = (fw.old_logprobs - batch.engine_logprobs).abs()
-            stats["val/engine_logprob_diff"] = M.masked_mean(gap, batch.action_mask).item()
-
-        lr_used = self.lr
-        self.scheduler.step()
-        if self.critic_scheduler is not None:
-            self.critic_scheduler.step()
-        self.kl_ctl.update(stats["objective/kl"], n_steps=len(batch))
-        self.global_step += 1
-
-        skipped = acc.pop("_skipped")
-        updates = acc.pop("_updates")
-        if skipped:
-            self.consecutive_bad_steps += 1
-            self.skipped_updates += skipped
-            if self.consecutive_bad_steps >= self.opt_cfg.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{self.consecutive_bad_steps} steps in a row had a non-finite loss or gradient "
-                    f"({self.skipped_updates} optimiser updates skipped in all). Lower learning_rate, enable "
-                    "max_grad_norm, check the reward scale, or use fp32 instead of fp16."
-                )
-        else:
-            self.consecutive_bad_steps = 0
-        stats.update({k: (v / max(updates, 1)) for k, v in acc.items()})
-        if "loss/policy_avg" in stats:  # absent when every minibatch of the step was skipped
-            stats["objective/loss"] = stats["loss/policy_avg"] + self.opt_cfg.vf_coef * stats.get("loss/value_avg", 0.0)
-        stats["optim/skipped_steps"] = float(skipped)
-        stats["lr"] = lr_used
-        if fw.values is not None:
-            stats["val/explained_variance"] = M.explained_variance(fw.values, returns, batch.action_mask).item()
-        stats.update(timings)
-        return stats
-
-    def _optimise(self, batch, fw, advantages, returns) -> dict[str, float]:
-        opt = self.opt_cfg
-        B = len(batch)
+        B, T = batch.input_ids.shape
+        # Without a forward pass of its own (one epoch, one minibatch), pi_old is pi_theta on the
+        # first and only pass, detached: it is filled in as the pass goes.
+        fused = fw.old_logprobs is None
+        old_all = torch.zeros(B, T) if fused else fw.old_logprobs
         acc: dict[str, float] = defaultdict(float)
-        agg = self.cfg.loss_aggregation
-        beta = self.kl_ctl.value
         models = [m for m in (self.policy, self.value_model, self.value_head) if m is not None]
         for m in models:
             m.train()
         for _epoch in range(opt.ppo_epochs):
-            order = self._shuffled(batch)
+            order = self.passes.order(batch, self.generator, value_head=self.value_head is not None)
             for mb_start in range(0, B, opt.mini_batch_size):
                 mb_idx = order[mb_start : mb_start + opt.mini_batch_size]
-                num_tokens = float(batch.action_mask[mb_idx].sum())
-                num_seqs = float(len(mb_idx))
+                totals = (float(batch.action_mask[mb_idx].sum()), float(len(mb_idx)))
                 self._zero_grad()
                 mb_stats: dict[str, float] = defaultdict(float)
                 finite = True
                 micro_chunks = mb_idx.split(self.micro_batch_size)
-                for i, micro_idx in enumerate(micro_chunks):
-                    last = i == len(micro_chunks) - 1
-                    with self._no_sync(not last):
-                        finite &= self._micro_step(
-                            batch.select(micro_idx), fw, advantages, returns, micro_idx,
-                            num_tokens, num_seqs, agg, beta, mb_stats,
-                        )
+                for i, idx in enumerate(micro_chunks):
+                    with self._no_sync(i < len(micro_chunks) - 1):
+                        finite &= self._micro_step(batch.select(idx), idx, old_all, fused, fw, adv, totals, mb_stats)
                 grad_norm = self._clip_and_norm()
                 if finite and math.isfinite(grad_norm):
-                    self.optimizer.step()
-                    if self.critic_optimizer is not None:
-                        self.critic_optimizer.step()
+                    self._step()
                     acc["_updates"] += 1
                     for k, v in mb_stats.items():
                         acc[k] += v
-                else:
-                    # Skip: weights and optimiser state stay as they were before this minibatch.
+                else:  # skipped: weights and optimiser state stay as they were before this minibatch
                     acc["_skipped"] += 1
                 self._zero_grad()
         for m in models:
             m.eval()
-        acc.setdefault("_skipped", 0)
-        acc.setdefault("_updates", 0)
-        return acc
+        return self._end_step(batch, fw, adv, acc, old_all if fused else None)
 
-    def _shuffled(self, batch: TrainBatch) -> torch.Tensor:
-        """A random order of the rows; whole groups stay together when prefixes are shared.
-
-        Keeping a group's G answers in one micro-batch is what lets them share their prompt's
-        forward pass; the order of the groups is still random.
-        """
-        G = batch.group_size
-        if not self._shares_prefix(G) or len(batch) % G:
-            return torch.randperm(len(batch), generator=self.generator)
-        groups = torch.randperm(len(batch) // G, generator=self.generator)
-        return (groups[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
-
-    def _micro_step(self, mb, fw, advantages, returns, idx, num_tokens, num_seqs, agg, beta, stats) -> bool:
+    def _micro_step(self, mb, idx, old_all, fused, fw, adv, totals, stats) -> bool:
         opt = self.opt_cfg
         L = mb.input_ids.shape[1]
         mask = mb.action_mask
-        old_lp = fw.old_logprobs[idx, :L]
-        adv = advantages[idx, :L]
-        norm_len = float(self.cfg.generation.max_new_tokens)
-        logp, entropy, out = self._policy_logprobs(self.policy, mb)
-        if self._fused_old:
-            # First and only pass on the sampling weights: pi_old is pi_theta, detached.
-            old_lp = logp.detach()
-            fw.old_logprobs[idx, :L] = old_lp
-        # Off the action tokens the log-probs are never used, but an exp() of a large gap there
-        # would still send inf * 0 = NaN through the backward: pin the ratio to 1 off the mask.
-        old_lp = torch.where(mask, old_lp, logp.detach())
-        pg_mat, clipped, ratio = M.clipped_policy_loss(logp, old_lp, adv, opt.cliprange, opt.dual_clip)
-        if not self.cfg.kl_in_reward and beta > 0:
-            # GRPO puts the KL in the loss, per token (DeepSeekMath eq. 3).
-            pg_mat = pg_mat + beta * M.kl_penalty(logp, fw.ref_logprobs[idx, :L], opt.kl_estimator)
-        pg_loss = M.aggregate(pg_mat, mask, agg, num_tokens, num_seqs, norm_len)
+        num_tokens, num_seqs = totals
+        logp, entropy, hidden = self.passes.logprobs(self.policy, mb, hidden=self.value_head is not None)
+        if fused:
+            old_all[idx, :L] = logp.detach()
+        old_lp = M.pin_ratio_off_mask(old_all[idx, :L], logp, mask)
+        pg_mat, clipped, ratio = M.clipped_policy_loss(logp, old_lp, adv.advantages[idx, :L], opt.cliprange,
+                                                       opt.dual_clip)
+        if not self.cfg.kl_in_reward and adv.beta > 0:
+            pg_mat = pg_mat + M.kl_loss(logp, fw.ref_logprobs[idx, :L], adv.beta, opt.kl_estimator)
+        pg_loss = M.aggregate(pg_mat, mask, self.cfg.loss_aggregation, num_tokens, num_seqs,
+                              float(self.cfg.generation.max_new_tokens))
         loss = pg_loss
-        if returns is not None:
-            values = self._values(mb, out)
-            vf_mat, vf_clipped = M.clipped_value_loss(values, fw.values[idx, :L], returns[idx, :L], opt.cliprange_value)
+        if adv.returns is not None:
+            values = self._values(mb, hidden)
+            vf_mat, vf_clipped = M.clipped_value_loss(values, fw.values[idx, :L], adv.returns[idx, :L],
+                                                      opt.cliprange_value)
             vf_loss = M.aggregate(vf_mat, mask, "token-mean", num_tokens, num_seqs)
             loss = loss + opt.vf_coef * vf_loss
             stats["loss/value_avg"] += vf_loss.item()
@@ -542,7 +227,64 @@ class Learner:
             stats["val/ratio"] += M.masked_sum(ratio, mask).item() * w
         return True
 
+    def _end_step(self, batch, fw, adv, acc, fused_old) -> dict[str, float]:
+        """The schedules and the KL controller step; bad steps are counted; the step's metrics."""
+        lr_used = self.lr
+        self.scheduler.step()
+        if self.critic_scheduler is not None:
+            self.critic_scheduler.step()
+        self.kl_ctl.update(adv.kl_per_seq.mean().item(), n_steps=len(batch))
+        self.global_step += 1
+        skipped, updates = acc.pop("_skipped", 0), acc.pop("_updates", 0)
+        if skipped:
+            self.consecutive_bad_steps += 1
+            self.skipped_updates += skipped
+            if self.consecutive_bad_steps >= self.opt_cfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self.consecutive_bad_steps} steps in a row had a non-finite loss or gradient "
+                    f"({self.skipped_updates} optimiser updates skipped in all). Lower learning_rate, enable "
+                    "max_grad_norm, check the reward scale, or use fp32 instead of fp16."
+                )
+        else:
+            self.consecutive_bad_steps = 0
+        stats = dict(adv.stats)
+        if fused_old is not None:  # the training pass has filled in the old log-probs only now
+            stats.update(sequence_statistics(batch, fused_old))
+        stats.update({k: v / max(updates, 1) for k, v in acc.items()})
+        if "loss/policy_avg" in stats:  # absent when every minibatch of the step was skipped
+            stats["objective/loss"] = stats["loss/policy_avg"] + self.opt_cfg.vf_coef * stats.get("loss/value_avg", 0.0)
+        stats["optim/skipped_steps"] = float(skipped)
+        stats["lr"] = lr_used
+        if fw.values is not None:
+            stats["val/explained_variance"] = M.explained_variance(fw.values, adv.returns, batch.action_mask).item()
+        return stats
+
+    def skip_step(self, why: str, timings: dict[str, float]) -> dict[str, float]:
+        """A step not trained at all (its forward phase failed); counts towards max_bad_steps."""
+        self.consecutive_bad_steps += 1
+        self.skipped_updates += 1
+        if self.consecutive_bad_steps >= self.opt_cfg.max_bad_steps:
+            raise TrainingDiverged(f"{self.consecutive_bad_steps} steps in a row were skipped: {why}")
+        return {"optim/skipped_steps": 1.0, "lr": self.lr, **timings}
+
     # ------------------------------------------------------------------ distributed-aware bits
+    def _prepare_with_accelerator(self) -> None:
+        acc = self.accelerator
+        self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
+        if self.value_model is not None:
+            self.value_model, self.critic_optimizer = acc.prepare(self.value_model, self.critic_optimizer)
+        if self.value_head is not None:
+            self.value_head = acc.prepare(self.value_head)
+
+    def unwrapped(self, model: nn.Module | None) -> nn.Module | None:
+        """A model without its data-parallel wrapper (for saving, weight sync and cost accounting)."""
+        if model is None or self.accelerator is None:
+            return model
+        return self.accelerator.unwrap_model(model)
+
+    def unwrapped_policy(self) -> nn.Module:
+        return self.unwrapped(self.policy)
+
     def _backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is not None:
             self.accelerator.backward(loss)
@@ -560,11 +302,7 @@ class Learner:
         return stack
 
     def _trainable(self) -> list[nn.Parameter]:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        for m in (self.value_model, self.value_head):
-            if m is not None:
-                params += [p for p in m.parameters() if p.requires_grad]
-        return params
+        return [p for m in (self.policy, self.value_model, self.value_head) if m is not None for p in trainable(m)]
 
     def _clip_and_norm(self) -> float:
         params = [p for p in self._trainable() if p.grad is not None]
@@ -573,17 +311,15 @@ class Learner:
         max_norm = self.opt_cfg.max_grad_norm if self.opt_cfg.max_grad_norm > 0 else float("inf")
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
+    def _step(self) -> None:
+        self.optimizer.step()
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.step()
+
     def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic_optimizer is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
-
-    def _bad_step(self, why: str, timings: dict) -> dict[str, float]:
-        self.consecutive_bad_steps += 1
-        self.skipped_updates += 1
-        if self.consecutive_bad_steps >= self.opt_cfg.max_bad_steps:
-            raise TrainingDiverged(f"{self.consecutive_bad_steps} steps in a row were skipped: {why}")
-        return {"optim/skipped_steps": 1.0, "lr": self.lr, **timings}
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict:
@@ -618,27 +354,9 @@ class Learner:
             self.value_head.load_state_dict(state["value_head"])
 
 
-def _schedule(kind: str, warmup_ratio: float, total_steps: int):
-    warmup = int(warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        progress = min(max(progress, 0.0), 1.0)
-        if kind == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+def fw_is_finite(fw: Forwarded) -> bool:
+    """Whether the forward phase's log-probs are finite (NaN there means the weights hold NaN)."""
+    return all(torch.isfinite(x).all() for x in (fw.old_logprobs, fw.ref_logprobs) if x is not None)
 
 
-def value_model_for_saving(learner: Learner) -> ValueModel | None:
-    if learner.value_model is None:
-        return None
-    return learner.accelerator.unwrap_model(learner.value_model) if learner.accelerator else learner.value_model
-
-
-__all__ = ["Forwarded", "Learner", "TrainBatch", "TrainingDiverged", "is_peft_model"]
+__all__ = ["Learner", "TrainBatch", "TrainingDiverged"]

@@ -66,7 +66,7 @@ def log_softmax_t(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     The temperature must be the sampling temperature, otherwise the ratio pi/pi_old compares two
     different distributions (N+ implementation details of RLHF, detail on temperature). One
     fused log_softmax, forward and backward, rather than x - logsumexp(x), whose forward and
-    backward are chains of element-wise passes over [B, T, V] (docs/performance.md, change 14).
+    backward are chains of element-wise passes over [B, T, V].
     """
     z = logits.float()
     return torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
@@ -97,11 +97,6 @@ def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position."""
-    return entropy_from_logprobs(log_softmax_t(logits, temperature))
-
-
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL").
 
@@ -121,6 +116,20 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
     raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
 
 
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, kl_coef: float, estimator: str) -> torch.Tensor:
+    """Per-token KL penalty in the loss, kl_coef * KL(pi || pi_ref) (GRPO: DeepSeekMath, eq. 3)."""
+    return kl_coef * kl_penalty(logp, ref_logp, estimator)
+
+
+def engine_logprob_gap(logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean |log pi_learner - log pi_engine| over the action tokens.
+
+    Both are the log-probs of the same sampled tokens; a large gap is the classic sign of a
+    weight-sync, dtype or temperature bug (`val/engine_logprob_diff`).
+    """
+    return masked_mean((logp - engine_logp).abs(), mask)
+
+
 # ---------------------------------------------------------------------------------------
 # Rewards
 # ---------------------------------------------------------------------------------------
@@ -133,6 +142,11 @@ def apply_nonstop_penalty(scores: torch.Tensor, stopped: torch.Tensor, penalty: 
     cannot be judged, so it gets a fixed low score instead of the reward model's.
     """
     return torch.where(stopped.bool(), scores, torch.full_like(scores, penalty))
+
+
+def kl_shaped_scores(scores: torch.Tensor, kl_per_seq: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Sequence scores with the KL in the reward, score - kl_coef * KL(sequence) (Ziegler et al. 2019)."""
+    return scores - kl_coef * kl_per_seq
 
 
 def place_scores(scores: list[list[float]], positions: list[list[int]], shape: tuple[int, int]) -> torch.Tensor:
@@ -303,6 +317,15 @@ def clipped_value_loss(
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (clipped_values - returns) ** 2
     return 0.5 * torch.maximum(loss_unclipped, loss_clipped), loss_clipped > loss_unclipped
+
+
+def pin_ratio_off_mask(old_logp: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi_old on the action tokens, log pi_theta (detached) elsewhere: the ratio is exactly 1 off the mask.
+
+    Off the action tokens the log-probs are never used, but an exp() of a large gap there would
+    still send inf * 0 = NaN through the backward of a masked loss.
+    """
+    return torch.where(mask, old_logp, logp.detach())
 
 
 def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:

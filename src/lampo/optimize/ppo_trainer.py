@@ -19,8 +19,10 @@ from torch import nn
 
 from lampo.config import LampoConfig
 from lampo.optimize import maths as M
-from lampo.optimize.learner import Learner, TrainBatch
+from lampo.optimize.batch import TrainBatch, build_train_batch
+from lampo.optimize.learner import Learner
 from lampo.optimize.models import is_peft_model, prepare_policy
+from lampo.rollout.batch import left_pad
 
 
 class PPOTrainer:
@@ -77,12 +79,8 @@ class PPOTrainer:
         if overrides:
             raise TypeError(f"unknown generate() arguments: {sorted(overrides)}")
         pad = self.tokenizer.pad_token_id
-        width = max(len(q) for q in query_tensors)
-        input_ids = torch.full((len(query_tensors), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, q in enumerate(query_tensors):
-            input_ids[i, width - len(q) :] = q
-            attention[i, width - len(q) :] = 1
+        input_ids, attention = left_pad(query_tensors, pad)
+        width = input_ids.shape[1]
         model = self.learner.unwrapped_policy()
         model.eval()
         out = model.generate(
@@ -120,21 +118,18 @@ class PPOTrainer:
         return self.learner.train(batch)
 
     def make_batch(self, queries, responses, scores, response_masks=None) -> TrainBatch:
+        """Queries and responses right-padded into one batch, each score on its response's last
+        trained token (`build_train_batch`)."""
         n = len(queries)
         if not (len(responses) == n and len(scores) == n):
             raise ValueError(f"got {n} queries, {len(responses)} responses and {len(scores)} scores: they must match")
         if response_masks is not None and len(response_masks) != n:
             raise ValueError(f"got {len(response_masks)} response_masks for {n} responses")
-        seq_len = max(len(q) + len(r) for q, r in zip(queries, responses, strict=True))
-        seq_len = max(seq_len, 2)
+        seq_len = max(max(len(q) + len(r) for q, r in zip(queries, responses, strict=True)), 2)
         ids = torch.full((n, seq_len), self.tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((n, seq_len), dtype=torch.long)
         action = torch.zeros((n, seq_len), dtype=torch.bool)
-        last_positions: list[list[int]] = []
-        raw = torch.tensor([float(s) for s in scores])
-        if not torch.isfinite(raw).all():
-            raise ValueError(f"scores must be finite numbers, got {raw.tolist()}")
-        stopped = torch.tensor([len(r) > 0 and int(r[-1]) == self.stop_token_id for r in responses])
+        ends: list[list[int]] = []
         for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
             lq, lr = len(q), len(r)
             ids[i, :lq] = q
@@ -149,23 +144,13 @@ class PPOTrainer:
                 action[i, lq : lq + lr] = True
             trained = action[i].nonzero()
             # An empty response has no action: its score lands nowhere and it takes no loss.
-            last_positions.append([int(trained[-1])] if len(trained) else [])
-        seq_scores = M.apply_nonstop_penalty(raw, stopped, self.config.optim.penalty_reward_value) \
-            if self.config.optim.non_stop_penalty else raw
-        placed = M.place_scores(
-            [[float(s)] if pos else [] for s, pos in zip(seq_scores, last_positions, strict=True)],
-            last_positions,
-            (n, seq_len),
-        )
-        return TrainBatch(
-            input_ids=ids,
-            attention_mask=attention,
-            action_mask=action,
-            placed_scores=placed,
-            seq_scores=seq_scores,
-            stopped=stopped,
-            group_size=self.config.generation.num_generations,
-            temperature=self.sampling_temperature,
+            ends.append([int(trained[-1])] if len(trained) else [])
+        stopped = torch.tensor([len(r) > 0 and int(r[-1]) == self.stop_token_id for r in responses])
+        opt = self.config.optim
+        return build_train_batch(
+            ids, attention, action, [float(s) for s in scores], ends, stopped,
+            non_stop_penalty=opt.penalty_reward_value if opt.non_stop_penalty else None,
+            group_size=self.config.generation.num_generations, temperature=self.sampling_temperature,
         )
 
     # ------------------------------------------------------------------ saving

@@ -70,6 +70,11 @@ def start_hint(url: str) -> str:
     )
 
 
+MAX_CONNECTIONS = 64
+"""Concurrent connections to the reward server: a step's chunks (`reward_batch_size` conversations
+each) go in parallel up to this many; more queue in the client rather than open more sockets."""
+
+
 @dataclass
 class ClientStats:
     """Counters since the last reset: retried attempts, and attempts that failed (any reason)."""
@@ -100,7 +105,7 @@ class RewardClient:
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        limits = httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS)
         self._http = httpx.AsyncClient(headers=headers, timeout=self.timeout, limits=limits, transport=self.transport)
 
     async def __aenter__(self) -> RewardClient:

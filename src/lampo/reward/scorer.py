@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
-import os
 import re
 import threading
 import time
@@ -130,7 +129,7 @@ class HTTPScorer:
     def __init__(self, cfg: RewardConfig) -> None:
         self.url = cfg.reward_model.rstrip("/")
         self._loop = _LoopThread("lampo-reward-client")
-        token = cfg.reward_token or os.environ.get("LAMPO_REWARD_TOKEN") or None
+        token = cfg.token()
 
         async def build() -> RewardClient:  # the httpx client belongs to the loop thread
             return RewardClient(

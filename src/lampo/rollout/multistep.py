@@ -67,7 +67,7 @@ def chat_format(tokenizer: Any, system_prompt: str | None = None) -> ChatFormat:
     return fmt
 
 
-def stop_token_ids(tokenizer: Any, generation_cfg: Any) -> list[int]:
+def stop_token_ids(tokenizer: Any) -> list[int]:
     """Token ids that end a turn: the end-of-turn token and eos (a stop string adds to these)."""
     fmt = chat_format(tokenizer)
     ids = [fmt.end_of_turn_id]
@@ -85,7 +85,7 @@ def sampling_settings(tokenizer: Any, generation_cfg: Any, n: int = 1, seed: int
         repetition_penalty=g.repetition_penalty,
         max_new_tokens=g.max_new_tokens,
         min_new_tokens=g.min_new_tokens,
-        stop_token_ids=stop_token_ids(tokenizer, g),
+        stop_token_ids=stop_token_ids(tokenizer),
         n=n,
         seed=seed,
         logprobs=g.engine_logprobs,
@@ -179,7 +179,7 @@ def rollout(
         _append_responses([c for c, _ in live], [samples[0] for samples in results], tokenizer, stop_string)
 
     batch = _to_batch(convs, tokenizer, policy_version, skipped)
-    batch.extras["conversations_cut_at_max_prompt_len"] = cut_by_length
+    batch.cut_at_max_prompt_len = cut_by_length
     return batch
 
 
@@ -251,18 +251,3 @@ def _to_batch(convs: list[_Conversation], tokenizer: Any, policy_version: int, s
         policy_version=policy_version,
         skipped_rows=skipped,
     )
-
-
-def engine_logprob_diff(batch: RolloutBatch, learner_logprobs: torch.Tensor) -> float:
-    """Mean |engine log-prob - learner log-prob| over action tokens (`val/engine_logprob_diff`).
-
-    learner_logprobs: [B, T], aligned with `input_ids` like `engine_logprobs` (entry t is the
-    log-prob of token t, from the logits at t - 1, at the sampling temperature). Near 0 when the
-    engine has the learner's weights; a large value is the classic sign of a sync or
-    temperature bug.
-    """
-    mask = batch.action_mask
-    if not bool(mask.any()):
-        return 0.0
-    diff = (batch.engine_logprobs - learner_logprobs.to(batch.engine_logprobs.dtype)).abs()
-    return float(diff[mask].mean())

@@ -45,7 +45,7 @@ class TinySpec:
 SIZES = {
     # ~0.2M parameters: unit and end-to-end tests, the demo.
     "tiny": TinySpec(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128),
-    # ~26.7M parameters: the benchmark model (the same shape TRL was measured on here).
+    # ~26.7M parameters: the benchmark model (benchmarks/trl_compare.py).
     "small": TinySpec(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408),
 }
 

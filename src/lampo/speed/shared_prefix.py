@@ -7,19 +7,18 @@ values are indexed out to the G rows that share them, and the rest of each conve
 answers and later turns) runs on that cache. The result is exactly the plain forward (up to
 float rounding): attention over the prompt sees the same keys and values, and the backward of
 the indexing sums the G rows' gradients into the one prompt computation, as the G copies would
-have. With 18-token prompts and 32-token answers at G = 4 this removes about a third of the
-tokens from the training pass (docs/performance.md, change 5).
+have. With short prompts and long answers this removes a share of the training pass's tokens that
+grows with G (docs/performance.md).
 
 Layout: the learner's batches are right-padded ([prompt][answer...][pad]); the prefix of a row is
 everything before its first action token. Distinct prefixes are left-padded into one batch so
 that they all end at the same cache position; each suffix then starts at position `len(prefix)`
 of its own row (explicit position ids).
 
-Packing (`should_pack`): prompts of different lengths pad that batch (the trl_compare prompts are
-14-25 tokens: 104 of 400 positions are padding). Then the distinct prefixes can run instead as one
+Packing (`lampo.speed.passes.should_pack`): prompts of different lengths pad that batch. Then the distinct prefixes can run instead as one
 packed row with a block-diagonal causal mask, every position a real token, and their keys and
 values are gathered back into the left-padded layout above. That trades padded positions in every
-product for attention over the whole packed row, so the cost model (`lampo.perf.ModelShape`)
+product for attention over the whole packed row, so the cost model (`lampo.speed.cost.ModelShape`)
 decides per batch.
 """
 
@@ -31,7 +30,6 @@ import torch
 from torch import nn
 
 from lampo.optimize import maths as M
-from lampo.perf import ModelShape
 
 
 @dataclass
@@ -120,20 +118,6 @@ PACKING_ATTENTION = ("sdpa", "eager")
 MAX_PACKED_TOKENS = 8192  # the packed row's [N, N] mask and attention grow with the square of N
 
 
-def should_pack(attn_implementation: str | None, plan: PrefixPlan, shape: ModelShape) -> bool:
-    """Whether one packed row of the distinct prefixes costs fewer FLOPs than the padded batch.
-
-    U prefixes left-padded to P compute U P positions and U P^2 attention pairs; packed, N real
-    tokens compute N positions and N^2 pairs (the block-diagonal mask is applied, not skipped),
-    each costed by `ModelShape.flops`.
-    """
-    U, P = plan.prefix_ids.shape
-    N = int(plan.prefix_mask.sum())
-    if attn_implementation not in PACKING_ATTENTION or U < 2 or N == U * P or N > MAX_PACKED_TOKENS:
-        return False
-    return shape.flops(N, N * N) < shape.flops(U * P, U * P * P)
-
-
 def _packed_prefix_pass(model: nn.Module, plan: PrefixPlan, attn_implementation: str):
     """The distinct prefixes as one packed row; returns (each row's cache in the left-padded [B, P] layout, last logits [U, V])."""
     real = plan.prefix_mask.bool()
@@ -183,7 +167,7 @@ def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, temp
     Positions inside the prefixes get 0: they are never actions. `model` is a causal LM that
     takes `past_key_values`, `position_ids` and `logits_to_keep` (transformers' models do).
     pack_for: None runs the distinct prefixes as the left-padded batch; "sdpa" or "eager" (the
-    model's attention implementation) as one packed row with the mask it takes (`should_pack`).
+    model's attention implementation) as one packed row with the mask it takes (`passes.should_pack`).
     Same result either way.
     """
     # 1. each distinct prefix once; only its last position's logits are needed (they predict
@@ -199,7 +183,7 @@ def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, temp
         cache.reorder_cache(plan.row_prefix)  # index_select: its backward sums the G rows' gradients
     first_logits = last_logits.index_select(0, plan.row_prefix)
     # 2. every row's suffix on its prefix's keys and values, without the last column: a last
-    #    token is only predicted, never an input (as in `learner.fed_columns`).
+    #    token is only predicted, never an input (as in `passes.fed_columns`).
     S = plan.suffix_ids.shape[1]
     first_lp, first_ent = M.logprobs_and_entropy(first_logits, plan.suffix_ids[:, 0], temperature, with_entropy)
     lps = [first_lp[:, None]]

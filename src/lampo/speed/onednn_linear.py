@@ -1,16 +1,15 @@
 """fp32 linear layers on oneDNN's matmul kernels, for training and generation on CPU.
 
-torch runs an fp32 `nn.Linear` on CPU through MKL's sgemm. On this project's AMD EPYC machine
-MKL picks slower paths than oneDNN for the training shapes (a [2048 x 512] x [512 x 1408]
-product: 130-180 vs 190-215 GFLOP/s), and an alternated A/B of the fp32 training pass gave
--8 to -11% time with this module (docs/performance.md, change 9). The maths is the same matrix
-products: out = x W^T + b, dx = dy W, dW = dy^T x, db = sum(dy).
+torch runs an fp32 `nn.Linear` on CPU through MKL's sgemm, which on some CPUs (AMD EPYC among
+them) picks slower paths than oneDNN for the shapes a training pass multiplies. This module runs
+the same products on oneDNN; the measurements are in docs/performance.md. The maths is the same
+matrix products: out = x W^T + b, dx = dy W, dW = dy^T x, db = sum(dy).
 
 Only the forward and input-gradient products go to oneDNN (`torch.ops.mkldnn._linear_pointwise`,
 the kernel behind torch.compile's CPU linear, given the plain weight: packing it afresh per call
-cost more than it saved). The weight gradient stays on `torch.mm`, where MKL was already as fast.
+would cost more than it saves). The weight gradient stays on `torch.mm`, where MKL is as fast.
 Anything else (autocast, bf16/fp16, a GPU tensor, a product under `MIN_MACS`) takes the usual
-`nn.Linear.forward`. The `hf` engine uses the same layers for decoding (change 12).
+`nn.Linear.forward`. The `hf` engine uses the same layers for decoding.
 """
 
 from __future__ import annotations
@@ -18,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# oneDNN's call costs about 15 us more than MKL's; it pays from about 2^24 multiply-adds per
-# product (rows x in x out) on this machine: 0.85x MKL's time for [64 x 512] x [512 x 512],
-# 1.1-7x for smaller products (the tiny test models' layers). Smaller products stay on MKL.
 MIN_MACS = 1 << 24
+"""Multiply-adds (rows x in x out) from which a product goes to oneDNN. Its call has a fixed cost
+over MKL's (tens of microseconds) that only larger products pay back; smaller ones, the tiny test
+models' layers among them, stay on MKL (docs/performance.md)."""
 
 
 def available() -> bool:
@@ -57,7 +56,7 @@ class _OneDNNLinearFn(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             # dx = dy W, as a linear layer whose weight is W^T: oneDNN reads the transposed view
-            # as it is (1.3 ms faster per [2048 x 512] x [512 x 1408] product than a copy first)
+            # as it is, which is faster than copying it transposed first
             dx = _dnn_linear(g2, weight.t(), None).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             dw = g2.t().mm(x2)

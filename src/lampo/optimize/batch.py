@@ -1,0 +1,140 @@
+"""The optimisation phase's contracts: what the learner trains on, and what its forward phase gives.
+
+`build_train_batch` is the one place a `TrainBatch` is made, for the application (from a
+`RolloutBatch` and the reward model's scores) and for the library's `PPOTrainer` (from queries,
+responses and scores) alike: scores placed on their turns, the non-stop penalty applied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lampo.optimize import maths as M
+
+
+@dataclass
+class TrainBatch:
+    """What the learner trains on: B conversations, right-padded to T tokens.
+
+    Attributes:
+        input_ids: LongTensor [B, T].
+        attention_mask: LongTensor [B, T].
+        action_mask: BoolTensor [B, T], True on generated (trained) tokens.
+        placed_scores: FloatTensor [B, T], each score on the last token of its turn.
+        seq_scores: FloatTensor [B], the conversation's total score (after the non-stop penalty).
+        stopped: BoolTensor [B], every turn ended with the stop token.
+        group_size: samples per prompt; groups are contiguous (grpo, rloo, dr_grpo).
+        engine_logprobs: optional FloatTensor [B, T], the engine's sampling log-probs.
+        temperature: the temperature the batch was sampled at; None: the config's. The learner's
+            log-probs use it, so that pi / pi_old compares the distribution the tokens came from.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    placed_scores: torch.Tensor
+    seq_scores: torch.Tensor
+    stopped: torch.Tensor
+    group_size: int = 1
+    engine_logprobs: torch.Tensor | None = None
+    temperature: float | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: torch.Tensor) -> TrainBatch:
+        """Rows `idx`, trimmed to their longest sequence (right padding makes that safe)."""
+        length = int(self.attention_mask[idx].sum(1).max().item()) if len(idx) else 1
+        return TrainBatch(
+            input_ids=self.input_ids[idx, :length],
+            attention_mask=self.attention_mask[idx, :length],
+            action_mask=self.action_mask[idx, :length],
+            placed_scores=self.placed_scores[idx, :length],
+            seq_scores=self.seq_scores[idx],
+            stopped=self.stopped[idx],
+            group_size=self.group_size,
+            engine_logprobs=None if self.engine_logprobs is None else self.engine_logprobs[idx, :length],
+            temperature=self.temperature,
+        )
+
+
+@dataclass
+class Forwarded:
+    """The forward phase's per-token tensors [B, T], aligned with the tokens, computed without gradients.
+
+    old_logprobs: log pi_old; None when the first training pass provides them (one epoch, one
+        minibatch, nothing else needs them: `Passes.fuses_old_logprobs`).
+    ref_logprobs: log pi_ref; None when no reference is used (kl_coef 0): the KL is then exactly 0.
+    values: the critic's values; None without a critic.
+    """
+
+    old_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None
+    values: torch.Tensor | None
+
+
+def build_train_batch(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    action_mask: torch.Tensor,
+    scores: Sequence[float | list[float]],
+    turn_ends: Sequence[Sequence[int]],
+    stopped: torch.Tensor,
+    *,
+    given_turns: Sequence[int] | None = None,
+    non_stop_penalty: float | None = None,
+    group_size: int = 1,
+    engine_logprobs: torch.Tensor | None = None,
+    temperature: float | None = None,
+) -> TrainBatch:
+    """Place each conversation's score(s) on its turns and apply the non-stop penalty.
+
+    scores: per conversation a float, placed on the last token of the last turn (Ziegler et al.
+        2019), or a list with one score per assistant turn the reward model read: `given_turns[i]`
+        turns the dataset gave (PaddleNLP `tgt`, earlier `messages` turns) first, then one per
+        generated turn, each placed on the last token of its turn (docs/reward-server.md).
+    turn_ends: per conversation, the position of each generated turn's last token (none: nothing
+        was generated; the score still counts in `seq_scores`, for its group's baseline).
+    non_stop_penalty: the score given instead to a conversation that did not stop (open-instruct's
+        `--penalty_reward_value`); None leaves scores as they are.
+    """
+    if not (len(scores) == len(turn_ends) == len(stopped)):
+        raise ValueError(f"{len(scores)} scores for {len(turn_ends)} conversations and {len(stopped)} stop flags")
+    flat = [x for score in scores for x in (score if isinstance(score, list) else [score])]
+    if not all(math.isfinite(x) for x in flat):
+        raise ValueError(f"scores must be finite numbers, got {list(scores)}")
+    per_turn, positions, totals = [], [], []
+    for i, (score, ends) in enumerate(zip(scores, turn_ends, strict=True)):
+        if not ends:  # nothing generated: the score counts in its group's statistics, placed nowhere
+            penalised = non_stop_penalty is not None and not bool(stopped[i])
+            total = non_stop_penalty if penalised else (0.0 if isinstance(score, list) else float(score))
+            per_turn.append([]), positions.append([]), totals.append(total)
+            continue
+        if isinstance(score, list):
+            given = given_turns[i] if given_turns is not None else 0
+            if len(score) != given + len(ends):
+                raise ValueError(f"conversation {i}: the reward model gave {len(score)} per-turn scores for "
+                                 f"{given + len(ends)} assistant turns ({given} given, {len(ends)} generated)")
+            turn_scores, turn_pos = [float(x) for x in score[given:]], list(ends)
+        else:
+            turn_scores, turn_pos = [float(score)], [ends[-1]]
+        if non_stop_penalty is not None and not bool(stopped[i]):
+            turn_scores, turn_pos = [non_stop_penalty], [ends[-1]]
+        per_turn.append(turn_scores)
+        positions.append(turn_pos)
+        totals.append(sum(turn_scores))
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        action_mask=action_mask,
+        placed_scores=M.place_scores(per_turn, positions, tuple(input_ids.shape)),
+        seq_scores=torch.tensor(totals, dtype=torch.float32),
+        stopped=stopped,
+        group_size=group_size,
+        engine_logprobs=engine_logprobs,
+        temperature=temperature,
+    )
