@@ -13,16 +13,16 @@ import sys
 import torch
 
 from benchmarks.common import machine, save
-from lampo.speed import machine
+from lampo.speed.machine import measure_peak, onednn_linear_available
 
 
 def measure() -> dict[str, float]:
     out = {}
     for dt in ("float32", "bfloat16"):
         for kind in ("matmul", "onednn"):
-            if kind == "onednn" and not machine.onednn_linear_available():
+            if kind == "onednn" and not onednn_linear_available():
                 continue
-            out[f"{dt}/{kind}"] = machine.measure_peak(getattr(torch, dt), kind)
+            out[f"{dt}/{kind}"] = measure_peak(getattr(torch, dt), kind)
     return out
 
 

@@ -115,10 +115,10 @@ def trl_worker(conn, name: str, total: int) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from benchmarks.rewards import vowel_share
-    from lampo.speed import machine
+    from lampo.speed.machine import keep_freed_memory
 
     if name == "trl-tuned":
-        machine.keep_freed_memory()
+        keep_freed_memory()
     print(f"{name}: pid {os.getpid()}, {torch.get_num_threads()} threads", file=sys.stderr)
     folder = Path(tempfile.mkdtemp(prefix="lampo-bench-trl-"))
     path = model_dir("small")
@@ -235,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = ["trl", "lampo-vllm-fp32", "lampo-vllm-bf16"] if args.quick else args.runs.split(",")
     import torch
 
-    from lampo.speed import machine
+    from lampo.speed.machine import measure_peak, onednn_linear_available
 
     def measure_peaks() -> dict[str, float]:
-        return {f"{dt}/{kind}": machine.measure_peak(getattr(torch, dt), kind) for dt in ("float32", "bfloat16")
-                for kind in ("matmul", "onednn") if kind == "matmul" or machine.onednn_linear_available()}
+        return {f"{dt}/{kind}": measure_peak(getattr(torch, dt), kind) for dt in ("float32", "bfloat16")
+                for kind in ("matmul", "onednn") if kind == "matmul" or onednn_linear_available()}
 
     peaks_start = measure_peaks()
     load = os.getloadavg()[0]
