@@ -286,6 +286,8 @@ class SpeedConfig:
     """Keep freed memory in the process (glibc mallopt) so each step re-uses the last step's pages instead of faulting in fresh ones; process-wide, CPU."""
     vllm_block_size: int = 16
     """Tokens per vLLM KV-cache block (a multiple of 16); a prompt's samples share its KV in whole blocks only, so 16 shares more than vLLM's CPU default 128."""
+    peak_flops: float | None = None
+    """FLOP/s that perf/mfu is measured against (e.g. a GPU's data-sheet figure); null measures the matmul peak of the model's device once at start (LAMPO_PEAK_FLOPS also sets it)."""
 
 
 SECTIONS: dict[str, type] = {
@@ -443,6 +445,8 @@ class LampoConfig:
         _check(self.speed.vllm_block_size >= 16 and self.speed.vllm_block_size % 16 == 0, "vllm_block_size",
                self.speed.vllm_block_size,
                "must be a positive multiple of 16 (vLLM's attention kernels work in blocks of 16)")
+        _check(self.speed.peak_flops is None or self.speed.peak_flops > 0, "peak_flops", self.speed.peak_flops,
+               "must be > 0 (FLOP/s) or null")
         _check(d.max_prompt_len >= 1, "max_prompt_len", d.max_prompt_len, "must be >= 1")
         _check(0 <= d.test_split_ratio < 1, "test_split_ratio", d.test_split_ratio, "must be in [0, 1)")
         _check(m.lora_r >= 1, "lora_r", m.lora_r, "must be >= 1")

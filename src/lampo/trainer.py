@@ -19,10 +19,14 @@ by exactly one policy version, which it records.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
+import dataclasses
 import logging
 import os
+import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,10 +156,9 @@ class Trainer:
             self._restore(self.resume_from)
             self.sync()
         self.engine_version = self.policy_version
-        # Utilisation is reported against the measured matmul peak of the model's device
-        # (LAMPO_PEAK_FLOPS overrides it).
-        self.peak_flops = machine_peak(torch.bfloat16 if cfg.model.bf16 else torch.float32,
-                                       device=next(policy.parameters()).device)
+        # Utilisation is reported against `peak_flops`, or the measured matmul peak of the model's device.
+        self.peak_flops = cfg.speed.peak_flops or machine_peak(torch.bfloat16 if cfg.model.bf16 else torch.float32,
+                                                               device=next(policy.parameters()).device)
         self.tracker = Tracker(cfg, cfg.to_dict(), self.num_steps, is_main_process=self.is_main,
                                resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
@@ -466,8 +469,6 @@ class Trainer:
         policy.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         if is_peft_model(policy) and self.cfg.train.save_merged:
-            import copy
-
             merged = copy.deepcopy(policy).merge_and_unload()
             merged.save_pretrained(out / "merged")
             self.tokenizer.save_pretrained(out / "merged")
@@ -499,8 +500,6 @@ class RewardFailure(RuntimeError):
 
 
 def _no_peft(model_cfg):
-    import dataclasses
-
     return dataclasses.replace(model_cfg, use_peft=False)
 
 
@@ -526,14 +525,10 @@ def _done_future_or_error(fn) -> concurrent.futures.Future:
 
 
 def threading_is_main() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
 def _seed_everything(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
