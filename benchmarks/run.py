@@ -4,9 +4,10 @@ In order (issue 6, section 2): the machine's matmul peak; Lampo vs TRL GRPOTrain
 throughput (hf vs vLLM, benchmarks/engines.py); the reward server (benchmarks/reward_server.py);
 asynchronous vs synchronous pipeline and the reward phase's share of a step; peak memory, full
 vs LoRA; 1 vs 2 data-parallel processes; bf16 vs fp32 reward curves. Each part runs in its own
-process, prints its table and writes JSON under benchmarks/results/. At the end the tables, a PNG chart and the goals
-(met or not) are written into the generated section of docs/performance.md; the hand-written
-part of that file (the optimisation log) is kept.
+process, prints its tables and writes JSON under benchmarks/results/. At the end every part's
+tables (each script's `render`), a PNG chart and the goals (met or not) are written into the
+generated section of docs/performance.md; the hand-written part of that file (the optimisation
+log) is kept.
 
     .venv/bin/python -m benchmarks.run [--quick] [--only trl_compare,pipeline] [--render-only]
 
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import RESULTS, ROOT
+from benchmarks.common import RESULTS, ROOT, table
 
 DOC = ROOT / "docs" / "performance.md"
 CHART = ROOT / "docs" / "performance.png"
@@ -32,9 +33,10 @@ PARTS = {
     # name: (command, extra args for --quick)
     "peak": (["-m", "benchmarks.peak"], []),
     "trl_compare": (["-m", "benchmarks.trl_compare"], ["--quick"]),
-    "engines": (["benchmarks/engines.py", "--sizes", "tiny,small", "--batches", "64,256", "--runs", "5"],
+    "engines": (["-m", "benchmarks.engines", "--sizes", "tiny,small", "--batches", "64,256", "--runs", "5"],
                 ["--batches", "64", "--runs", "2"]),
-    "reward_server": (["benchmarks/reward_server.py"], ["--duration", "2", "--models", "trivial", "--clients", "1", "16"]),
+    "reward_server": (["-m", "benchmarks.reward_server"],
+                      ["--duration", "2", "--models", "trivial", "--clients", "1", "16"]),
     "pipeline": (["-m", "benchmarks.pipeline"], ["--quick"]),
     "memory": (["-m", "benchmarks.memory"], []),
     "scaling": (["-m", "benchmarks.scaling"], ["--quick"]),
@@ -124,29 +126,27 @@ def history_ratios(since: str = "") -> dict[str, list[float]]:
     return out
 
 
-def history() -> list[str]:
+def history() -> str:
     """Every saved Lampo-vs-TRL run side by side: one run's ratio moves with the machine's load."""
     rows = []
     for name, d, res in comparable_runs():
         m = d["machine"]
         load = f"{m['load_avg_1m']:.1f}" + (f" / {m['load_avg_1m_end']:.1f}" if "load_avg_1m_end" in m else "")
-        cells = [f"{r:.2f}x" if r is not None else "" for r in run_ratios(res).values()]
-        rows.append(f"| `{name}` | {m.get('utc', '')} | {m.get('commit') or ''} | {load} | "
-                    f"{d.get('trl_process', 'shared')} | {res['trl']['step_s']['median']:.2f} | "
-                    + " | ".join(cells) + " |")
+        rows.append([f"`{name}`", m.get("utc", ""), m.get("commit") or "", load, d.get("trl_process", "shared"),
+                     f"{res['trl']['step_s']['median']:.2f}",
+                     *(f"{r:.2f}x" if r is not None else "" for r in run_ratios(res).values())])
     if not rows:
-        return []
+        return ""
 
-    def med(runs: dict[str, list[float]]) -> str:
-        return " | ".join(f"{statistics.median(v):.2f}x" if v else "" for v in runs.values())
+    def med(runs: dict[str, list[float]]) -> list[str]:
+        return [f"{statistics.median(v):.2f}x" if v else "" for v in runs.values()]
 
     # "tuned": lampo-vllm-fp32 against trl-tuned (TRL with Lampo's process-wide settings)
-    return ["| results file | UTC | commit | load avg start / end | TRL's process | TRL s/step | "
-            "lampo-vllm-fp32 vs trl-tuned | " + " | ".join(HISTORY_RUNS) + " |",
-            "|---|---|---|---|---|---|---|" + "---|" * len(HISTORY_RUNS), *rows,
-            "| **median over runs** | | | | | | " + med(history_ratios()) + " |",
-            f"| **median over runs of the current code** (since {CURRENT_CODE_SINCE}) | | | | | | "
-            + med(history_ratios(CURRENT_CODE_SINCE)) + " |"]
+    return table(["results file", "UTC", "commit", "load avg start / end", "TRL's process", "TRL s/step",
+                  "lampo-vllm-fp32 vs trl-tuned", *HISTORY_RUNS],
+                 [*rows, ["**median over runs**", "", "", "", "", "", *med(history_ratios())],
+                  [f"**median over runs of the current code** (since {CURRENT_CODE_SINCE})", "", "", "", "", "",
+                   *med(history_ratios(CURRENT_CODE_SINCE))]])
 
 
 def curve_goal(curve: dict | None) -> list[str]:
@@ -211,9 +211,10 @@ def chart(data: dict[str, dict | None]) -> bool:
 
 
 def render() -> str:
-    from benchmarks import bf16_curve, memory, peak, pipeline, scaling, trl_compare
+    from benchmarks import bf16_curve, engines, memory, peak, pipeline, reward_server, scaling, trl_compare
 
-    data = {k: load(k) for k in ("peak", "trl_compare", "pipeline", "memory", "scaling", "bf16_curve")}
+    data = {k: load(k) for k in ("peak", "trl_compare", "pipeline", "memory", "scaling", "bf16_curve", "engines",
+                                 "reward_server")}
     parts = [BEGIN, "", "## Results (generated)", ""]
     if data["trl_compare"]:
         m = data["trl_compare"]["machine"]
@@ -226,6 +227,8 @@ def render() -> str:
         ("Memory, full vs LoRA (item 2.6)", "memory", memory.render),
         ("Data-parallel scaling (item 2.7)", "scaling", scaling.render),
         ("bf16 vs fp32 reward curves (item 2.1)", "bf16_curve", bf16_curve.render),
+        ("Engines (item 2.2, benchmarks/engines.py)", "engines", engines.render),
+        ("Reward server (benchmarks/reward_server.py)", "reward_server", reward_server.render),
     ]
     for title, key, fn in sections:
         parts += [f"### {title}", ""]
@@ -233,15 +236,8 @@ def render() -> str:
         parts.append("")
         if key == "trl_compare" and (runs := history()):
             parts += ["Every saved Lampo-vs-TRL run (`benchmarks/results/trl_compare*.json`, ratios of trained "
-                      "tokens per second to TRL's in the same run; the times and commits of runs made before the benchmark recorded them were added from the session log):", "",
-                      *runs, ""]
-    for title, md in (("Engines (item 2.2, benchmarks/engines.py)", "engines.md"),
-                      ("Reward server (benchmarks/reward_server.py)", "reward_server.md")):
-        path = RESULTS / md
-        body = path.read_text().strip() if path.exists() else "(not measured)"
-        # demote the included file's headings under ours
-        body = "\n".join(("###" + ln) if ln.startswith("#") else ln for ln in body.splitlines())
-        parts += [f"### {title}", "", body, ""]
+                      "tokens per second to TRL's in the same run; the times and commits of runs made before the "
+                      "benchmark recorded them were added from the session log):", "", runs, ""]
     parts += ["### Goals", "", *goals(data["trl_compare"]), *curve_goal(data["bf16_curve"]), ""]
     if chart(data):
         parts += [f"![benchmark chart]({CHART.name})", ""]

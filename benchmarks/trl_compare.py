@@ -47,7 +47,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import QUESTIONS, machine, model_dir, save, summary, write_messages_dataset
+from benchmarks.common import (
+    QUESTIONS,
+    machine,
+    model_dir,
+    publish,
+    span,
+    summary,
+    table,
+    write_messages_dataset,
+)
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 16, 4, 32, 1e-6
 RUNS = ("trl,trl-tuned,lampo-fp32,lampo-bf16,lampo-vllm-fp32,lampo-vllm-bf16,lampo-vllm-bf16-sdpa,lampo-vllm-fp32-mkl,"
@@ -262,29 +271,19 @@ def main(argv: list[str] | None = None) -> int:
             "peaks_flops_start": peaks_start, "peaks_flops_end": peaks_end,
             "steps": steps, "warmup": args.warmup, "trl_process": "own",
             "setup": {"prompts": PROMPTS, "group": GROUP, "new_tokens": NEW_TOKENS, "lr": LR}, "results": results}
-    save(args.name, data)
-    print(render(data))
-    return 0
+    return publish(args.name, data, render)
 
 
 def render(data: dict) -> str:
-    lines = ["| run | s/step median (min-max) | trained tok/s median (min-max) | vs TRL | rollout s | optimize s "
-             "| MFU optimize | MFU step |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in data["results"]:
-        s, t = r["step_s"], r["tokens_per_s"]
-        mfu = r.get("mfu_vs_fp32_peak", {})
-        ph = r.get("phases_median_s", {})
-
-        def pct(key, mfu=mfu):
-            return f"{mfu[key]:.0%}" if key in mfu else ""
-
-        def sec(key, ph=ph):
-            return f"{ph[key]:.1f}" if key in ph else ""
-
-        lines.append(f"| {r['name']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {t['median']:.0f} "
-                     f"({t['min']:.0f}-{t['max']:.0f}) | {r.get('ratio_vs_trl', float('nan')):.2f}x | "
-                     f"{sec('time/rollout')} | {sec('time/optimize')} | {pct('perf/mfu_optimize')} | "
-                     f"{pct('perf/mfu')} |")
+        mfu, ph = r.get("mfu_vs_fp32_peak", {}), r.get("phases_median_s", {})
+        rows.append([r["name"], span(r["step_s"]), span(r["tokens_per_s"], ".0f"),
+                     f"{r.get('ratio_vs_trl', float('nan')):.2f}x",
+                     *(f"{ph[k]:.1f}" if k in ph else "" for k in ("time/rollout", "time/optimize")),
+                     *(f"{mfu[k]:.0%}" if k in mfu else "" for k in ("perf/mfu_optimize", "perf/mfu"))])
+    lines = [table(["run", "s/step median (min-max)", "trained tok/s median (min-max)", "vs TRL", "rollout s",
+                    "optimize s", "MFU optimize", "MFU step"], rows)]
     tuned = [f"{r['name']} {r['ratio_vs_trl_tuned']:.2f}x" for r in data["results"]
              if "ratio_vs_trl_tuned" in r and not r["name"].startswith("trl")]
     if tuned:
