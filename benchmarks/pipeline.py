@@ -60,11 +60,7 @@ class RewardServer:
 
 
 def run_app(cmd_prefix: list[str], out_dir: Path, overrides: dict, timeout: float = 3600) -> list[dict]:
-    """Run the application, return its metrics.jsonl rows (one per step).
-
-    (The output folders avoid dashes: before commit efd6260 the override parser turned them
-    into underscores in `--key=value` values.)
-    """
+    """Run the application, return its metrics.jsonl rows (one per step)."""
     args = [f"--{k}={v}" for k, v in overrides.items()]
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run, not a resumed or appended one
     proc = subprocess.run([*cmd_prefix, "-m", "lampo.ppo_vllm", "--config", str(CONFIG),

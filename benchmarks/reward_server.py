@@ -59,7 +59,7 @@ def start_server(model: str, model_cfg: dict, max_batch: int, max_wait: float, f
     cfg.write_text(json.dumps({"reward_model_config": model_cfg}))
     log = open(folder / f"server-{port}.log", "w")
     # One torch thread: the load-generating clients share the same cores, and oversubscribed
-    # OpenMP threads made MiniLM 5-7x slower here (measured: 0.04 s vs 0.30 s per conversation).
+    # OpenMP threads slow the embedding model several times over (docs/reward-server.md).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lampo.reward_server", "--model", model, "--config", str(cfg), "--port", str(port),

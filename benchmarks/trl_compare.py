@@ -13,13 +13,13 @@ temperature 1, one optimisation epoch with one optimiser step per batch, no refe
   master weights and a bf16 engine (what the trainer does with `bf16: true`). A Lampo step is the
   body of `Trainer.train` in synchronous mode, phase by phase: produce (rollout + reward),
   to_train_batch, learn (forward, advantages, optimise), sync.
-  bf16 runs train with `attn_implementation: eager` (faster than sdpa for bf16 on this CPU).
+  bf16 runs train with `attn_implementation: eager` (docs/performance-log.md, change 6).
 - lampo-vllm-fp32 / lampo-vllm-bf16: the same with `engine: vllm` (in-process vLLM on CPU), the
   engine the product is named after. lampo-vllm-bf16-sdpa: with transformers' default attention.
   lampo-vllm-fp32-mkl: lampo-vllm-fp32 with torch's default (MKL) fp32 linear layers
-  (`onednn_linear: false`).
-- lampo-fp32-noshare: lampo-fp32 without the shared-prompt forward (`share_prefix: false`).
-- lampo-fp32-before: the learner as it was before the optimisation log in docs/performance.md
+  (`speed.onednn_linear: false`).
+- lampo-fp32-noshare: lampo-fp32 without the shared-prompt forward (`speed.share_prefix: false`).
+- lampo-fp32-before: the learner as it was before the optimisation log (docs/performance-log.md)
   (reference pass despite kl_coef 0, separate pass for the old log-probs, no shared prompts,
   MKL linear layers).
 
@@ -28,10 +28,10 @@ runs take turns step by step: TRL's step (a TrainerCallback waits for its turn),
 of every Lampo variant. On a machine shared with other jobs the load changes from minute to
 minute; taking turns exposes every run to the same load. TRL has a process of its own so that
 Lampo's process-wide settings (vLLM's OpenMP thread binding, the kept memory) do not reach it
-(until change 13 of docs/performance.md all runs shared one process). The first `--warmup`
-steps of each run are not measured. Figures: seconds per step and trained (completion) tokens
-per second, median with min and max, ratio to TRL; MFU per phase from lampo.perf against the
-best fp32 peak measured in the same run.
+(docs/performance-log.md, change 13, shows what they did to it in a shared process). The first
+`--warmup` steps of each run are not measured. Figures: seconds per step and trained (completion)
+tokens per second, median with min and max, ratio to TRL; MFU per phase from lampo.perf against
+the best fp32 peak measured in the same run.
 
     .venv/bin/python -m benchmarks.trl_compare [--steps 5] [--warmup 1] [--quick]
 
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     raw = run_all(runs, steps, args.warmup)
     # Measured before and after the run, the larger kept: a neighbour's burst during one
-    # measurement only ever lowers it (one run measured half the usual fp32 rate at its start).
+    # measurement only ever lowers it.
     peaks_end = measure_peaks()
     peaks = {k: max(v, peaks_end[k]) for k, v in peaks_start.items()}
     fp32_peak = max(v for k, v in peaks.items() if k.startswith("float32"))
