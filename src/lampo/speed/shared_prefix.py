@@ -8,7 +8,7 @@ answers and later turns) runs on that cache. The result is exactly the plain for
 float rounding): attention over the prompt sees the same keys and values, and the backward of
 the indexing sums the G rows' gradients into the one prompt computation, as the G copies would
 have. With short prompts and long answers this removes a share of the training pass's tokens that
-grows with G (docs/performance.md).
+grows with G (docs/performance-log.md).
 
 Layout: the learner's batches are right-padded ([prompt][answer...][pad]); the prefix of a row is
 everything before its first action token. Distinct prefixes are left-padded into one batch so
