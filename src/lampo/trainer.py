@@ -40,6 +40,7 @@ from lampo import perf, speed
 from lampo.config import LampoConfig
 from lampo.data.formats import PromptRow
 from lampo.data.loading import load_prompt_dataset
+from lampo.optimize import maths as M
 from lampo.optimize.advantages import compute_advantages
 from lampo.optimize.batch import TrainBatch, build_train_batch
 from lampo.optimize.learner import Learner, fw_is_finite
@@ -50,6 +51,7 @@ from lampo.optimize.models import (
     is_peft_model,
     load_policy,
 )
+from lampo.optimize.ptx import load_ptx
 from lampo.rollout.batch import RolloutBatch
 from lampo.rollout.engines import make_engine
 from lampo.rollout.multistep import rollout
@@ -60,8 +62,8 @@ from lampo.tracking import MetricWindow, PhaseTimer, Tracker
 log = logging.getLogger("lampo")
 
 
-SEED_STRIDE, RANK_STRIDE, SEED_MODULUS = 1_000_003, 10_007, 2**31 - 1
-"""How a run's seed, a rank and a step number mix into a sampling seed (`Trainer._sampling_seed`)."""
+SEED_STRIDE, RANK_STRIDE, ROUND_STRIDE, SEED_MODULUS = 1_000_003, 10_007, 100_003, 2**31 - 1
+"""How a run's seed, a rank, a step number and a refill round mix into a sampling seed (`Trainer._sampling_seed`)."""
 
 
 class RunStopped(RuntimeError):
@@ -77,6 +79,8 @@ class Produced:
     step: int
     times: dict[str, float] = field(default_factory=dict)
     reward_stats: dict[str, float] = field(default_factory=dict)
+    data_stats: dict[str, float] = field(default_factory=dict)
+    """Dynamic sampling's counters (data/filtered_groups, data/resample_rounds)."""
 
 
 class PromptSampler:
@@ -96,6 +100,14 @@ class PromptSampler:
         """(pass over the data, index within the pass) of the first row of `step`."""
         start = step * self.per_step * self.world
         return divmod(start, len(self.rows))
+
+    def refill_rows(self, step: int, round_: int) -> list[PromptRow]:
+        """Further rows for refill round `round_` of `step` (dynamic sampling), drawn without
+        replacement from the whole dataset by a generator of (seed, rank, step, round) only, so a
+        resumed run refills with the same rows."""
+        rng = np.random.default_rng([self.seed, self.rank, step, round_])
+        picked = rng.choice(len(self.rows), size=min(self.per_step, len(self.rows)), replace=False)
+        return [self.rows[i] for i in picked]
 
     def rows_for(self, step: int) -> list[PromptRow]:
         n = len(self.rows)
@@ -140,9 +152,13 @@ class Trainer:
 
         self.resume_from = ckpt.resolve_checkpoint(cfg.train.output_dir, cfg.train.resume_from_checkpoint)
         policy, value_model, ref_model = self._load_models(self.resume_from)
+        ptx = None
+        if cfg.data.ptx_dataset:
+            ptx = load_ptx(cfg.data.ptx_dataset, self.tokenizer, cfg.data.max_prompt_len + cfg.generation.max_new_tokens)
         self.learner = Learner(cfg, policy, ref_model=ref_model, value_model=value_model,
                                num_training_steps=self.num_steps,
-                               accelerator=accelerator if self.world > 1 else None)
+                               accelerator=accelerator if self.world > 1 else None, ptx=ptx,
+                               keep_sampling_weights=cfg.train.async_mode)
         self._check_reward_vocab(policy)
         # With bf16 the engine generates in bf16 too (faster rollouts); the learner keeps fp32
         # master weights and recomputes every log-prob it trains on.
@@ -210,21 +226,60 @@ class Trainer:
     # ------------------------------------------------------------------ phases 1-2: the actor
     def produce(self, step: int, rows: list[PromptRow] | None = None) -> Produced:
         """Rollout then reward for `step` (runs in the background thread in async mode)."""
-        t0 = time.perf_counter()
-        rows = self.sampler.rows_for(step) if rows is None else rows
-        batch = rollout(self.engine, self.tokenizer, rows, self.cfg.generation, self.cfg.data,
-                        policy_version=self.engine_version, seed=self._sampling_seed(step))
-        t1 = time.perf_counter()
-        scores = self.scorer.score(batch.messages) if len(batch) else []
-        t2 = time.perf_counter()
-        return Produced(batch, scores, step, {"time/rollout": t1 - t0, "time/reward": t2 - t1},
-                        self.scorer.stats())
+        produced = self._rollout_and_score(step, self.sampler.rows_for(step) if rows is None else rows)
+        if self.cfg.optim.dynamic_sampling and rows is None:
+            produced = self._dynamic_sampling(produced)
+        return produced
 
-    def _sampling_seed(self, step: int) -> int:
-        # Sampling depends only on (seed, rank, step): a resumed run draws the same samples. The
-        # seed and the rank are spread apart by primes so that no two (seed, rank, step) collide
-        # in practice, and the result is a positive 31-bit seed, as engines take.
-        return (self.cfg.train.seed * SEED_STRIDE + self.rank * RANK_STRIDE + step) % SEED_MODULUS
+    def _rollout_and_score(self, step: int, rows: list[PromptRow], round_: int = 0) -> Produced:
+        timer = PhaseTimer()
+        with timer("rollout"):
+            batch = rollout(self.engine, self.tokenizer, rows, self.cfg.generation, self.cfg.data,
+                            policy_version=self.engine_version, seed=self._sampling_seed(step, round_))
+        with timer("reward"):
+            scores = self.scorer.score(batch.messages) if len(batch) else []
+        return Produced(batch, scores, step, timer.times, self.scorer.stats())
+
+    def _dynamic_sampling(self, first: Produced) -> Produced:
+        """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): keep the groups whose samples did not
+        all score the same (the others have zero advantage: no signal), and refill the batch from
+        further prompts, at most `dynamic_sampling_max_rounds` extra rollout rounds."""
+        G, want = self.cfg.generation.num_generations, self.cfg.optim.batch_size
+        rounds, filtered, have = [first], 0, 0
+        kept: list[Produced] = []
+        while True:
+            produced = rounds[-1]
+            scores = self.to_train_batch(produced).seq_scores.view(-1, G)
+            informative = (scores.max(1).values > scores.min(1).values).tolist()
+            filtered += informative.count(False)
+            take = [g for g, ok in enumerate(informative) if ok][: want - have]
+            rows = [g * G + j for g in take for j in range(G)]
+            if rows:
+                kept.append(Produced(produced.batch.select(rows), [produced.scores[i] for i in rows], first.step))
+            have += len(take)
+            if have >= want or len(rounds) > self.cfg.optim.dynamic_sampling_max_rounds:
+                break
+            extra = len(rounds)
+            rounds.append(self._rollout_and_score(first.step, self.sampler.refill_rows(first.step, extra), extra))
+        if have < want:
+            log.warning("dynamic sampling: step %d has %d of %d groups with a learning signal after %d extra "
+                        "rounds (dynamic_sampling_max_rounds); it trains on those", first.step + 1, have, want,
+                        len(rounds) - 1)
+        parts = kept or [Produced(first.batch.select([]), [], first.step)]
+        return Produced(
+            RolloutBatch.concat([p.batch for p in parts], self.tokenizer.pad_token_id),
+            [score for p in parts for score in p.scores], first.step,
+            {k: sum(r.times[k] for r in rounds) for k in first.times},
+            {k: sum(r.reward_stats.get(k, 0.0) for r in rounds) for k in first.reward_stats},
+            {"data/filtered_groups": float(filtered), "data/resample_rounds": float(len(rounds) - 1)},
+        )
+
+    def _sampling_seed(self, step: int, round_: int = 0) -> int:
+        # Sampling depends only on (seed, rank, step, refill round): a resumed run draws the same
+        # samples. The parts are spread apart by primes so that no two combinations collide in
+        # practice, and the result is a positive 31-bit seed, as engines take.
+        mixed = self.cfg.train.seed * SEED_STRIDE + self.rank * RANK_STRIDE + round_ * ROUND_STRIDE + step
+        return mixed % SEED_MODULUS
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
@@ -237,6 +292,7 @@ class Trainer:
             pending = _done_future(self.pending)
         last_stats: dict[str, float] = {}
         window = MetricWindow()  # the steps since the last logged one (`logging_steps`)
+        self.empty_steps = 0
         self._install_signal_handlers()
         step = self.start_step
         try:
@@ -252,7 +308,13 @@ class Trainer:
 
                 # 3-5. forward, advantages, optimise
                 train_batch = self.to_train_batch(produced)
-                stats = self.learn(train_batch)
+                if len(train_batch) == 0:
+                    stats = self._nothing_to_train(step, produced)
+                else:
+                    self.empty_steps = 0
+                    if step == self.start_step:
+                        self.check_engine_agreement(train_batch)
+                    stats = self.learn(train_batch)
                 self.policy_version += 1
 
                 # 6. weight sync, once the actor is idle (it generates with one version only)
@@ -311,6 +373,45 @@ class Trainer:
         return (f"stopped by {self.stop_requested} after step {step}; checkpoint saved in "
                 f"{self.cfg.train.output_dir}. Resume with the same command plus --resume_from_checkpoint auto")
 
+    def _nothing_to_train(self, step: int, produced: Produced) -> dict[str, float]:
+        """A step whose batch holds no conversation (every row skipped or filtered) is not trained;
+        a whole pass over the data without one stops the run."""
+        self.empty_steps += 1
+        b = produced.batch
+        self.tracker.print(f"step {step + 1}: no conversation to train on ({b.skipped_rows} rows skipped by "
+                           "truncation: skip, groups without a learning signal dropped by dynamic sampling); "
+                           "the step is skipped")
+        if self.empty_steps * self.cfg.optim.batch_size * self.world >= len(self.sampler.rows):
+            raise NothingToTrain(
+                f"{self.empty_steps} steps in a row, a whole pass over query_dataset "
+                f"({len(self.sampler.rows)} rows), gave no conversation to train on: every row was skipped "
+                "(prompts over max_prompt_len with truncation: skip) or filtered (dynamic_sampling). Raise "
+                "max_prompt_len, use truncation: left, or check the dataset and the reward"
+            )
+        return {"optim/skipped_steps": 1.0, "lr": self.learner.lr}
+
+    def check_engine_agreement(self, batch: TrainBatch) -> float | None:
+        """Before the first update: the engine's and the learner's log-probs of the first batch on the
+        same weights, with the run's own sampling settings; a warning names the likely causes when
+        they differ by more than `engine_logprob_tolerance` on average. Returns the mean gap."""
+        if batch.engine_logprobs is None or not bool(batch.action_mask.any()):
+            return None
+        gap = float(M.engine_logprob_gap(self.learner.logprobs(batch), batch.engine_logprobs, batch.action_mask))
+        tolerance = self.cfg.generation.engine_logprob_tolerance
+        if gap > tolerance:
+            g, m = self.cfg.generation, self.cfg.model
+            causes = ["a weight sync that did not reach the engine (it loaded model_name_or_path, the learner "
+                      "holds other weights)"]
+            if m.bf16 or m.fp16:
+                causes.insert(0, "the engine generates in bf16/fp16 while the learner keeps fp32 weights")
+            if g.repetition_penalty != 1.0:
+                causes.insert(0, f"repetition_penalty = {g.repetition_penalty} changes the engine's distribution, "
+                                 "which the learner does not reproduce")
+            log.warning("the engine's and the learner's log-probs of the first batch differ by %.3g on average "
+                        "(engine_logprob_tolerance = %g) on the same weights, with temperature %g, top_k %d, top_p "
+                        "%g. Likely causes: %s", gap, tolerance, g.temperature, g.top_k, g.top_p, "; ".join(causes))
+        return gap
+
     # ------------------------------------------------------------------ phases 3-5: the learner
     def learn(self, batch: TrainBatch) -> dict[str, float]:
         """Forward, advantages and optimise on one batch, each timed; returns the step's metrics."""
@@ -336,16 +437,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ batch conversion
     def to_train_batch(self, produced: Produced) -> TrainBatch:
-        """Each score on its turn's last token, the non-stop penalty applied (`build_train_batch`)."""
-        b, opt = produced.batch, self.cfg.optim
+        """Each score on its turn's last token, the non-stop penalty and the overlong shaping applied
+        (`build_train_batch`)."""
+        b, opt, g = produced.batch, self.cfg.optim, self.cfg.generation
         return build_train_batch(
             b.input_ids, b.attention_mask, b.action_mask, produced.scores, b.turn_ends, b.stopped,
             # the reward model also read the turns the dataset gave: they come first
             given_turns=[len(m) // 2 - len(ends) for m, ends in zip(b.messages, b.turn_ends, strict=True)],
             non_stop_penalty=opt.penalty_reward_value if opt.non_stop_penalty else None,
-            group_size=self.cfg.generation.num_generations,
+            overlong=(g.max_new_tokens, opt.overlong_buffer_len, opt.overlong_penalty_factor)
+            if opt.overlong_buffer_len else None,
+            turn_lengths=[[end - start for start, end in spans] for spans in b.turn_spans],
+            group_size=g.num_generations,
             # without them (engine_logprobs: false) the rollout holds zeros: no val/engine_logprob_diff
-            engine_logprobs=b.engine_logprobs if self.cfg.generation.engine_logprobs else None,
+            engine_logprobs=b.engine_logprobs if g.engine_logprobs else None,
+            policy_version_lag=max(self.policy_version - b.policy_version, 0),
         )
 
     # ------------------------------------------------------------------ phase 6: weight sync
@@ -370,6 +476,7 @@ class Trainer:
             "data/cut_at_max_prompt_len": float(b.cut_at_max_prompt_len),
             **produced.times,
             **produced.reward_stats,
+            **produced.data_stats,
         }
         if getattr(self.scorer, "verifiable", False):
             metrics["objective/verifiable_correct_rate"] = _correct_rate(produced.scores)
@@ -499,6 +606,10 @@ class RewardFailure(RuntimeError):
     """The reward phase failed after every retry."""
 
 
+class NothingToTrain(RuntimeError):
+    """A whole pass over the dataset gave no conversation to train on."""
+
+
 def _no_peft(model_cfg):
     return dataclasses.replace(model_cfg, use_peft=False)
 
@@ -566,6 +677,9 @@ def _train(cfg: LampoConfig, raw_config: dict | None, accelerator) -> int:
     except RunStopped as exc:
         print(f"lampo: {exc}", file=sys.stderr)
         return 0 if trainer.stop_requested else 3
+    except NothingToTrain as exc:
+        print(f"lampo: {exc}", file=sys.stderr)
+        return 5
     finally:
         trainer.close()
     return 0

@@ -22,7 +22,7 @@ def load_prompt_dataset(data_cfg: Any, seed: int = 0) -> dict[str, list[PromptRo
     split, `test_split_ratio` of the train rows (chosen with `seed`) become the test split.
     """
     source = data_cfg.query_dataset
-    splits = _load_splits(source)
+    splits = load_splits(source)
     train_name, test_name = data_cfg.dataset_train_split, data_cfg.dataset_test_split
     if train_name not in splits:
         raise DataFormatError(
@@ -56,7 +56,7 @@ def carve_test_split(records: list[dict], ratio: float, seed: int) -> tuple[list
     return train, test
 
 
-def _load_splits(source: str) -> dict[str, tuple[list[dict], list[str]]]:
+def load_splits(source: str) -> dict[str, tuple[list[dict], list[str]]]:
     """split name -> (records, column names), whatever the source."""
     import datasets
 

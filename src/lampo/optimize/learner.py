@@ -53,6 +53,8 @@ class Learner:
         num_training_steps: int | None = None,
         accelerator=None,
         seed: int | None = None,
+        ptx: TrainBatch | None = None,
+        keep_sampling_weights: bool = False,
     ):
         self.cfg = config
         opt = self.opt_cfg = config.optim
@@ -92,6 +94,13 @@ class Learner:
         if accelerator is not None:
             self._prepare_with_accelerator()
         self.generator = torch.Generator().manual_seed(config.train.seed if seed is None else seed)
+        self.ptx = ptx
+        """PPO-ptx's supervised examples (`data.ptx`): tokens, and the tokens they train (`action_mask`)."""
+        # Asynchronous runs train on batches sampled with the weights before the last update: keeping
+        # them (the trainable parameters) lets the engine's log-probs be compared on the same weights
+        # (`val/engine_logprob_diff`) apart from the policy's change since (`rollout/kl_staleness`).
+        self.keep_sampling_weights = keep_sampling_weights
+        self._sampling_weights: list[torch.Tensor] | None = None
         self.consecutive_bad_steps = 0
         self.skipped_updates = 0
         self.global_step = 0
@@ -133,9 +142,7 @@ class Learner:
         ref = torch.zeros(B, T) if self.uses_reference else None
         values = torch.zeros(B, T) if self.cfg.uses_critic else None
         self.policy.eval()
-        for start in range(0, B, self.micro_batch_size):
-            idx = torch.arange(start, min(start + self.micro_batch_size, B))
-            mb = batch.select(idx)
+        for idx, mb in self._micro_batches(batch):
             L = mb.input_ids.shape[1]
             if old is not None:
                 lp, _, hidden = self.passes.logprobs(self.policy, mb, with_entropy=False,
@@ -146,7 +153,40 @@ class Learner:
             if ref is not None:
                 with reference_mode(self.unwrapped(self.policy), self.ref_model) as ref_model:
                     ref[idx, :L] = self.passes.logprobs(ref_model, mb, with_entropy=False)[0]
-        return Forwarded(old_logprobs=old, ref_logprobs=ref, values=values)
+        sampling = None
+        if batch.policy_version_lag == 1 and self._sampling_weights is not None and batch.engine_logprobs is not None:
+            # the weights that sampled a batch one update old, kept by that update
+            with self._weights(self._sampling_weights):
+                sampling = self.logprobs(batch)
+        return Forwarded(old_logprobs=old, ref_logprobs=ref, values=values, sampling_logprobs=sampling)
+
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """The policy's log-probs [B, T] of the batch's tokens, without gradients."""
+        out = torch.zeros(batch.input_ids.shape)
+        self.policy.eval()
+        for idx, mb in self._micro_batches(batch):
+            out[idx, : mb.input_ids.shape[1]] = self.passes.logprobs(self.policy, mb, with_entropy=False)[0]
+        return out
+
+    def _micro_batches(self, batch: TrainBatch):
+        """(row indices, rows) of `batch` in micro-batches, in order."""
+        B = len(batch)
+        for start in range(0, B, self.micro_batch_size):
+            idx = torch.arange(start, min(start + self.micro_batch_size, B))
+            yield idx, batch.select(idx)
+
+    @contextlib.contextmanager
+    def _weights(self, tensors: list[torch.Tensor]):
+        """The policy's trainable parameters swapped with `tensors` inside the block (and back after)."""
+        params = trainable(self.policy)
+        for p, t in zip(params, tensors, strict=True):
+            p.data, t.data = t.data, p.data
+        try:
+            yield
+        finally:
+            for p, t in zip(params, tensors, strict=True):
+                p.data, t.data = t.data, p.data
 
     def _values(self, mb: TrainBatch, hidden: torch.Tensor | None) -> torch.Tensor:
         if self.value_head is not None:
@@ -162,6 +202,8 @@ class Learner:
         # first and only pass, detached: it is filled in as the pass goes.
         fused = fw.old_logprobs is None
         old_all = torch.zeros(B, T) if fused else fw.old_logprobs
+        if self.keep_sampling_weights:  # the weights the engine samples the next batch with
+            self._keep_weights()
         acc: dict[str, float] = defaultdict(float)
         models = [m for m in (self.policy, self.value_model, self.value_head) if m is not None]
         for m in models:
@@ -175,9 +217,11 @@ class Learner:
                 mb_stats: dict[str, float] = defaultdict(float)
                 finite = True
                 micro_chunks = mb_idx.split(self.micro_batch_size)
+                ptx_chunks = self._ptx_chunks(len(micro_chunks))
                 for i, idx in enumerate(micro_chunks):
                     with self._no_sync(i < len(micro_chunks) - 1):
-                        finite &= self._micro_step(batch.select(idx), idx, old_all, fused, fw, adv, totals, mb_stats)
+                        finite &= self._micro_step(batch.select(idx), idx, old_all, fused, fw, adv, totals, mb_stats,
+                                                   ptx_chunks[i])
                 grad_norm = self._clip_and_norm()
                 if finite and math.isfinite(grad_norm):
                     self._step()
@@ -191,7 +235,7 @@ class Learner:
             m.eval()
         return self._end_step(batch, fw, adv, acc, old_all if fused else None)
 
-    def _micro_step(self, mb, idx, old_all, fused, fw, adv, totals, stats) -> bool:
+    def _micro_step(self, mb, idx, old_all, fused, fw, adv, totals, stats, ptx_mb) -> bool:
         opt = self.opt_cfg
         L = mb.input_ids.shape[1]
         mask = mb.action_mask
@@ -200,8 +244,12 @@ class Learner:
         if fused:
             old_all[idx, :L] = logp.detach()
         old_lp = M.pin_ratio_off_mask(old_all[idx, :L], logp, mask)
-        pg_mat, clipped, ratio = M.clipped_policy_loss(logp, old_lp, adv.advantages[idx, :L], opt.cliprange,
-                                                       opt.dual_clip)
+        pg_mat, clipped, ratio = self._policy_loss(logp, old_lp, adv.advantages[idx, :L], mask)
+        if opt.rollout_correction != "none" and mb.engine_logprobs is not None:
+            # pi_old / pi_engine: the batch was sampled by the engine, not by pi_old (docs/algorithms.md)
+            weights, _, _ = M.rollout_correction_weights(old_lp, mb.engine_logprobs, mask, opt.rollout_correction,
+                                                         opt.rollout_correction_low, opt.rollout_correction_high)
+            pg_mat = pg_mat * weights
         if not self.cfg.kl_in_reward and adv.beta > 0:
             pg_mat = pg_mat + M.kl_loss(logp, fw.ref_logprobs[idx, :L], adv.beta, opt.kl_estimator)
         pg_loss = M.aggregate(pg_mat, mask, self.cfg.loss_aggregation, num_tokens, num_seqs,
@@ -215,6 +263,10 @@ class Learner:
             loss = loss + opt.vf_coef * vf_loss
             stats["loss/value_avg"] += vf_loss.item()
             stats["val/clipfrac_avg"] += M.masked_sum(vf_clipped.float(), mask).item() / max(num_tokens, 1)
+        if ptx_mb is not None:
+            ptx_loss = self._ptx_loss(*ptx_mb)
+            loss = loss + opt.ptx_coef * ptx_loss
+            stats["loss/ptx"] += ptx_loss.item()
         if not torch.isfinite(loss):
             return False
         self._backward(loss)
@@ -226,6 +278,39 @@ class Learner:
             stats["policy/entropy_avg"] += M.masked_sum(entropy, mask).item() * w
             stats["val/ratio"] += M.masked_sum(ratio, mask).item() * w
         return True
+
+    def _policy_loss(self, logp, old_lp, advantages, mask):
+        """The configured policy loss per token: PPO's clipped ratio, GSPO's sequence ratio or CISPO's weight."""
+        kind, low, high = self.opt_cfg.policy_loss, self.cfg.clip_low, self.cfg.clip_high
+        if kind == "gspo":
+            return M.gspo_policy_loss(logp, old_lp, advantages, mask, low, high)
+        if kind == "cispo":
+            return M.cispo_policy_loss(logp, old_lp, advantages, low, high)
+        return M.clipped_policy_loss(logp, old_lp, advantages, low, self.opt_cfg.dual_clip, high)
+
+    def _ptx_chunks(self, n: int) -> list[tuple[TrainBatch, float] | None]:
+        """This minibatch's PPO-ptx examples split over its `n` micro-batches, each with the minibatch's
+        count of supervised tokens (the loss's denominator); None without ptx."""
+        if self.ptx is None:
+            return [None] * n
+        size = self.opt_cfg.ptx_batch_size or self.opt_cfg.mini_batch_size
+        idx = torch.randint(len(self.ptx), (size,), generator=self.generator)
+        tokens = float(self.ptx.action_mask[idx].sum())
+        return [(self.ptx.select(part), tokens) if len(part) else None for part in idx.tensor_split(n)]
+
+    def _ptx_loss(self, ptx_mb: TrainBatch, tokens: float) -> torch.Tensor:
+        """Negative log-likelihood of the supervised tokens over the minibatch's `tokens` (InstructGPT's
+        PPO-ptx, Ouyang et al. 2022, eq. 2): the micro-batches' losses add up to the minibatch's mean."""
+        logp, _, _ = self.passes.logprobs(self.policy, ptx_mb, with_entropy=False)
+        return -M.masked_sum(logp, ptx_mb.action_mask) / max(tokens, 1.0)
+
+    def _keep_weights(self) -> None:
+        params = trainable(self.policy)
+        if self._sampling_weights is None:
+            self._sampling_weights = [p.detach().clone() for p in params]
+        else:
+            for kept, p in zip(self._sampling_weights, params, strict=True):
+                kept.copy_(p.detach())
 
     def _end_step(self, batch, fw, adv, acc, fused_old) -> dict[str, float]:
         """The schedules and the KL controller step; bad steps are counted; the step's metrics."""
@@ -249,7 +334,8 @@ class Learner:
             self.consecutive_bad_steps = 0
         stats = dict(adv.stats)
         if fused_old is not None:  # the training pass has filled in the old log-probs only now
-            stats.update(sequence_statistics(batch, fused_old))
+            sampling = fused_old if fw.sampling_logprobs is None and batch.policy_version_lag == 0 else fw.sampling_logprobs
+            stats.update(sequence_statistics(batch, fused_old, sampling, self.cfg))
         stats.update({k: v / max(updates, 1) for k, v in acc.items()})
         if "loss/policy_avg" in stats:  # absent when every minibatch of the step was skipped
             stats["objective/loss"] = stats["loss/policy_avg"] + self.opt_cfg.vf_coef * stats.get("loss/value_avg", 0.0)

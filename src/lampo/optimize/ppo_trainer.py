@@ -19,9 +19,10 @@ from torch import nn
 
 from lampo.config import LampoConfig
 from lampo.optimize import maths as M
-from lampo.optimize.batch import TrainBatch, build_train_batch
+from lampo.optimize.batch import Sampling, TrainBatch, build_train_batch
 from lampo.optimize.learner import Learner
 from lampo.optimize.models import is_peft_model, prepare_policy
+from lampo.optimize.ptx import load_ptx
 from lampo.rollout.batch import left_pad
 
 
@@ -44,12 +45,18 @@ class PPOTrainer:
         # Seed first: LoRA and value-head initialisation draw from torch's global generator.
         torch.manual_seed(config.train.seed)
         self.model = prepare_policy(model, config.model)
+        ptx = None
+        if config.data.ptx_dataset:
+            g = config.generation
+            ptx = load_ptx(config.data.ptx_dataset, tokenizer, config.data.max_prompt_len + g.max_new_tokens)
         self.learner = Learner(
-            config, self.model, ref_model=ref_model, value_model=value_model, num_training_steps=num_training_steps
+            config, self.model, ref_model=ref_model, value_model=value_model, num_training_steps=num_training_steps,
+            ptx=ptx,
         )
         self.stop_token_id = _stop_token_id(tokenizer, config.generation.stop_token)
-        self.sampling_temperature = config.generation.temperature
-        """The temperature of the last `generate` call (the config's before any): `step` trains at it."""
+        g = config.generation
+        self.sampling = Sampling(g.temperature, g.top_k, g.top_p)
+        """How the last `generate` call sampled (the config's before any): `step` trains under it."""
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -60,20 +67,20 @@ class PPOTrainer:
 
         Queries are left-padded into one batch (open-instruct detail 1). Responses are cut
         after the stop token. With `return_logprobs`, also the sampling log-probs of each
-        response token at the sampling temperature (log softmax(logits / T)).
+        response token under the sampling distribution (temperature, then top-k and top-p).
         Keyword overrides: max_new_tokens, min_new_tokens, temperature, top_p, top_k, do_sample.
         """
         g = self.config.generation
-        temperature = overrides.pop("temperature", g.temperature)
-        # `step` recomputes log-probs at the temperature the responses were sampled at
-        self.sampling_temperature = float(temperature)
+        sampling = Sampling(float(overrides.pop("temperature", g.temperature)), int(overrides.pop("top_k", g.top_k)),
+                            float(overrides.pop("top_p", g.top_p)))
+        self.sampling = sampling  # `step` recomputes log-probs under the distribution the responses came from
         kwargs = dict(
             max_new_tokens=overrides.pop("max_new_tokens", g.max_new_tokens),
             min_new_tokens=overrides.pop("min_new_tokens", g.min_new_tokens),
             do_sample=overrides.pop("do_sample", True),
-            temperature=temperature,
-            top_p=overrides.pop("top_p", g.top_p),
-            top_k=overrides.pop("top_k", g.top_k),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
             repetition_penalty=overrides.pop("repetition_penalty", g.repetition_penalty),
         )
         if overrides:
@@ -101,7 +108,8 @@ class PPOTrainer:
             responses.append(row[:end].clone())
             if return_logprobs:
                 logits = torch.stack([step_logits[i] for step_logits in out.logits[:end]])
-                logprobs.append(M.logprobs_from_logits(logits, row[:end], temperature))
+                logprobs.append(M.logprobs_and_entropy(logits, row[:end], sampling.temperature, False,
+                                                       sampling.top_k, sampling.top_p)[0])
         return (responses, logprobs) if return_logprobs else responses
 
     # ------------------------------------------------------------------ optimisation
@@ -150,7 +158,10 @@ class PPOTrainer:
         return build_train_batch(
             ids, attention, action, [float(s) for s in scores], ends, stopped,
             non_stop_penalty=opt.penalty_reward_value if opt.non_stop_penalty else None,
-            group_size=self.config.generation.num_generations, temperature=self.sampling_temperature,
+            overlong=(self.config.generation.max_new_tokens, opt.overlong_buffer_len, opt.overlong_penalty_factor)
+            if opt.overlong_buffer_len else None,
+            turn_lengths=[[len(r)] if e else [] for r, e in zip(responses, ends, strict=True)],
+            group_size=self.config.generation.num_generations, sampling=self.sampling,
         )
 
     # ------------------------------------------------------------------ saving
