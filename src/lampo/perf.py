@@ -76,8 +76,9 @@ class ModelShape:
         for module in base.modules():
             if isinstance(module, layers) and id(module.weight) not in seen:
                 seen.add(id(module.weight))
-                # A tied LM head is still a matmul over the vocabulary: count it.
-                params += module.weight.numel()
+                # A tied LM head is still a matmul over the vocabulary: count it. Under ZeRO-3 a
+                # partitioned weight is empty here; `ds_numel` is DeepSpeed's record of its size.
+                params += getattr(module.weight, "ds_numel", module.weight.numel())
         if not seen and embeddings:
             names = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in layers)
             raise ValueError(f"the model has no matmul layers ({names}): ModelShape cannot count its matmuls; "
@@ -185,9 +186,7 @@ def learner_step_flops(learner, batch, cache_block: int = 0) -> dict[str, float]
     shapes = getattr(learner, "_flop_shapes", None)
     if shapes is None:
         policy = learner.unwrapped_policy()
-        critic = learner.value_model
-        if critic is not None and learner.accelerator is not None:
-            critic = learner.accelerator.unwrap_model(critic)
+        critic = learner.unwrapped_value_model()
         shapes = (ModelShape.from_model(policy), ModelShape.from_model(critic.trunk) if critic is not None else None,
                   is_peft_model(policy))
         learner._flop_shapes = shapes

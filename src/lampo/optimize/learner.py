@@ -5,6 +5,8 @@ One call to `Learner.train(batch)` is the optimisation half of a PPO step:
   2. advantages: rewards with KL, then GAE (critic) or a group estimator
   3. optimise:   `ppo_epochs` passes over shuffled minibatches, micro-batches accumulated
 Each phase is timed. The maths lives in `maths.py`; this file only moves tensors around.
+How a loss becomes a gradient and a gradient a step (one process, DDP, DeepSpeed ZeRO) is the
+`Strategy`'s (lampo/distributed/strategy.py): the learner calls it and nothing else for that.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lampo.config import LampoConfig
+from lampo.config import ConfigError, LampoConfig
+from lampo.distributed.strategy import StepOutcome, Strategy, TrainedModels
 from lampo.optimize import maths as M
 from lampo.optimize import shared_prefix as SP
 from lampo.optimize.models import (
@@ -111,8 +114,22 @@ def shift_align(per_position: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(per_position[:, : length - 1], (1, 0))
 
 
+def check_fp16_device(config: LampoConfig, device_type: str) -> None:
+    """fp16 needs a GPU: stop at start, naming the key, on any other device."""
+    if config.model.fp16 and device_type != "cuda":
+        raise ConfigError(
+            f"config key 'fp16' = true, but the models train on {device_type}: float16 autocast and its loss "
+            "scaler are for GPUs. Use bf16: true instead (bfloat16 needs no loss scaling and runs on CPUs), "
+            "or leave both false for fp32"
+        )
+
+
 class Learner:
-    """Holds the policy, critic, reference, optimisers and schedulers; trains on TrainBatches."""
+    """Holds the policy, critic, reference, optimisers and schedulers; trains on TrainBatches.
+
+    strategy: how gradients and steps are made (lampo.distributed); default the single process.
+    accelerator: shorthand for `strategy=AccelerateDDP(accelerator)`.
+    """
 
     def __init__(
         self,
@@ -123,11 +140,20 @@ class Learner:
         value_model: nn.Module | None = None,
         num_training_steps: int | None = None,
         accelerator=None,
+        strategy: Strategy | None = None,
         seed: int | None = None,
     ):
         self.cfg = config
         self.opt_cfg = config.optim
-        self.accelerator = accelerator
+        if strategy is None and accelerator is not None:
+            from lampo.distributed.ddp import AccelerateDDP
+
+            strategy = AccelerateDDP(accelerator)
+        self.strategy = strategy if strategy is not None else Strategy()
+        device = next(policy.parameters()).device.type
+        if self.strategy.world > 1 and torch.cuda.is_available():
+            device = "cuda"  # accelerate and DeepSpeed move the models to the GPU
+        check_fp16_device(config, device)
         self.temperature = config.generation.temperature
         self.policy = policy
         # With kl_coef 0 (and no adaptive controller that could raise it) the reference never
@@ -159,14 +185,22 @@ class Learner:
             else M.FixedKLController(self.opt_cfg.kl_coef)
         )
         steps = num_training_steps or config.num_steps
-        self.optimizer, self.scheduler = self._make_optimizer(policy, self.value_head, config.optim.learning_rate, steps)
-        self.critic_optimizer = self.critic_scheduler = None
+        self.optimizer = self._make_optimizer(policy, self.value_head, config.optim.learning_rate)
+        self.critic_optimizer = None
         if self.value_model is not None:
-            self.critic_optimizer, self.critic_scheduler = self._make_optimizer(
-                self.value_model, None, config.critic_learning_rate, steps
-            )
-        if accelerator is not None:
-            self._prepare_with_accelerator()
+            self.critic_optimizer = self._make_optimizer(self.value_model, None, config.critic_learning_rate)
+        prepared = self.strategy.prepare(
+            TrainedModels(self.policy, self.value_model, self.value_head, self.ref_model, self.optimizer,
+                          self.critic_optimizer),
+            config,
+        )
+        self.policy, self.value_model, self.value_head = prepared.policy, prepared.value_model, prepared.value_head
+        self.ref_model, self.optimizer, self.critic_optimizer = (prepared.ref_model, prepared.optimizer,
+                                                                 prepared.critic_optimizer)
+        # on the optimisers as prepared: a strategy may wrap them, or merge them into one (DeepSpeed)
+        self.scheduler = self._make_scheduler(self.optimizer, steps)
+        self.critic_scheduler = (self._make_scheduler(self.critic_optimizer, steps)
+                                 if self.critic_optimizer is not None else None)
         self.generator = torch.Generator().manual_seed(config.train.seed if seed is None else seed)
         self.consecutive_bad_steps = 0
         self.skipped_updates = 0
@@ -177,29 +211,35 @@ class Learner:
         self._packing: tuple[ModelShape, str | None] | None = None  # for shared_prefix.should_pack, read once
 
     # ------------------------------------------------------------------ set-up helpers
-    def _make_optimizer(self, model: nn.Module, extra_head: nn.Module | None, lr: float, steps: int):
+    def _make_optimizer(self, model: nn.Module, extra_head: nn.Module | None, lr: float):
         params = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": params, "lr": lr}]
         if extra_head is not None:
             groups.append({"params": list(extra_head.parameters()), "lr": self.cfg.critic_learning_rate})
         # fused AdamW is a single kernel per step on CPU and GPU (torch >= 2.4)
-        optimizer = torch.optim.AdamW(
+        return torch.optim.AdamW(
             groups, lr=lr, weight_decay=self.opt_cfg.weight_decay, eps=self.opt_cfg.adam_eps, fused=True
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(self.opt_cfg.lr_scheduler_type,
-                                                                           self.opt_cfg.warmup_ratio, steps))
-        return optimizer, scheduler
 
-    def _prepare_with_accelerator(self) -> None:
-        acc = self.accelerator
-        self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
-        if self.value_model is not None:
-            self.value_model, self.critic_optimizer = acc.prepare(self.value_model, self.critic_optimizer)
-        if self.value_head is not None:
-            self.value_head = acc.prepare(self.value_head)
+    def _make_scheduler(self, optimizer, steps: int):
+        # one factor for every parameter group: each group's own learning rate times it
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(self.opt_cfg.lr_scheduler_type,
+                                                                      self.opt_cfg.warmup_ratio, steps))
 
     def unwrapped_policy(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.policy) if self.accelerator is not None else self.policy
+        return self.strategy.unwrap(self.policy)
+
+    def unwrapped_value_model(self) -> nn.Module | None:
+        return self.strategy.unwrap(self.value_model) if self.value_model is not None else None
+
+    def full_weights(self, *models: nn.Module):
+        """Context in which `models` (default: every trained model) hold all their parameters.
+
+        Under ZeRO-3 the parameters are partitioned over the ranks and this gathers them, on
+        every rank: every rank must enter it, also where only rank 0 saves.
+        """
+        trained = models or tuple(m for m in (self.policy, self.value_model, self.value_head) if m is not None)
+        return self.strategy.full_weights(*trained)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -326,17 +366,29 @@ class Learner:
             idx = torch.arange(start, min(start + self.micro_batch_size, B))
             mb = batch.select(idx)
             L = mb.input_ids.shape[1]
-            if policy_pass or values is not None:
-                lp, e, out = self._policy_logprobs(self.policy, mb)
+            lp, e, v, r = self.strategy.forward(self._no_grad_pass, mb, policy_pass or values is not None,
+                                                values is not None)
+            if lp is not None:
                 old[idx, :L], ent[idx, :L] = lp, e
-                if values is not None:
-                    values[idx, :L] = self._values(mb, out)
-                del out
-            if self.uses_reference:
-                # log-probs only: the reference's entropy is never used
-                with reference_mode(self.unwrapped_policy(), self.ref_model) as ref_model:
-                    ref[idx, :L] = self._policy_logprobs(ref_model, mb, with_entropy=False)[0]
+            if v is not None:
+                values[idx, :L] = v
+            if r is not None:
+                ref[idx, :L] = r
         return Forwarded(old_logprobs=old, ref_logprobs=ref, values=values, entropy=ent)
+
+    def _no_grad_pass(self, mb: TrainBatch, policy_pass: bool, want_values: bool):
+        """(log-probs, entropy, values, reference log-probs) of one micro-batch; None where not asked."""
+        lp = e = v = r = None
+        if policy_pass:
+            lp, e, out = self._policy_logprobs(self.policy, mb)
+            if want_values:
+                v = self._values(mb, out)
+            del out
+        if self.uses_reference:
+            # log-probs only: the reference's entropy is never used
+            with reference_mode(self.unwrapped_policy(), self.ref_model) as ref_model:
+                r = self._policy_logprobs(ref_model, mb, with_entropy=False)[0]
+        return lp, e, v, r
 
     # ------------------------------------------------------------------ 2. advantages
     def compute_advantages(self, batch: TrainBatch, fw: Forwarded) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
@@ -385,7 +437,8 @@ class Learner:
         self._fused_old = self.fuses_old_logprobs(batch)
         fw = self.forward_batch(batch, policy_pass=not self._fused_old)
         timings["time/forward"] = time.perf_counter() - t0
-        if not self._fused_old and not all(torch.isfinite(x).all() for x in (fw.old_logprobs, fw.ref_logprobs)):
+        finite = self._fused_old or all(bool(torch.isfinite(x).all()) for x in (fw.old_logprobs, fw.ref_logprobs))
+        if not self.strategy.all_true(finite):  # every rank skips, or none
             return self._bad_step("old or reference log-probs are not finite (the weights may hold NaN)", timings)
 
         t0 = time.perf_counter()
@@ -414,6 +467,7 @@ class Learner:
 
         skipped = acc.pop("_skipped")
         updates = acc.pop("_updates")
+        scaler_skipped = acc.pop("_scaler_skipped")
         if skipped:
             self.consecutive_bad_steps += 1
             self.skipped_updates += skipped
@@ -429,6 +483,10 @@ class Learner:
         if "loss/policy_avg" in stats:  # absent when every minibatch of the step was skipped
             stats["objective/loss"] = stats["loss/policy_avg"] + self.opt_cfg.vf_coef * stats.get("loss/value_avg", 0.0)
         stats["optim/skipped_steps"] = float(skipped)
+        loss_scale = self.strategy.loss_scale()
+        if loss_scale is not None:  # fp16
+            stats["optim/loss_scale"] = loss_scale
+            stats["optim/scaler_skipped_steps"] = float(scaler_skipped)
         stats["lr"] = lr_used
         if fw.values is not None:
             stats["val/explained_variance"] = M.explained_variance(fw.values, returns, batch.action_mask).item()
@@ -449,34 +507,37 @@ class Learner:
             for mb_start in range(0, B, opt.mini_batch_size):
                 mb_idx = order[mb_start : mb_start + opt.mini_batch_size]
                 num_tokens = float(batch.action_mask[mb_idx].sum())
+                # what the token-mean losses divide by: num_tokens, or with several ranks the
+                # mean over ranks of their minibatches' tokens (Strategy.token_normaliser)
+                loss_tokens = self.strategy.token_normaliser(num_tokens)
                 num_seqs = float(len(mb_idx))
-                self._zero_grad()
+                self.strategy.zero_grad()
                 mb_stats: dict[str, float] = defaultdict(float)
                 finite = True
                 micro_chunks = mb_idx.split(self.micro_batch_size)
                 for i, micro_idx in enumerate(micro_chunks):
                     last = i == len(micro_chunks) - 1
-                    with self._no_sync(not last):
+                    with self.strategy.no_sync(not last):
                         finite &= self._micro_step(
                             batch.select(micro_idx), fw, advantages, returns, micro_idx,
-                            num_tokens, num_seqs, agg, beta, mb_stats,
+                            num_tokens, loss_tokens, num_seqs, agg, beta, mb_stats,
                         )
-                grad_norm = self._clip_and_norm()
-                if finite and math.isfinite(grad_norm):
-                    self.optimizer.step()
-                    if self.critic_optimizer is not None:
-                        self.critic_optimizer.step()
+                # Clip and apply; or skip: weights and optimiser state stay as they were before
+                # this minibatch.
+                outcome = self.strategy.step(finite)
+                if outcome is StepOutcome.APPLIED:
                     acc["_updates"] += 1
                     for k, v in mb_stats.items():
                         acc[k] += v
+                elif outcome is StepOutcome.LOSS_SCALE:
+                    acc["_scaler_skipped"] += 1
                 else:
-                    # Skip: weights and optimiser state stay as they were before this minibatch.
                     acc["_skipped"] += 1
-                self._zero_grad()
+                self.strategy.zero_grad()
         for m in models:
             m.eval()
-        acc.setdefault("_skipped", 0)
-        acc.setdefault("_updates", 0)
+        for key in ("_skipped", "_updates", "_scaler_skipped"):
+            acc.setdefault(key, 0)
         return acc
 
     def _shuffled(self, batch: TrainBatch) -> torch.Tensor:
@@ -491,7 +552,21 @@ class Learner:
         groups = torch.randperm(len(batch) // G, generator=self.generator)
         return (groups[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
 
-    def _micro_step(self, mb, fw, advantages, returns, idx, num_tokens, num_seqs, agg, beta, stats) -> bool:
+    def _micro_step(self, mb, fw, advantages, returns, idx, num_tokens, loss_tokens, num_seqs, agg, beta,
+                    stats) -> bool:
+        """Forward and backward of one micro-batch; adds its statistics to `stats`. False: the loss is
+        not finite (the minibatch will be skipped)."""
+        loss, mb_stats = self.strategy.forward(self._micro_loss, mb, fw, advantages, returns, idx, num_tokens,
+                                               loss_tokens, num_seqs, agg, beta)
+        finite = bool(torch.isfinite(loss))
+        self.strategy.backward(loss, finite)
+        if finite:
+            for k, v in mb_stats.items():
+                stats[k] += v
+        return finite
+
+    def _micro_loss(self, mb, fw, advantages, returns, idx, num_tokens, loss_tokens, num_seqs, agg, beta):
+        """The PPO loss of one micro-batch, and its statistics (floats)."""
         opt = self.opt_cfg
         L = mb.input_ids.shape[1]
         mask = mb.action_mask
@@ -510,62 +585,24 @@ class Learner:
         if not self.cfg.kl_in_reward and beta > 0:
             # GRPO puts the KL in the loss, per token (DeepSeekMath eq. 3).
             pg_mat = pg_mat + beta * M.kl_penalty(logp, fw.ref_logprobs[idx, :L], opt.kl_estimator)
-        pg_loss = M.aggregate(pg_mat, mask, agg, num_tokens, num_seqs, norm_len)
+        pg_loss = M.aggregate(pg_mat, mask, agg, loss_tokens, num_seqs, norm_len)
         loss = pg_loss
+        w = 1.0 / max(num_tokens, 1)
+        stats = {}
         if returns is not None:
             values = self._values(mb, out)
             vf_mat, vf_clipped = M.clipped_value_loss(values, fw.values[idx, :L], returns[idx, :L], opt.cliprange_value)
-            vf_loss = M.aggregate(vf_mat, mask, "token-mean", num_tokens, num_seqs)
+            vf_loss = M.aggregate(vf_mat, mask, "token-mean", loss_tokens, num_seqs)
             loss = loss + opt.vf_coef * vf_loss
-            stats["loss/value_avg"] += vf_loss.item()
-            stats["val/clipfrac_avg"] += M.masked_sum(vf_clipped.float(), mask).item() / max(num_tokens, 1)
-        if not torch.isfinite(loss):
-            return False
-        self._backward(loss)
-        w = 1.0 / max(num_tokens, 1)
+            stats["loss/value_avg"] = vf_loss.item()
+            stats["val/clipfrac_avg"] = M.masked_sum(vf_clipped.float(), mask).item() * w
         with torch.no_grad():
-            stats["loss/policy_avg"] += pg_loss.item()
-            stats["policy/approxkl_avg"] += M.masked_sum(M.approx_kl(logp, old_lp), mask).item() * w
-            stats["policy/clipfrac_avg"] += M.masked_sum(clipped.float(), mask).item() * w
-            stats["policy/entropy_avg"] += M.masked_sum(entropy, mask).item() * w
-            stats["val/ratio"] += M.masked_sum(ratio, mask).item() * w
-        return True
-
-    # ------------------------------------------------------------------ distributed-aware bits
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self.accelerator is not None:
-            self.accelerator.backward(loss)
-        else:
-            loss.backward()
-
-    def _no_sync(self, skip_sync: bool):
-        # With DDP, all-reduce only on the last micro-batch of a minibatch.
-        if self.accelerator is None or not skip_sync:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        for m in (self.policy, self.value_model):
-            if m is not None:
-                stack.enter_context(self.accelerator.no_sync(m))
-        return stack
-
-    def _trainable(self) -> list[nn.Parameter]:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        for m in (self.value_model, self.value_head):
-            if m is not None:
-                params += [p for p in m.parameters() if p.requires_grad]
-        return params
-
-    def _clip_and_norm(self) -> float:
-        params = [p for p in self._trainable() if p.grad is not None]
-        if not params:
-            return 0.0
-        max_norm = self.opt_cfg.max_grad_norm if self.opt_cfg.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-    def _zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.critic_optimizer is not None:
-            self.critic_optimizer.zero_grad(set_to_none=True)
+            stats["loss/policy_avg"] = pg_loss.item()
+            stats["policy/approxkl_avg"] = M.masked_sum(M.approx_kl(logp, old_lp), mask).item() * w
+            stats["policy/clipfrac_avg"] = M.masked_sum(clipped.float(), mask).item() * w
+            stats["policy/entropy_avg"] = M.masked_sum(entropy, mask).item() * w
+            stats["val/ratio"] = M.masked_sum(ratio, mask).item() * w
+        return loss, stats
 
     def _bad_step(self, why: str, timings: dict) -> dict[str, float]:
         self.consecutive_bad_steps += 1
@@ -577,7 +614,7 @@ class Learner:
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict:
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            **self.strategy.state_dict(),  # the optimisers (unless they are in per-rank shards)
             "scheduler": self.scheduler.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
             "generator": self.generator.get_state(),
@@ -585,26 +622,32 @@ class Learner:
             "consecutive_bad_steps": self.consecutive_bad_steps,
             "skipped_updates": self.skipped_updates,
         }
-        if self.critic_optimizer is not None:
-            state["critic_optimizer"] = self.critic_optimizer.state_dict()
+        if self.critic_scheduler is not None:
             state["critic_scheduler"] = self.critic_scheduler.state_dict()
-        if self.value_head is not None:
+        if self.value_head is not None and not self.strategy.saves_weights:
             state["value_head"] = self.value_head.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_state_dict(state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.generator.set_state(state["generator"])
         self.global_step = state["global_step"]
         self.consecutive_bad_steps = state["consecutive_bad_steps"]
         self.skipped_updates = state["skipped_updates"]
-        if self.critic_optimizer is not None:
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        if self.critic_scheduler is not None:
             self.critic_scheduler.load_state_dict(state["critic_scheduler"])
-        if self.value_head is not None:
+        if self.value_head is not None and not self.strategy.saves_weights:
             self.value_head.load_state_dict(state["value_head"])
+
+    def save_shards(self, staged) -> list[str]:
+        """Write this rank's part of the training state into a staged checkpoint (every rank calls it)."""
+        return self.strategy.save_shards(staged)
+
+    def load_shards(self, checkpoint) -> None:
+        """Read this rank's part back (after `load_state_dict`; every rank calls it)."""
+        self.strategy.load_shards(checkpoint)
 
 
 def _schedule(kind: str, warmup_ratio: float, total_steps: int):
@@ -625,9 +668,7 @@ def _schedule(kind: str, warmup_ratio: float, total_steps: int):
 
 
 def value_model_for_saving(learner: Learner) -> ValueModel | None:
-    if learner.value_model is None:
-        return None
-    return learner.accelerator.unwrap_model(learner.value_model) if learner.accelerator else learner.value_model
+    return learner.unwrapped_value_model()
 
 
 __all__ = ["Forwarded", "Learner", "TrainBatch", "TrainingDiverged", "is_peft_model"]
