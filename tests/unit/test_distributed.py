@@ -1,8 +1,9 @@
 """The Strategy seam without a process group: the single-process path with fp16 loss scaling,
-the fp16-on-CPU error, and what a single process imports."""
+the DeepSpeed config Lampo builds, the fp16-on-CPU error, and what a single process imports."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -12,9 +13,11 @@ import pytest
 import torch
 
 from lampo.config import ConfigError, LampoConfig
+from lampo.distributed.deepspeed_zero import engine_config
 from lampo.distributed.strategy import StepOutcome, Strategy, TrainedModels
 
 ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
 
 
 # ---------------------------------------------------------------------------------------
@@ -119,6 +122,49 @@ def test_fp16_on_cpu_stops_at_start_naming_the_key(tiny_model_path):
     cfg = LampoConfig.from_dict(model_name_or_path=str(tiny_model_path), fp16=True, reward_model="http://127.0.0.1:9")
     with pytest.raises(ConfigError, match=r"'fp16' = true.*bf16: true"):
         Trainer(cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# The DeepSpeed config: "auto" filled from Lampo's keys, disagreements named
+# ---------------------------------------------------------------------------------------
+
+
+def _cfg(**kw) -> LampoConfig:
+    return LampoConfig.from_dict({"batch_size": 8, "mini_batch_size": 8, "gradient_accumulation_steps": 2,
+                                  "max_grad_norm": 0.7, **kw})
+
+
+def test_the_shipped_zero2_json_gets_lampos_batch_sizes_clipping_and_precision():
+    user = json.loads((CONFIGS / "ds_z2_offload_config.json").read_text())
+    ds = engine_config(user, _cfg(bf16=True), world=4, hidden_size=64, source="z2.json")
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 2, 32)
+    assert ds["gradient_clipping"] == 0.7 and ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert ds["zero_allow_untested_optimizer"] is True and ds["zero_force_ds_cpu_optimizer"] is False
+    assert user["train_batch_size"] == "auto"  # the caller's dict is left alone
+
+
+def test_the_shipped_zero3_json_takes_its_precision_from_lampo():
+    user = json.loads((CONFIGS / "ds_z3_config.json").read_text())
+    for bf16 in (False, True):
+        ds = engine_config(user, _cfg(bf16=bf16), world=2, hidden_size=64, source="z3.json")
+        assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is bf16
+        assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 640
+
+
+@pytest.mark.parametrize("user,match", [
+    ({"bf16": {"enabled": True}}, r"z\.json: bf16\.enabled = true but Lampo's config gives false \(from 'bf16'\)"),
+    ({"gradient_accumulation_steps": 4}, r"gradient_accumulation_steps = 4 .* gives 2"),
+    ({"gradient_clipping": 1.0}, r"gradient_clipping = 1\.0 .*'max_grad_norm'"),
+    ({"optimizer": {"type": "AdamW"}}, r"remove the 'optimizer' section"),
+    ({"zero_optimization": {"stage": 0}}, r"stage = 0; .* 1, 2 or 3"),
+    ({"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}},
+     r"cannot fill zero_optimization\.allgather_bucket_size"),
+])
+def test_a_deepspeed_json_that_disagrees_with_lampo_is_an_error_naming_both(user, match):
+    user = {"zero_optimization": {"stage": 2}, **user}
+    with pytest.raises(ConfigError, match=match):
+        engine_config(user, _cfg(), world=2, hidden_size=64, source="z.json")
 
 
 # ---------------------------------------------------------------------------------------
