@@ -80,6 +80,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "reward/failed_requests",
     "data/skipped_rows",
     "optim/skipped_steps",
+    "optim/scaler_skipped_steps",
+    "optim/loss_scale",
     "eval/scores",
     "eval/sequence_lengths",
     "eval/num_stop_token_ids",
@@ -110,8 +112,10 @@ class MetricWindow:
     running totals and settings, which take their latest value.
     """
 
-    SUMMED = ("reward/retries", "reward/failed_requests", "data/skipped_rows", "optim/skipped_steps")
-    LATEST = ("episode", "epoch", "lr", "objective/kl_coef", "time/from_scratch", "policy/version_lag")
+    SUMMED = ("reward/retries", "reward/failed_requests", "data/skipped_rows", "optim/skipped_steps",
+              "optim/scaler_skipped_steps")
+    LATEST = ("episode", "epoch", "lr", "objective/kl_coef", "time/from_scratch", "policy/version_lag",
+              "optim/loss_scale")
 
     def __init__(self) -> None:
         self._rows: list[dict[str, float]] = []

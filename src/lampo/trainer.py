@@ -393,8 +393,9 @@ class Trainer:
             metrics["objective/verifiable_correct_rate"] = float(np.mean([x >= 1.0 for x in flat])) if flat else 0.0
         return metrics
 
-    SUMMED = ("val/num_stop_token_ids", "reward/retries", "reward/failed_requests", "data/skipped_rows",
-              "optim/skipped_steps", "optim/scaler_skipped_steps")
+    # optim/skipped_steps is not summed: a minibatch is skipped on every rank or on none, so each
+    # rank counts the same skips and their mean is the count
+    SUMMED = ("val/num_stop_token_ids", "reward/retries", "reward/failed_requests", "data/skipped_rows")
 
     def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
         """Across ranks: counts are summed, everything else averaged (episode/epoch are already global)."""
