@@ -141,9 +141,9 @@ class Trainer:
         self.learner = Learner(cfg, policy, ref_model=ref_model, value_model=value_model,
                                num_training_steps=self.num_steps, strategy=self.strategy)
         self._check_reward_vocab(policy)
-        # With bf16 or fp16 the engine generates in that precision too (bf16 rollouts ran 1.4x
-        # faster on CPU, docs/performance.md); the learner keeps fp32 master weights and
-        # recomputes every log-prob it trains on.
+        # With bf16 or fp16 the engine generates in that precision too (faster rollouts:
+        # docs/performance.md, change 4); the learner keeps fp32 master weights (under DeepSpeed,
+        # its optimiser does) and recomputes every log-prob it trains on.
         self.engine = make_engine(cfg.generation, cfg.model.model_name_or_path, self.tokenizer,
                                   max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed + self.rank,
                                   dtype=_half_dtype_name(cfg.model) or "float32",
