@@ -15,7 +15,6 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -185,7 +184,7 @@ def main() -> None:
         first = learner(args.model, cfg, make())
         first.train(half(data[0], rank, world))
         staged = Path(strategy.broadcast_object(
-            ckpt.stage_checkpoint(tempfile.mkdtemp(prefix="ds-ckpt-"), 1) if rank == 0 else None))
+            ckpt.stage_checkpoint(Path(args.out).parent / "checkpoints", 1) if rank == 0 else None))
         shards = first.save_shards(staged)
         strategy.barrier()
         with first.full_weights():
@@ -212,7 +211,7 @@ def main() -> None:
     train(ln, batches(2, None), rank, world)
     results["lora"] = {"initial": initial, "weights": weights(ln)}
     if args.stage == 3:  # the adapter and the merged model, saved from the gathered weights
-        out_dir = Path(tempfile.mkdtemp(prefix="ds-lora-"))
+        out_dir = Path(args.out).parent / "lora"
         policy = ln.unwrapped_policy()
         with ln.full_weights(policy):
             if rank == 0:
