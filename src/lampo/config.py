@@ -76,7 +76,7 @@ class ModelConfig:
     bf16: bool = False
     """Mixed precision with bfloat16 autocast (fp32 master weights)."""
     fp16: bool = False
-    """Mixed precision with float16 autocast (GPU only)."""
+    """Mixed precision with float16 autocast and a loss scaler (GPU only; on a CPU use bf16)."""
     trust_remote_code: bool = False
     """Pass trust_remote_code to transformers when loading models."""
     attn_implementation: str | None = None

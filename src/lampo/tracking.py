@@ -95,6 +95,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "data/filtered_groups",
     "data/resample_rounds",
     "optim/skipped_steps",
+    "optim/scaler_skipped_steps",
+    "optim/loss_scale",
     "eval/scores",
     "eval/sequence_lengths",
     "eval/num_stop_token_ids",
@@ -141,8 +143,9 @@ class MetricWindow:
     """
 
     SUMMED = ("reward/retries", "reward/failed_requests", "data/skipped_rows", "data/cut_at_max_prompt_len",
-              "data/filtered_groups", "data/resample_rounds", "optim/skipped_steps")
-    LATEST = ("episode", "epoch", "lr", "objective/kl_coef", "time/from_scratch", "policy/version_lag")
+              "data/filtered_groups", "data/resample_rounds", "optim/skipped_steps", "optim/scaler_skipped_steps")
+    LATEST = ("episode", "epoch", "lr", "objective/kl_coef", "time/from_scratch", "policy/version_lag",
+              "optim/loss_scale")
 
     def __init__(self) -> None:
         self._rows: list[dict[str, float]] = []

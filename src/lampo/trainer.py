@@ -37,13 +37,14 @@ import torch
 
 from lampo import checkpoint as ckpt
 from lampo import perf, speed
-from lampo.config import LampoConfig
+from lampo.config import ConfigError, LampoConfig
 from lampo.data.formats import PromptRow
 from lampo.data.loading import load_prompt_dataset
+from lampo.distributed.strategy import Strategy
 from lampo.optimize import maths as M
 from lampo.optimize.advantages import compute_advantages
 from lampo.optimize.batch import TrainBatch, build_train_batch
-from lampo.optimize.learner import Learner, fw_is_finite
+from lampo.optimize.learner import Learner, check_fp16_device
 from lampo.optimize.models import (
     ValueModel,
     attn_implementation_for,
@@ -123,12 +124,16 @@ class PromptSampler:
 class Trainer:
     """Builds everything from a LampoConfig and runs the loop."""
 
-    def __init__(self, cfg: LampoConfig, raw_config: dict | None = None, accelerator=None):
+    def __init__(self, cfg: LampoConfig, raw_config: dict | None = None, strategy: Strategy | None = None):
         self.cfg = cfg
-        self.acc = accelerator
-        self.rank = accelerator.process_index if accelerator else 0
-        self.world = accelerator.num_processes if accelerator else 1
+        # The run's processes and how its gradients are made (lampo.distributed); all rank
+        # handling below goes through it.
+        self.strategy = strategy if strategy is not None else Strategy()
+        self.rank, self.world = self.strategy.rank, self.strategy.world
         self.is_main = self.rank == 0
+        # The single-process learner trains where the models load (CPU); accelerate and DeepSpeed
+        # move them to the GPU when there is one.
+        check_fp16_device(cfg, "cuda" if self.world > 1 and torch.cuda.is_available() else "cpu")
         self.num_steps = cfg.steps_for(self.world)
         self.stop_requested: str | None = None
         _seed_everything(cfg.train.seed + self.rank)
@@ -156,15 +161,15 @@ class Trainer:
         if cfg.data.ptx_dataset:
             ptx = load_ptx(cfg.data.ptx_dataset, self.tokenizer, cfg.data.max_prompt_len + cfg.generation.max_new_tokens)
         self.learner = Learner(cfg, policy, ref_model=ref_model, value_model=value_model,
-                               num_training_steps=self.num_steps,
-                               accelerator=accelerator if self.world > 1 else None, ptx=ptx,
+                               num_training_steps=self.num_steps, strategy=self.strategy, ptx=ptx,
                                keep_sampling_weights=cfg.train.async_mode)
         self._check_reward_vocab(policy)
-        # With bf16 the engine generates in bf16 too (faster rollouts); the learner keeps fp32
-        # master weights and recomputes every log-prob it trains on.
+        # With bf16 or fp16 the engine generates in that precision too (faster rollouts); the learner
+        # keeps fp32 master weights (under DeepSpeed, its optimiser does) and recomputes every
+        # log-prob it trains on.
         self.engine = make_engine(cfg.generation, cfg.model.model_name_or_path, self.tokenizer,
                                   max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed + self.rank,
-                                  dtype="bfloat16" if cfg.model.bf16 else "float32", speed=cfg.speed,
+                                  dtype=_half_dtype_name(cfg.model) or "float32", speed=cfg.speed,
                                   attn_implementation=attn_implementation_for(cfg.model.model_name_or_path,
                                                                                cfg.model))
         self.start_step, self.policy_version, self.pending = 0, 0, None
@@ -173,8 +178,8 @@ class Trainer:
             self.sync()
         self.engine_version = self.policy_version
         # Utilisation is reported against `peak_flops`, or the measured matmul peak of the model's device.
-        self.peak_flops = cfg.speed.peak_flops or machine_peak(torch.bfloat16 if cfg.model.bf16 else torch.float32,
-                                                               device=next(policy.parameters()).device)
+        self.peak_flops = cfg.speed.peak_flops or machine_peak(getattr(torch, _half_dtype_name(cfg.model) or "float32"),
+                                                               device=next(self.learner.policy.parameters()).device)
         self.tracker = Tracker(cfg, cfg.to_dict(), self.num_steps, is_main_process=self.is_main,
                                resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
@@ -215,11 +220,22 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         states, trainer_state = ckpt.load_checkpoint(path, weights_only=False)
+        saved_world = trainer_state.get("processes")  # absent: saved before it was recorded
+        if saved_world is not None and saved_world != self.world:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was saved by {saved_world} process(es) and this run has {self.world}: each "
+                f"rank resumes its own data, sampling and optimiser state. Resume with {saved_world} processes"
+            )
         self.learner.load_state_dict(states["learner"])
-        ckpt.set_rng_state(states["rng"])
+        self.learner.load_shards(path)
+        own = states
+        if saved_world is not None and saved_world > 1:  # each rank's own RNG state and pending batch
+            own = torch.load(ckpt.shard_path(path, RANK_STATES) / f"{self.rank}.pt", map_location="cpu",
+                             weights_only=False)
+        ckpt.set_rng_state(own["rng"])
         self.start_step = int(trainer_state["step"])
         self.policy_version = int(trainer_state["policy_version"])
-        pending = states.get("pending") or {}
+        pending = own.get("pending") or {}
         if pending.get("produced") is not None:
             self.pending = pending["produced"]
 
@@ -418,7 +434,7 @@ class Trainer:
         timer = PhaseTimer()
         with timer("forward"):  # 3. old log-probs, reference log-probs, values
             fw = self.learner.forward(batch)
-        if not fw_is_finite(fw):
+        if not self.learner.forward_is_finite(fw):
             return self.learner.skip_step("old or reference log-probs are not finite (the weights may hold NaN)",
                                           timer.times)
         with timer("advantages"):  # 4. rewards with KL, then GAE or a group estimator
@@ -457,7 +473,9 @@ class Trainer:
     # ------------------------------------------------------------------ phase 6: weight sync
     def sync(self) -> None:
         policy = self.learner.unwrapped_policy()
-        self.engine.update_weights(engine_weights(policy))
+        # Every rank feeds its own engine; under ZeRO-3 every rank gathers the whole policy for it.
+        with self.learner.full_weights(policy):
+            self.engine.update_weights(engine_weights(policy))
         self.engine_version = self.policy_version
 
     # ------------------------------------------------------------------ metrics
@@ -482,8 +500,10 @@ class Trainer:
             metrics["objective/verifiable_correct_rate"] = _correct_rate(produced.scores)
         return metrics
 
-    SUMMED = ("val/num_stop_token_ids", *MetricWindow.SUMMED)
-    """Metrics summed over the ranks (counts of the whole step); the rest are averaged."""
+    SUMMED = ("val/num_stop_token_ids", *(k for k in MetricWindow.SUMMED if k != "optim/skipped_steps"))
+    """Metrics summed over the ranks (counts of the whole step); the rest are averaged. Not
+    optim/skipped_steps: a minibatch is skipped on every rank or on none, so each rank counts the
+    same skips and their mean is the count."""
 
     def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
         """Across ranks: counts are summed, everything else averaged (episode/epoch are already global)."""
@@ -491,8 +511,8 @@ class Trainer:
             return stats
         keys = sorted(stats)
         t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
-        mean = self.acc.reduce(t.clone(), reduction="mean")
-        total = self.acc.reduce(t.clone(), reduction="sum")
+        mean = self.strategy.reduce(t, "mean")
+        total = self.strategy.reduce(t, "sum")
         return {k: float(total[i] if k in self.SUMMED else mean[i]) for i, k in enumerate(keys)}
 
     def _samples(self, produced: Produced, n: int = 3) -> list[dict]:
@@ -545,40 +565,54 @@ class Trainer:
         produced = None
         if pending is not None and pending.done() and pending.exception() is None:
             produced = pending.result()
+        out = self.cfg.train.output_dir
+        # Rank 0 stages the temporary directory; every rank writes what only it holds (ZeRO's
+        # optimiser partitions, its RNG state and pending batch); then rank 0 adds the models
+        # and the shared state and renames it into place (checkpoint.py: atomic).
+        staged = self.strategy.broadcast_object(ckpt.stage_checkpoint(out, step) if self.is_main else None)
+        shards = self.learner.save_shards(staged)
+        if self.world > 1:
+            (staged / RANK_STATES).mkdir(exist_ok=True)
+            torch.save({"rng": ckpt.rng_state(), "pending": {"produced": produced}},
+                       staged / RANK_STATES / f"{self.rank}.pt")
+            shards.append(RANK_STATES)
+        self.strategy.barrier()
         path = None
-        if self.is_main:
-            models = {"policy": self.learner.unwrapped_policy()}
-            if self.learner.value_model is not None:
-                models["value_model"] = self.learner.unwrapped(self.learner.value_model)
-            epoch, position = self.sampler.position(step)
-            path = ckpt.save_checkpoint(
-                self.cfg.train.output_dir, step,
-                models=models,
-                states={"learner": self.learner.state_dict(), "rng": ckpt.rng_state(),
-                        "pending": {"produced": produced}},
-                trainer_state={"step": step, "policy_version": self.policy_version,
-                               "episode": step * self.cfg.rollout_batch_size * self.world,
-                               "data_pass": epoch, "data_position": position, "seed": self.cfg.train.seed},
-                save_total_limit=self.cfg.train.save_total_limit,
-            )
-        if self.acc is not None and self.world > 1:
-            self.acc.wait_for_everyone()
+        with self.learner.full_weights():  # ZeRO-3: gathered on every rank, saved by rank 0
+            if self.is_main:
+                models = {"policy": self.learner.unwrapped_policy()}
+                if self.learner.value_model is not None:
+                    models["value_model"] = self.learner.unwrapped_value_model()
+                epoch, position = self.sampler.position(step)
+                path = ckpt.save_checkpoint(
+                    out, step,
+                    models=models,
+                    states={"learner": self.learner.state_dict(), "rng": ckpt.rng_state(),
+                            "pending": {"produced": produced}},
+                    trainer_state={"step": step, "policy_version": self.policy_version,
+                                   "episode": step * self.cfg.rollout_batch_size * self.world,
+                                   "data_pass": epoch, "data_position": position, "seed": self.cfg.train.seed,
+                                   "processes": self.world},
+                    save_total_limit=self.cfg.train.save_total_limit,
+                    staged=staged, shards=shards,
+                )
+        self.strategy.barrier()
         return path
 
     def save_final(self) -> None:
         """The final policy in output_dir (full model, or the adapter and optionally merged weights)."""
-        if self.acc is not None and self.world > 1:
-            self.acc.wait_for_everyone()
-        if not self.is_main:
-            return
+        self.strategy.barrier()
         out = Path(self.cfg.train.output_dir)
         policy = self.learner.unwrapped_policy()
-        policy.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        if is_peft_model(policy) and self.cfg.train.save_merged:
-            merged = copy.deepcopy(policy).merge_and_unload()
-            merged.save_pretrained(out / "merged")
-            self.tokenizer.save_pretrained(out / "merged")
+        with self.learner.full_weights(policy):  # ZeRO-3: gathered on every rank, saved by rank 0
+            if self.is_main:
+                policy.save_pretrained(out)
+                self.tokenizer.save_pretrained(out)
+                if is_peft_model(policy) and self.cfg.train.save_merged:
+                    merged = copy.deepcopy(policy).merge_and_unload()
+                    merged.save_pretrained(out / "merged")
+                    self.tokenizer.save_pretrained(out / "merged")
+        self.strategy.barrier()
         self.tracker.print(f"final model saved in {out}")
 
     # ------------------------------------------------------------------ signals
@@ -608,6 +642,14 @@ class RewardFailure(RuntimeError):
 
 class NothingToTrain(RuntimeError):
     """A whole pass over the dataset gave no conversation to train on."""
+
+
+RANK_STATES = "ranks"
+"""Checkpoint entry with each rank's own RNG state and pending batch (`<rank>.pt`), with several processes."""
+
+
+def _half_dtype_name(model_cfg) -> str | None:
+    return "bfloat16" if model_cfg.bf16 else "float16" if model_cfg.fp16 else None
 
 
 def _no_peft(model_cfg):
@@ -649,27 +691,26 @@ def run(cfg: LampoConfig, raw_config: dict | None = None) -> int:
     """Entry point shared by `python -m lampo.ppo_vllm` and `lampo train`."""
     logging.basicConfig(level=os.environ.get("LAMPO_LOG_LEVEL", "INFO"), format="%(message)s")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs every weight reload at INFO
-    accelerator = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import Accelerator
+    from lampo.distributed.launch import strategy_from_environment
 
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # single process, DDP through accelerate, or DeepSpeed: from what the launcher set
     try:
-        return _train(cfg, raw_config, accelerator)
+        strategy = strategy_from_environment()
+    except ConfigError as exc:
+        print(f"lampo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _train(cfg, raw_config, strategy)
     finally:
-        if accelerator is not None:
-            # Destroy the process group before the interpreter exits: left to shutdown, gloo's
-            # threads can abort a finished run with SIGABRT ("terminate called without an active
-            # exception").
-            accelerator.end_training()
+        strategy.close()  # destroys the process group before the interpreter exits
 
 
-def _train(cfg: LampoConfig, raw_config: dict | None, accelerator) -> int:
+def _train(cfg: LampoConfig, raw_config: dict | None, strategy: Strategy) -> int:
     from lampo.reward import RewardUnavailable
 
     try:
-        trainer = Trainer(cfg, raw_config, accelerator)
-    except RewardUnavailable as exc:
+        trainer = Trainer(cfg, raw_config, strategy)
+    except (ConfigError, RewardUnavailable) as exc:  # fp16 on a CPU, a DeepSpeed JSON at odds with the config
         print(f"lampo: {exc}", file=sys.stderr)
         return 2
     try:

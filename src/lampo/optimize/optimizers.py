@@ -9,13 +9,15 @@ import torch
 from torch import nn
 
 
-def make_optimizer(param_groups: list[dict], lr: float, weight_decay: float, eps: float, schedule: str,
-                   warmup_ratio: float, total_steps: int):
-    """AdamW over `param_groups` (each may carry its own "lr") and its LambdaLR schedule."""
+def make_optimizer(param_groups: list[dict], lr: float, weight_decay: float, eps: float) -> torch.optim.AdamW:
+    """AdamW over `param_groups` (each may carry its own "lr")."""
     # fused AdamW is a single kernel per step on CPU and GPU (torch >= 2.4)
-    optimizer = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, eps=eps, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(schedule, warmup_ratio, total_steps))
-    return optimizer, scheduler
+    return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, eps=eps, fused=True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_ratio: float, total_steps: int):
+    """The LambdaLR schedule of `optimizer`: one factor for every parameter group (each keeps its own rate)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(schedule, warmup_ratio, total_steps))
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
