@@ -35,9 +35,6 @@ REWARD_TOKEN_ENV = "LAMPO_REWARD_TOKEN"
 GSPO_CLIP = (3e-4, 4e-4)
 """GSPO's clip range of its sequence ratio (Zheng et al. 2025, section 5.1): a length-normalised
 ratio moves far less than a token's, so the range is tiny."""
-CISPO_CLIP_HIGH = 4.0
-"""CISPO's default bound on its importance weight (1 + 4 = 5): a wide one, so that rarely any token
-is down-weighted; MiniMax-M1 tunes it and sets no lower bound."""
 
 
 class ConfigError(ValueError):
@@ -222,9 +219,9 @@ class OptimConfig:
     cliprange: float = 0.2
     """PPO ratio clip epsilon."""
     cliprange_low: float | None = None
-    """Lower clip epsilon (ratio floor 1 - eps); null: `cliprange` for ppo, 3e-4 for gspo, no floor for cispo."""
+    """Lower clip epsilon (ratio floor 1 - eps); null: `cliprange`, 3e-4 for gspo, and no floor for cispo (MiniMax-M1 sets none)."""
     cliprange_high: float | None = None
-    """Upper clip epsilon (ratio ceiling 1 + eps; DAPO's clip-higher sets it above the lower one); null: `cliprange` for ppo, 4e-4 for gspo, 4.0 for cispo."""
+    """Upper clip epsilon (ratio ceiling 1 + eps; DAPO's clip-higher sets it above the lower one, e.g. 0.28); null: `cliprange`, or 4e-4 for gspo."""
     dual_clip: float | None = None
     """Dual-clip constant c > 1 for negative advantages (Ye et al. 2020); null disables it."""
     cliprange_value: float = 0.2
@@ -409,7 +406,7 @@ class LampoConfig:
         p = self.optim
         if p.cliprange_high is not None:
             return p.cliprange_high
-        return {"ppo": p.cliprange, "gspo": GSPO_CLIP[1], "cispo": CISPO_CLIP_HIGH}[p.policy_loss]
+        return GSPO_CLIP[1] if p.policy_loss == "gspo" else p.cliprange
 
     @property
     def rollout_batch_size(self) -> int:

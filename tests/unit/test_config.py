@@ -86,7 +86,7 @@ def test_the_2026_algorithm_keys_are_validated_naming_the_key():
     assert (LampoConfig(cliprange_high=0.28).clip_low, LampoConfig(cliprange_high=0.28).clip_high) == (0.2, 0.28)
     assert (LampoConfig(policy_loss="gspo").clip_low, LampoConfig(policy_loss="gspo").clip_high) == (3e-4, 4e-4)
     assert LampoConfig(policy_loss="gspo").loss_aggregation == "seq-mean-token-mean"
-    assert (LampoConfig(policy_loss="cispo").clip_low, LampoConfig(policy_loss="cispo").clip_high) == (None, 4.0)
+    assert (LampoConfig(policy_loss="cispo").clip_low, LampoConfig(policy_loss="cispo").clip_high) == (None, 0.2)
 
 
 def test_override_parsing_errors_and_values():
