@@ -432,6 +432,9 @@ class Learner:
     def unwrapped_policy(self) -> nn.Module:
         return self.unwrapped(self.policy)
 
+    def unwrapped_value_model(self) -> nn.Module | None:
+        return self.unwrapped(self.value_model)
+
     def full_weights(self, *models: nn.Module):
         """Context in which `models` (default: every trained model) hold all their parameters.
 
