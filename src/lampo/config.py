@@ -323,6 +323,38 @@ class SpeedConfig:
     """FLOP/s that perf/mfu is measured against (e.g. a GPU's data-sheet figure); null measures the matmul peak of the model's device once at start (LAMPO_PEAK_FLOPS also sets it)."""
 
 
+@dataclass
+class RayConfig:
+    """`python -m lampo.ppo_ray`: rollout workers and a learner group as Ray actors (docs/ray.md); other entry points ignore it."""
+
+    address: str | None = None
+    """Ray cluster to join (`auto`: the one `ray start` made on this node); null starts a local cluster bound to loopback."""
+    num_engines: int = 1
+    """Rollout workers, each a Ray actor holding one vLLM (or hf) engine."""
+    engine_tensor_parallel_size: int = 1
+    """GPUs of each rollout worker's engine (vLLM tensor parallel); 1 on CPU."""
+    num_learners: int = 1
+    """Learner actors, one torch.distributed group (gloo on CPU, NCCL on GPU); each trains batch_size prompts a step."""
+    learner_backend: Literal["ddp", "deepspeed"] = "ddp"
+    """How the learner group shares the work: data parallel, or DeepSpeed ZeRO (deepspeed_config)."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON for learner_backend: deepspeed (null: ZeRO stage 2 with Lampo's optimiser settings)."""
+    colocate: bool = False
+    """Engines and learners share devices (engine i with learner i; on GPU vLLM sleeps while the learners train); needs max_staleness 0."""
+    max_staleness: int = 1
+    """Policy updates a batch may lag behind the update that trains it: 0 is on-policy, 1 rolls out the next batch while one trains."""
+    chunks_per_engine: int = 2
+    """Parts each engine's share of a batch goes out in; each part's conversations go to the reward model as soon as it is done."""
+    weight_sync_timeout: float = 600.0
+    """Seconds an engine may take to load new weights before the run stops with an error naming it."""
+    engine_max_restarts: int = 3
+    """Times Ray restarts a rollout worker that died (it is then re-synced and its prompts re-queued)."""
+    dashboard: bool = False
+    """Start Ray's dashboard with a local cluster (off: it serves an unauthenticated API, see docs/ray.md)."""
+    local_num_cpus: int | None = None
+    """CPUs a local cluster declares (null: this machine's, and at least one per actor)."""
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -331,6 +363,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "speed": SpeedConfig,
+    "ray": RayConfig,
 }
 
 
@@ -350,6 +383,7 @@ class LampoConfig:
     optim: OptimConfig
     train: TrainConfig
     speed: SpeedConfig
+    ray: RayConfig
 
     def __init__(self, values: dict[str, Any] | None = None, **flat: Any) -> None:
         merged: dict[str, Any] = dict(values or {})
@@ -555,6 +589,7 @@ class LampoConfig:
         _check(t.eval_batches >= 1, "eval_batches", t.eval_batches, "must be >= 1")
         _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit", t.save_total_limit,
                "must be >= 1 or null")
+        self._validate_ray()
         for tracker in t.report_to:
             _check(tracker in ("tensorboard", "wandb"), "report_to", t.report_to,
                    "may only contain 'tensorboard' and 'wandb'")
@@ -563,6 +598,24 @@ class LampoConfig:
     def num_steps(self) -> int:
         """Derived: training steps of the run (from total_episodes when set, else max_steps), one process."""
         return self.steps_for(world=1)
+
+    def _validate_ray(self) -> None:
+        y = self.ray
+        for key in ("num_engines", "engine_tensor_parallel_size", "num_learners", "chunks_per_engine"):
+            _check(getattr(y, key) >= 1, key, getattr(y, key), "must be >= 1")
+        _check(y.max_staleness >= 0, "max_staleness", y.max_staleness, "must be >= 0 (0: on-policy)")
+        _check(y.weight_sync_timeout > 0, "weight_sync_timeout", y.weight_sync_timeout, "must be > 0 (seconds)")
+        _check(y.engine_max_restarts >= 0, "engine_max_restarts", y.engine_max_restarts, "must be >= 0")
+        _check(y.local_num_cpus is None or y.local_num_cpus >= 1, "local_num_cpus", y.local_num_cpus,
+               "must be >= 1 or null")
+        _check(y.deepspeed_config is None or y.learner_backend == "deepspeed", "deepspeed_config",
+               y.deepspeed_config, "is read only with learner_backend: deepspeed")
+        if y.colocate:
+            _check(y.max_staleness == 0, "colocate", y.colocate, "shares the devices between rollout and training, "
+                   "so they cannot overlap: set max_staleness: 0, or colocate: false")
+            _check(y.num_engines == y.num_learners and y.engine_tensor_parallel_size == 1, "colocate", y.colocate,
+                   f"places engine i with learner i: needs num_engines = num_learners (now {y.num_engines} and "
+                   f"{y.num_learners}) and engine_tensor_parallel_size 1")
 
     def steps_for(self, world: int) -> int:
         """Training steps with `world` data-parallel processes: total_episodes counts conversations

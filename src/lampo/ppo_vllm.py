@@ -7,15 +7,16 @@ the Trainer (rollout with vLLM or transformers, reward server, PPO/GRPO optimisa
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from lampo.config import ConfigError, load_config, read_yaml
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m lampo.ppo_vllm", runner: str = "lampo.trainer") -> int:
+    """Parse the command line, load the config and hand it to `runner`'s `run(cfg, raw)`."""
     parser = argparse.ArgumentParser(
-        prog="python -m lampo.ppo_vllm",
-        description="Train a policy with PPO/GRPO. Any config key can follow as --key value.",
+        prog=prog, description="Train a policy with PPO/GRPO. Any config key can follow as --key value.",
     )
     parser.add_argument("--config", help="YAML config file (see docs/config.md)")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -25,9 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lampo: {exc}", file=sys.stderr)
         return 2
     raw = read_yaml(args.config) if args.config else {}
-    from lampo.trainer import run
-
-    return run(cfg, raw or {})
+    return importlib.import_module(runner).run(cfg, raw or {})
 
 
 if __name__ == "__main__":

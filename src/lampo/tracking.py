@@ -78,6 +78,10 @@ METRIC_NAMES: tuple[str, ...] = (
     "time/training",
     "time/rollout",
     "time/reward",
+    "data/regenerated_groups",
+    "ray/engine_restarts",
+    "ray/requeued_chunks",
+    "ray/live_engines",
     "time/forward",
     "time/advantages",
     "time/optimize",
@@ -143,9 +147,10 @@ class MetricWindow:
     """
 
     SUMMED = ("reward/retries", "reward/failed_requests", "data/skipped_rows", "data/cut_at_max_prompt_len",
-              "data/filtered_groups", "data/resample_rounds", "optim/skipped_steps", "optim/scaler_skipped_steps")
+              "data/filtered_groups", "data/resample_rounds", "data/regenerated_groups", "optim/skipped_steps",
+              "optim/scaler_skipped_steps")
     LATEST = ("episode", "epoch", "lr", "objective/kl_coef", "time/from_scratch", "policy/version_lag",
-              "optim/loss_scale")
+              "optim/loss_scale", "ray/engine_restarts", "ray/requeued_chunks", "ray/live_engines")
 
     def __init__(self) -> None:
         self._rows: list[dict[str, float]] = []

@@ -19,6 +19,7 @@ by exactly one policy version, which it records.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -42,7 +43,6 @@ from lampo.data.formats import PromptRow
 from lampo.data.loading import load_prompt_dataset
 from lampo.distributed.strategy import Strategy
 from lampo.optimize import maths as M
-from lampo.optimize.advantages import compute_advantages
 from lampo.optimize.batch import TrainBatch, build_train_batch
 from lampo.optimize.learner import Learner, check_fp16_device
 from lampo.optimize.models import (
@@ -66,9 +66,16 @@ log = logging.getLogger("lampo")
 SEED_STRIDE, RANK_STRIDE, ROUND_STRIDE, SEED_MODULUS = 1_000_003, 10_007, 100_003, 2**31 - 1
 """How a run's seed, a rank, a step number and a refill round mix into a sampling seed (`Trainer._sampling_seed`)."""
 
+REGENERATED_ROUND = 1_000
+"""The sampling round of groups rolled out again because they were too stale (above any refill round)."""
+
 
 class RunStopped(RuntimeError):
     """The run stopped early (reward server gone, signal); a checkpoint was saved."""
+
+
+class WorkerLost(RuntimeError):
+    """A process the run cannot continue without (a learner) died."""
 
 
 @dataclass
@@ -125,54 +132,22 @@ class Trainer:
     """Builds everything from a LampoConfig and runs the loop."""
 
     def __init__(self, cfg: LampoConfig, raw_config: dict | None = None, strategy: Strategy | None = None):
-        self.cfg = cfg
         # The run's processes and how its gradients are made (lampo.distributed); all rank
         # handling below goes through it.
-        self.strategy = strategy if strategy is not None else Strategy()
-        self.rank, self.world = self.strategy.rank, self.strategy.world
-        self.is_main = self.rank == 0
+        strategy = strategy if strategy is not None else Strategy()
+        self._set_up_run(cfg, raw_config, strategy, strategy.world, cfg.optim.batch_size, strategy.world)
         # The single-process learner trains where the models load (CPU); accelerate and DeepSpeed
         # move them to the GPU when there is one.
         check_fp16_device(cfg, "cuda" if self.world > 1 and torch.cuda.is_available() else "cpu")
-        self.num_steps = cfg.steps_for(self.world)
-        self.stop_requested: str | None = None
-        _seed_everything(cfg.train.seed + self.rank)
-        speed.apply_machine_settings(cfg.speed)
-
-        # The reward server must answer before minutes go into loading models.
-        from lampo.reward import make_scorer
-
-        self.scorer = make_scorer(cfg.reward, raw_config if raw_config is not None else cfg.to_dict())
-        self.scorer.check_available()
-
-        from transformers import AutoTokenizer
-
-        tok_path = cfg.model.tokenizer_name_or_path or cfg.model.model_name_or_path
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.model.trust_remote_code)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        splits = load_prompt_dataset(cfg.data, seed=cfg.train.seed)
-        self.test_rows = splits.get("test", [])
-        self.sampler = PromptSampler(splits["train"], cfg.optim.batch_size, cfg.train.seed, self.rank, self.world)
-
-        self.resume_from = ckpt.resolve_checkpoint(cfg.train.output_dir, cfg.train.resume_from_checkpoint)
-        policy, value_model, ref_model = self._load_models(self.resume_from)
+        policy, value_model, ref_model = load_models(cfg, self.resume_from)
         ptx = None
         if cfg.data.ptx_dataset:
             ptx = load_ptx(cfg.data.ptx_dataset, self.tokenizer, cfg.data.max_prompt_len + cfg.generation.max_new_tokens)
         self.learner = Learner(cfg, policy, ref_model=ref_model, value_model=value_model,
                                num_training_steps=self.num_steps, strategy=self.strategy, ptx=ptx,
-                               keep_sampling_weights=cfg.train.async_mode)
+                               keep_sampling_weights=self.max_staleness > 0)
         self._check_reward_vocab(policy)
-        # With bf16 or fp16 the engine generates in that precision too (faster rollouts); the learner
-        # keeps fp32 master weights (under DeepSpeed, its optimiser does) and recomputes every
-        # log-prob it trains on.
-        self.engine = make_engine(cfg.generation, cfg.model.model_name_or_path, self.tokenizer,
-                                  max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed + self.rank,
-                                  dtype=_half_dtype_name(cfg.model) or "float32", speed=cfg.speed,
-                                  attn_implementation=attn_implementation_for(cfg.model.model_name_or_path,
-                                                                               cfg.model))
-        self.start_step, self.policy_version, self.pending = 0, 0, None
+        self.engine = build_engine(cfg, self.tokenizer, seed=cfg.train.seed + self.rank)
         if self.resume_from is not None:
             self._restore(self.resume_from)
             self.sync()
@@ -180,36 +155,50 @@ class Trainer:
         # Utilisation is reported against `peak_flops`, or the measured matmul peak of the model's device.
         self.peak_flops = cfg.speed.peak_flops or machine_peak(getattr(torch, _half_dtype_name(cfg.model) or "float32"),
                                                                device=next(self.learner.policy.parameters()).device)
-        self.tracker = Tracker(cfg, cfg.to_dict(), self.num_steps, is_main_process=self.is_main,
+        self._start_tracking()
+
+    def _set_up_run(self, cfg: LampoConfig, raw_config: dict | None, strategy: Strategy, world: int,
+                    rows_per_step: int, sampler_world: int) -> None:
+        """What every trainer needs before its learner and engines: seeds, the reward scorer, the
+        tokenizer, the data order and the checkpoint to resume from. `world`: the data-parallel
+        learners; `rows_per_step`: the prompts this process rolls out per step, out of
+        `rows_per_step * sampler_world` for the whole step."""
+        self.cfg = cfg
+        self.strategy = strategy
+        self.rank, self.world = strategy.rank, world
+        self.is_main = self.rank == 0
+        self.num_steps = cfg.steps_for(self.world)
+        self.stop_requested: str | None = None
+        _seed_everything(cfg.train.seed + self.rank)
+        speed.apply_machine_settings(cfg.speed)
+        # At most this many policy updates between the weights that sampled a batch and the update
+        # that trains on it: one in asynchronous mode, where batch k+1 is sampled while batch k trains.
+        self.max_staleness = 1 if cfg.train.async_mode else 0
+        # The in-process engine samples and takes weights in this process: a sync waits until no
+        # rollout is running, so each batch comes from exactly one policy version.
+        self.sync_waits_for_rollouts = True
+
+        # The reward server must answer before minutes go into loading models.
+        from lampo.reward import make_scorer
+
+        self.scorer = make_scorer(cfg.reward, raw_config if raw_config is not None else cfg.to_dict())
+        self.scorer.check_available()
+        self.tokenizer = load_tokenizer(cfg)
+        splits = load_prompt_dataset(cfg.data, seed=cfg.train.seed)
+        self.test_rows = splits.get("test", [])
+        self.sampler = PromptSampler(splits["train"], rows_per_step, cfg.train.seed, self.rank, sampler_world)
+        self.resume_from = ckpt.resolve_checkpoint(cfg.train.output_dir, cfg.train.resume_from_checkpoint)
+        self.start_step, self.policy_version = 0, 0
+        self.pending: list[Produced] = []
+        """Batches already rolled out for the steps after `start_step`, from a checkpoint."""
+
+    def _start_tracking(self) -> None:
+        self.tracker = Tracker(self.cfg, self.cfg.to_dict(), self.num_steps, is_main_process=self.is_main,
                                resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
             self.tracker.print(f"resumed from {self.resume_from} at step {self.start_step}")
 
     # ------------------------------------------------------------------ models
-    def _load_models(self, resume: Path | None):
-        cfg = self.cfg
-        if resume is None:
-            return load_policy(cfg.model), None, None
-        policy_dir = ckpt.model_path(resume, "policy")
-        if cfg.model.use_peft:
-            from peft import PeftModel
-
-            from lampo.optimize.models import prepare_policy
-
-            base = load_policy(_no_peft(cfg.model))
-            policy = PeftModel.from_pretrained(base, policy_dir, is_trainable=True)
-            policy = prepare_policy(policy, cfg.model)
-        else:
-            policy = load_policy(cfg.model, path=str(policy_dir))
-        value = None
-        if cfg.uses_critic and cfg.model.value_model == "separate":
-            value_dir = ckpt.model_path(resume, "value_model")
-            value = ValueModel.from_pretrained(value_dir, attn_implementation=attn_implementation_for(value_dir, cfg.model))
-        # The reference is the model the run started from, not the checkpoint's policy. With LoRA
-        # it is the base with the adapter disabled, which the checkpoint never changed.
-        ref = None if cfg.model.use_peft else load_policy(_no_peft(cfg.model))
-        return policy, value, ref
-
     def _check_reward_vocab(self, policy) -> None:
         """An in-process Hugging Face reward model must share the policy's vocabulary (open-instruct)."""
         from transformers import PreTrainedModel
@@ -220,24 +209,32 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         states, trainer_state = ckpt.load_checkpoint(path, weights_only=False)
-        saved_world = trainer_state.get("processes")  # absent: saved before it was recorded
-        if saved_world is not None and saved_world != self.world:
-            raise ckpt.CheckpointError(
-                f"checkpoint {path} was saved by {saved_world} process(es) and this run has {self.world}: each "
-                f"rank resumes its own data, sampling and optimiser state. Resume with {saved_world} processes"
-            )
+        saved_world = self._check_saved_world(path, trainer_state)
         self.learner.load_state_dict(states["learner"])
         self.learner.load_shards(path)
         own = states
-        if saved_world is not None and saved_world > 1:  # each rank's own RNG state and pending batch
+        if saved_world > 1:  # each rank's own RNG state and pending batch
             own = torch.load(ckpt.shard_path(path, RANK_STATES) / f"{self.rank}.pt", map_location="cpu",
                              weights_only=False)
+        self._restore_progress(trainer_state, own)
+
+    def _check_saved_world(self, path: Path, trainer_state: dict) -> int:
+        saved_world = trainer_state.get("processes", 1)  # absent: saved before it was recorded
+        if saved_world != self.world:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was saved by {saved_world} learner process(es) and this run has {self.world}: "
+                f"each rank resumes its own data, sampling and optimiser state. Resume with {saved_world}"
+            )
+        return saved_world
+
+    def _restore_progress(self, trainer_state: dict, own: dict) -> None:
+        """The step, the policy version, this process's RNG and the batches rolled out ahead."""
         ckpt.set_rng_state(own["rng"])
         self.start_step = int(trainer_state["step"])
         self.policy_version = int(trainer_state["policy_version"])
         pending = own.get("pending") or {}
         if pending.get("produced") is not None:
-            self.pending = pending["produced"]
+            self.pending = [pending["produced"], *pending.get("queue", [])]
 
     # ------------------------------------------------------------------ phases 1-2: the actor
     def produce(self, step: int, rows: list[PromptRow] | None = None) -> Produced:
@@ -260,7 +257,7 @@ class Trainer:
         """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): keep the groups whose samples did not
         all score the same (the others have zero advantage: no signal), and refill the batch from
         further prompts, at most `dynamic_sampling_max_rounds` extra rollout rounds."""
-        G, want = self.cfg.generation.num_generations, self.cfg.optim.batch_size
+        G, want = self.cfg.generation.num_generations, self.sampler.per_step
         rounds, filtered, have = [first], 0, 0
         kept: list[Produced] = []
         while True:
@@ -300,12 +297,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
         cfg = self.cfg
-        async_mode = cfg.train.async_mode
         start = time.perf_counter()
-        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lampo-actor")
-        pending: concurrent.futures.Future | None = None
-        if self.pending is not None:
-            pending = _done_future(self.pending)
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.max_staleness),
+                                                         thread_name_prefix="lampo-actor")
+        # step -> its rollout and rewards, under way or done (batches rolled out ahead of their step)
+        inflight: dict[int, concurrent.futures.Future] = {
+            self.start_step + i: _done_future(p) for i, p in enumerate(self.pending)}
         last_stats: dict[str, float] = {}
         window = MetricWindow()  # the steps since the last logged one (`logging_steps`)
         self.empty_steps = 0
@@ -314,13 +311,15 @@ class Trainer:
         try:
             while step < self.num_steps:
                 t_step = time.perf_counter()
-                # 1-2. rollout and reward (already under way in async mode)
-                if pending is None:
-                    pending = _done_future_or_error(lambda s=step: self.produce(s))
-                produced = self._result(pending, step)
-                pending = None
-                if async_mode and step + 1 < self.num_steps:
-                    pending = executor.submit(self.produce, step + 1)
+                # 1-2. rollout and reward (already under way when batches are rolled out ahead)
+                future = inflight.pop(step, None)
+                if future is None:
+                    future = _done_future_or_error(lambda s=step: self.produce(s))
+                produced = self._within_staleness(self._result(future, step))
+                # the next steps' batches start now, with the weights the engines hold
+                for ahead in range(step + 1, min(step + self.max_staleness, self.num_steps - 1) + 1):
+                    if ahead not in inflight:
+                        inflight[ahead] = self.submit_produce(ahead, executor)
 
                 # 3-5. forward, advantages, optimise
                 train_batch = self.to_train_batch(produced)
@@ -333,9 +332,9 @@ class Trainer:
                     stats = self.learn(train_batch)
                 self.policy_version += 1
 
-                # 6. weight sync, once the actor is idle (it generates with one version only)
-                if pending is not None:
-                    concurrent.futures.wait([pending])
+                # 6. weight sync (in-process: once the engine is idle, so a batch has one version)
+                if self.sync_waits_for_rollouts:
+                    concurrent.futures.wait(list(inflight.values()))
                 timer = PhaseTimer()
                 with timer("weight_sync"):
                     self.sync()
@@ -344,8 +343,7 @@ class Trainer:
                 # 7. log, evaluate, checkpoint
                 step += 1
                 stats.update(self._step_metrics(produced, train_batch, step, time.perf_counter() - t_step, start))
-                flops = perf.learner_step_flops(self.learner, train_batch, self.engine.prompt_cache_block)
-                stats.update(perf.step_mfu(stats, flops, self.peak_flops))
+                stats.update(perf.step_mfu(stats, self.step_flops(train_batch), self.peak_flops))
                 stats = self._reduce(stats)
                 last_stats = stats
                 stop = self._early_stop(stats)
@@ -361,18 +359,20 @@ class Trainer:
                 if self.stop_requested:
                     self.tracker.print(f"{self.stop_requested} received: saving a checkpoint after step {step}")
                 if cfg.train.save_step and step % cfg.train.save_step == 0 or self.stop_requested:
-                    self.save_checkpoint(step, pending)
+                    self.save_checkpoint(step, inflight)
                 if self.stop_requested:
                     raise RunStopped(self._stopped_message(step))
                 if stop:
                     self.tracker.print(f"early stop at step {step}: {stop}")
                     break
             self.save_final()
-        except RewardFailure as exc:
+        except (RewardFailure, WorkerLost) as exc:
             unlogged = window.reduce()
             if unlogged:  # the trained steps since the last logged one
                 self.tracker.log(step, unlogged)
-            self.save_checkpoint(step, None)
+            if isinstance(exc, WorkerLost):
+                raise RunStopped(self._worker_lost(exc, step)) from exc
+            self.save_checkpoint(step, {})
             if self.stop_requested:  # the stop cancelled this reward phase: nothing was trained on it
                 raise RunStopped(self._stopped_message(step)) from None
             raise RunStopped(
@@ -384,6 +384,40 @@ class Trainer:
             executor.shutdown(wait=True, cancel_futures=True)
             self.tracker.close()
         return last_stats
+
+    def submit_produce(self, step: int, executor: concurrent.futures.Executor) -> concurrent.futures.Future:
+        """Start the rollout and rewards of `step` ahead of it (asynchronous mode)."""
+        return executor.submit(self.produce, step)
+
+    def _within_staleness(self, produced: Produced) -> Produced:
+        """The batch with every group sampled more than `max_staleness` policy versions ago rolled out
+        again with the current weights: stale data is regenerated, never trained on. Happens when a
+        run resumes with a lower bound than the checkpoint's batches were sampled under."""
+        b, G = produced.batch, self.cfg.generation.num_generations
+        if not len(b):
+            return produced
+        oldest_allowed = self.policy_version - self.max_staleness
+        stale_groups = (b.version_per_row().view(-1, G)[:, 0] < oldest_allowed).tolist()
+        if not any(stale_groups):
+            return produced
+        keep = [g * G + j for g, stale in enumerate(stale_groups) if not stale for j in range(G)]
+        by_index = {row.index: row for row in self.sampler.rows}
+        rows = [by_index[int(b.prompt_index[g * G])] for g, stale in enumerate(stale_groups) if stale]
+        log.info("step %d: %d groups were sampled more than max_staleness = %d versions ago; rolling them out "
+                 "again", produced.step + 1, len(rows), self.max_staleness)
+        fresh = self._rollout_and_score(produced.step, rows, round_=REGENERATED_ROUND)
+        return Produced(
+            RolloutBatch.concat([b.select(keep), fresh.batch], self.tokenizer.pad_token_id),
+            [produced.scores[i] for i in keep] + fresh.scores, produced.step,
+            {k: produced.times.get(k, 0.0) + fresh.times.get(k, 0.0) for k in {*produced.times, *fresh.times}},
+            produced.reward_stats, {**produced.data_stats, "data/regenerated_groups": float(len(rows))},
+        )
+
+    def _worker_lost(self, exc: WorkerLost, step: int) -> str:
+        """What to tell the user when a worker the run needs died (a Ray learner; see lampo.distributed.ray)."""
+        latest = ckpt.find_latest_checkpoint(self.cfg.train.output_dir)
+        where = f"the latest checkpoint is {latest}" if latest else "no checkpoint was saved yet"
+        return f"{exc}\nThe run stopped after {step} trained steps; {where}. Resume with --resume_from_checkpoint auto"
 
     def _stopped_message(self, step: int) -> str:
         return (f"stopped by {self.stop_requested} after step {step}; checkpoint saved in "
@@ -430,18 +464,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ phases 3-5: the learner
     def learn(self, batch: TrainBatch) -> dict[str, float]:
-        """Forward, advantages and optimise on one batch, each timed; returns the step's metrics."""
-        timer = PhaseTimer()
-        with timer("forward"):  # 3. old log-probs, reference log-probs, values
-            fw = self.learner.forward(batch)
-        if not self.learner.forward_is_finite(fw):
-            return self.learner.skip_step("old or reference log-probs are not finite (the weights may hold NaN)",
-                                          timer.times)
-        with timer("advantages"):  # 4. rewards with KL, then GAE or a group estimator
-            adv = compute_advantages(batch, fw, self.learner.kl_ctl.value, self.cfg)
-        with timer("optimize"):  # 5. ppo_epochs over minibatches
-            stats = self.learner.optimise(batch, fw, adv)
-        return {**stats, **timer.times}
+        """Forward, advantages and optimise on one batch, each timed (`Learner.train`); the step's metrics."""
+        return self.learner.train(batch)
+
+    def step_flops(self, batch: TrainBatch) -> dict[str, float]:
+        """The floating-point work of the step that trained `batch` (`perf.learner_step_flops`)."""
+        return perf.learner_step_flops(self.learner, batch, self.engine.prompt_cache_block)
 
     def _result(self, future: concurrent.futures.Future, step: int) -> Produced:
         from lampo.reward import RewardError
@@ -467,8 +495,16 @@ class Trainer:
             group_size=g.num_generations,
             # without them (engine_logprobs: false) the rollout holds zeros: no val/engine_logprob_diff
             engine_logprobs=b.engine_logprobs if g.engine_logprobs else None,
-            policy_version_lag=max(self.policy_version - b.policy_version, 0),
+            policy_version_lag=self._version_lag(b),
         )
+
+    def _version_lag(self, batch: RolloutBatch) -> int | None:
+        """Policy updates between the weights that sampled `batch` and the policy now; None when its
+        conversations come from several versions."""
+        versions = batch.version_per_row()
+        if len(versions) and bool((versions != versions[0]).any()):
+            return None
+        return max(self.policy_version - batch.policy_version, 0)
 
     # ------------------------------------------------------------------ phase 6: weight sync
     def sync(self) -> None:
@@ -559,60 +595,52 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int, pending: concurrent.futures.Future | None) -> Path | None:
-        """Everything needed to continue exactly; in async mode that includes the batch already
-        generated for the next step (its weights no longer exist after this step's update)."""
-        produced = None
-        if pending is not None and pending.done() and pending.exception() is None:
-            produced = pending.result()
-        out = self.cfg.train.output_dir
+    def save_checkpoint(self, step: int, inflight: dict[int, concurrent.futures.Future]) -> Path | None:
+        """Everything needed to continue exactly; with batches rolled out ahead (asynchronous mode)
+        that includes them: the weights that sampled them no longer exist after this step's update."""
+        produced, queue = None, []
+        for done in self._batches_ahead(step, inflight):
+            if produced is None:
+                produced = done
+            else:
+                queue.append(done)
+        pending = {"produced": produced, "queue": queue}
         # Rank 0 stages the temporary directory; every rank writes what only it holds (ZeRO's
         # optimiser partitions, its RNG state and pending batch); then rank 0 adds the models
         # and the shared state and renames it into place (checkpoint.py: atomic).
-        staged = self.strategy.broadcast_object(ckpt.stage_checkpoint(out, step) if self.is_main else None)
-        shards = self.learner.save_shards(staged)
-        if self.world > 1:
-            (staged / RANK_STATES).mkdir(exist_ok=True)
-            torch.save({"rng": ckpt.rng_state(), "pending": {"produced": produced}},
-                       staged / RANK_STATES / f"{self.rank}.pt")
-            shards.append(RANK_STATES)
-        self.strategy.barrier()
-        path = None
-        with self.learner.full_weights():  # ZeRO-3: gathered on every rank, saved by rank 0
-            if self.is_main:
-                models = {"policy": self.learner.unwrapped_policy()}
-                if self.learner.value_model is not None:
-                    models["value_model"] = self.learner.unwrapped_value_model()
-                epoch, position = self.sampler.position(step)
-                path = ckpt.save_checkpoint(
-                    out, step,
-                    models=models,
-                    states={"learner": self.learner.state_dict(), "rng": ckpt.rng_state(),
-                            "pending": {"produced": produced}},
-                    trainer_state={"step": step, "policy_version": self.policy_version,
-                                   "episode": step * self.cfg.rollout_batch_size * self.world,
-                                   "data_pass": epoch, "data_position": position, "seed": self.cfg.train.seed,
-                                   "processes": self.world},
-                    save_total_limit=self.cfg.train.save_total_limit,
-                    staged=staged, shards=shards,
-                )
-        self.strategy.barrier()
-        return path
+        staged = self.strategy.broadcast_object(
+            ckpt.stage_checkpoint(self.cfg.train.output_dir, step) if self.is_main else None)
+        own = {"rng": ckpt.rng_state(), "pending": pending}
+        return save_learner_checkpoint(self.learner, self.cfg, staged, step, states=own,
+                                       trainer_state=self._trainer_state(step),
+                                       rank_state=own if self.world > 1 else None)
+
+    def _trainer_state(self, step: int) -> dict[str, Any]:
+        """The checkpoint's trainer_state.json: where the run is."""
+        epoch, position = self.sampler.position(step)
+        return {"step": step, "policy_version": self.policy_version,
+                "episode": step * self.cfg.rollout_batch_size * self.world, "data_pass": epoch,
+                "data_position": position, "seed": self.cfg.train.seed, "processes": self.world}
+
+    def _batches_ahead(self, step: int, inflight: dict[int, concurrent.futures.Future]) -> list[Produced]:
+        """The batches of steps `step`, `step + 1`, ... already rolled out with their rewards, in
+        order, up to the first one not done (or failed)."""
+        out = []
+        while step + len(out) in inflight:
+            future = inflight[step + len(out)]
+            if not future.done() or future.exception() is not None:
+                break
+            out.append(future.result())
+        return out
 
     def save_final(self) -> None:
         """The final policy in output_dir (full model, or the adapter and optionally merged weights)."""
-        self.strategy.barrier()
         out = Path(self.cfg.train.output_dir)
-        policy = self.learner.unwrapped_policy()
-        with self.learner.full_weights(policy):  # ZeRO-3: gathered on every rank, saved by rank 0
-            if self.is_main:
-                policy.save_pretrained(out)
-                self.tokenizer.save_pretrained(out)
-                if is_peft_model(policy) and self.cfg.train.save_merged:
-                    merged = copy.deepcopy(policy).merge_and_unload()
-                    merged.save_pretrained(out / "merged")
-                    self.tokenizer.save_pretrained(out / "merged")
-        self.strategy.barrier()
+        save_final_model(self.learner, out, save_merged=self.cfg.train.save_merged, is_main=self.is_main)
+        if self.is_main:
+            self.tokenizer.save_pretrained(out)
+            if is_peft_model(self.learner.unwrapped_policy()) and self.cfg.train.save_merged:
+                self.tokenizer.save_pretrained(out / "merged")
         self.tracker.print(f"final model saved in {out}")
 
     # ------------------------------------------------------------------ signals
@@ -646,6 +674,98 @@ class NothingToTrain(RuntimeError):
 
 RANK_STATES = "ranks"
 """Checkpoint entry with each rank's own RNG state and pending batch (`<rank>.pt`), with several processes."""
+
+
+def save_learner_checkpoint(learner: Learner, cfg: LampoConfig, staged: Path, step: int, *, states: dict,
+                            trainer_state: dict, rank_state: dict | None = None, alone: bool = False) -> Path | None:
+    """Write the learner's part of checkpoint `step` into `staged` and complete it (`checkpoint.py`: atomic).
+
+    Every rank of the learner calls it: each writes what only it holds (ZeRO's optimiser partitions,
+    `rank_state` under ranks/<rank>.pt), then rank 0 adds the models, the learner's state, `states`
+    and `trainer_state`, and renames the directory into place. alone: rank 0 without the other
+    ranks (they died; data parallel ranks hold the same state): no collective. Returns the path on rank 0.
+    """
+    strategy = learner.strategy
+    shards = learner.save_shards(staged)
+    if rank_state is not None:
+        (staged / RANK_STATES).mkdir(exist_ok=True)
+        torch.save(rank_state, staged / RANK_STATES / f"{strategy.rank}.pt")
+        shards.append(RANK_STATES)
+    if not alone:
+        strategy.barrier()
+    path = None
+    with contextlib.nullcontext() if alone else learner.full_weights():  # ZeRO-3: gathered on every rank
+        if strategy.rank == 0:
+            models = {"policy": learner.unwrapped_policy()}
+            if learner.value_model is not None:
+                models["value_model"] = learner.unwrapped_value_model()
+            path = ckpt.save_checkpoint(cfg.train.output_dir, step, models=models,
+                                        states={"learner": learner.state_dict(), **states},
+                                        trainer_state=trainer_state, save_total_limit=cfg.train.save_total_limit,
+                                        staged=staged, shards=shards)
+    if not alone:
+        strategy.barrier()
+    return path
+
+
+def save_final_model(learner: Learner, out: Path, *, save_merged: bool, is_main: bool) -> None:
+    """The trained policy in `out` (with LoRA: the adapter, and the merged model in out/merged with
+    `save_merged`); every rank calls it (ZeRO-3 gathers the weights), rank 0 writes."""
+    learner.strategy.barrier()
+    policy = learner.unwrapped_policy()
+    with learner.full_weights(policy):
+        if is_main:
+            policy.save_pretrained(out)
+            if is_peft_model(policy) and save_merged:
+                copy.deepcopy(policy).merge_and_unload().save_pretrained(out / "merged")
+    learner.strategy.barrier()
+
+
+def load_tokenizer(cfg: LampoConfig):
+    """The run's tokenizer (a pad token set to eos where the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    tok_path = cfg.model.tokenizer_name_or_path or cfg.model.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_models(cfg: LampoConfig, resume: Path | None):
+    """(policy, value model, reference) to train: from model_name_or_path, or from a checkpoint. None
+    leaves a model to the Learner to build (the reference and the critic of a fresh run)."""
+    if resume is None:
+        return load_policy(cfg.model), None, None
+    policy_dir = ckpt.model_path(resume, "policy")
+    if cfg.model.use_peft:
+        from peft import PeftModel
+
+        from lampo.optimize.models import prepare_policy
+
+        base = load_policy(_no_peft(cfg.model))
+        policy = PeftModel.from_pretrained(base, policy_dir, is_trainable=True)
+        policy = prepare_policy(policy, cfg.model)
+    else:
+        policy = load_policy(cfg.model, path=str(policy_dir))
+    value = None
+    if cfg.uses_critic and cfg.model.value_model == "separate":
+        value_dir = ckpt.model_path(resume, "value_model")
+        value = ValueModel.from_pretrained(value_dir, attn_implementation=attn_implementation_for(value_dir, cfg.model))
+    # The reference is the model the run started from, not the checkpoint's policy. With LoRA
+    # it is the base with the adapter disabled, which the checkpoint never changed.
+    ref = None if cfg.model.use_peft else load_policy(_no_peft(cfg.model))
+    return policy, value, ref
+
+
+def build_engine(cfg: LampoConfig, tokenizer, seed: int, **engine_kwargs):
+    """The rollout engine of the run's `generation` section, on model_name_or_path. With bf16 or fp16 it
+    generates in that precision (faster rollouts; the learner recomputes every log-prob it trains on)."""
+    return make_engine(cfg.generation, cfg.model.model_name_or_path, tokenizer,
+                       max_prompt_len=cfg.data.max_prompt_len, seed=seed,
+                       dtype=_half_dtype_name(cfg.model) or "float32", speed=cfg.speed,
+                       attn_implementation=attn_implementation_for(cfg.model.model_name_or_path, cfg.model),
+                       **engine_kwargs)
 
 
 def _half_dtype_name(model_cfg) -> str | None:
@@ -726,4 +846,5 @@ def _train(cfg: LampoConfig, raw_config: dict | None, strategy: Strategy) -> int
     return 0
 
 
-__all__ = ["PromptSampler", "Produced", "RunStopped", "Trainer", "run"]
+__all__ = ["PromptSampler", "Produced", "RunStopped", "Trainer", "WorkerLost", "build_engine", "load_models",
+           "load_tokenizer", "run"]

@@ -207,3 +207,27 @@ def test_rollout_through_vllm_multistep_matches_hf(base_model, tok, vllm_engine)
     assert torch.equal(batch.input_ids, hf_batch.input_ids)
     assert torch.equal(batch.action_mask, hf_batch.action_mask)
     assert torch.allclose(batch.engine_logprobs, hf_batch.engine_logprobs, atol=1e-4)
+
+
+def test_a_batch_rolled_out_in_parts_samples_what_one_call_samples(tok, vllm_engine):
+    """The Ray rollout workers each roll out part of a batch (`first_row`): every conversation gets
+    the same seeds, turn after turn, as in one call, so the samples do not depend on the split."""
+    from lampo.config import DataConfig, GenerationConfig
+    from lampo.data import PromptRow
+    from lampo.rollout.batch import RolloutBatch
+    from lampo.rollout.multistep import rollout
+
+    gen_cfg = GenerationConfig(temperature=1.0, max_new_tokens=8, num_generations=2, stop_token=" ")
+    rows = [PromptRow(i, (f"Tell me about {word}.", "Why?", "And then?"))
+            for i, word in enumerate(["rivers", "glass", "ants", "salt", "clouds"])]
+    whole = rollout(vllm_engine, tok, rows, gen_cfg, DataConfig(), policy_version=0, seed=11)
+    parts = [rollout(vllm_engine, tok, rows[a:b], gen_cfg, DataConfig(), policy_version=0, seed=11, first_row=a)
+             for a, b in ((0, 2), (2, 3), (3, 5))]
+    joined = RolloutBatch.concat(parts, tok.pad_token_id)
+    assert max(len(s) for s in whole.turn_spans) > 1  # later turns were sampled too
+    assert joined.messages == whole.messages
+    width = whole.input_ids.shape[1]
+    assert torch.equal(joined.input_ids[:, :width], whole.input_ids)
+    # the seed matters: another one samples other conversations
+    other = rollout(vllm_engine, tok, rows, gen_cfg, DataConfig(), policy_version=0, seed=12)
+    assert other.messages != whole.messages

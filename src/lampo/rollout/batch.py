@@ -43,7 +43,11 @@ class RolloutBatch:
             reward model (chat-template markup stripped).
         prompt_index: LongTensor [B]. Dataset row of each conversation; the conversations of
             one prompt share it (the group of grpo/rloo/dr_grpo), and groups are contiguous.
-        policy_version: version of the policy weights that generated the batch.
+        policy_version: version of the policy weights that generated the batch (the oldest, when
+            its conversations come from several: `versions`).
+        versions: LongTensor [B] or None. The version that generated each conversation, where the
+            conversations of one batch come from several (rollout workers that were re-synced at
+            different times); None: all from `policy_version`.
         skipped_rows: dataset rows dropped by `truncation: skip` while building this batch.
     """
 
@@ -56,6 +60,7 @@ class RolloutBatch:
     messages: list[list[str]]
     prompt_index: torch.Tensor
     policy_version: int = 0
+    versions: torch.Tensor | None = None
     skipped_rows: int = 0
     cut_at_max_prompt_len: int = 0
     """Conversations that ended before a later step because its prompt would exceed max_prompt_len."""
@@ -63,21 +68,32 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def version_per_row(self) -> torch.Tensor:
+        """LongTensor [B]: the policy version that generated each conversation."""
+        if self.versions is not None:
+            return self.versions
+        return torch.full((len(self),), self.policy_version, dtype=torch.long)
+
     def select(self, rows: Sequence[int]) -> RolloutBatch:
         """The conversations `rows`, in that order (their padding kept)."""
         idx = torch.as_tensor(list(rows), dtype=torch.long)
+        versions = None if self.versions is None else self.versions[idx]
         return RolloutBatch(
             input_ids=self.input_ids[idx], attention_mask=self.attention_mask[idx], action_mask=self.action_mask[idx],
             engine_logprobs=self.engine_logprobs[idx], turn_spans=[self.turn_spans[i] for i in rows],
             finish_reasons=[self.finish_reasons[i] for i in rows], messages=[self.messages[i] for i in rows],
-            prompt_index=self.prompt_index[idx], policy_version=self.policy_version, skipped_rows=self.skipped_rows,
-            cut_at_max_prompt_len=self.cut_at_max_prompt_len,
+            prompt_index=self.prompt_index[idx],
+            policy_version=int(versions.min()) if versions is not None and len(idx) else self.policy_version,
+            versions=versions,
+            skipped_rows=self.skipped_rows, cut_at_max_prompt_len=self.cut_at_max_prompt_len,
         )
 
     @staticmethod
     def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         """The batches' conversations one after the other, right-padded to the longest; counters summed."""
         width = max(b.input_ids.shape[1] for b in batches)
+        versions = torch.cat([b.version_per_row() for b in batches])
+        mixed = bool(len(versions)) and bool((versions != versions[0]).any())
 
         def cat(name: str, fill) -> torch.Tensor:
             parts = [getattr(b, name) for b in batches]
@@ -89,7 +105,9 @@ class RolloutBatch:
             turn_spans=[s for b in batches for s in b.turn_spans],
             finish_reasons=[r for b in batches for r in b.finish_reasons],
             messages=[m for b in batches for m in b.messages],
-            prompt_index=torch.cat([b.prompt_index for b in batches]), policy_version=batches[0].policy_version,
+            prompt_index=torch.cat([b.prompt_index for b in batches]),
+            policy_version=int(versions.min()) if len(versions) else batches[0].policy_version,
+            versions=versions if mixed else None,
             skipped_rows=sum(b.skipped_rows for b in batches),
             cut_at_max_prompt_len=sum(b.cut_at_max_prompt_len for b in batches),
         )

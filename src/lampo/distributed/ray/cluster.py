@@ -1,0 +1,114 @@
+"""Joining or starting the Ray cluster, and where each actor goes on it.
+
+A local cluster (`ray.address: null`) binds to loopback and starts without the dashboard unless
+`ray.dashboard` asks for it: Ray's dashboard and job API execute whatever code they are sent
+and have no authentication of their own (ShadowRay, CVE-2023-48022). docs/ray.md says how to
+secure a multi-node cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Placement:
+    """The Ray resources of each actor, and the placement group that holds them together."""
+
+    engine_options: list[dict[str, Any]]
+    learner_options: list[dict[str, Any]]
+    placement_group: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def connect(ray_cfg: Any, cpus_needed: int) -> bool:
+    """Connect this process to the cluster `ray_cfg.address` names, or start a local one. Returns
+    whether this process started Ray (and should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if ray_cfg.address:
+        ray.init(address=ray_cfg.address, **quiet)
+        return True
+    cpus = max(ray_cfg.local_num_cpus or os.cpu_count() or 1, cpus_needed)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=ray_cfg.dashboard, _node_ip_address="127.0.0.1",
+             **quiet)
+    return True
+
+
+def actor_cpus(ray_cfg: Any) -> int:
+    """CPUs the actors ask for in all: one per rollout worker and learner (colocated pairs share one)."""
+    if ray_cfg.colocate:
+        return ray_cfg.num_learners
+    return ray_cfg.num_engines + ray_cfg.num_learners
+
+
+def plan(ray_cfg: Any) -> Placement:
+    """Each actor's resources. Separate: a learner takes one GPU (on CPU, one CPU), a rollout worker
+    `engine_tensor_parallel_size` GPUs. Colocated: learner i and engine i share bundle i of a
+    placement group, half of it each, so they land on the same device."""
+    gpu = torch.cuda.is_available()
+    if not ray_cfg.colocate:
+        engine = {"num_cpus": 1, "num_gpus": ray_cfg.engine_tensor_parallel_size if gpu else 0}
+        learner = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+        return Placement([dict(engine) for _ in range(ray_cfg.num_engines)],
+                         [dict(learner) for _ in range(ray_cfg.num_learners)])
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
+    group = placement_group([dict(bundle) for _ in range(ray_cfg.num_learners)], strategy="PACK")
+    half = {"num_cpus": 0.5, "num_gpus": 0.5 if gpu else 0}
+
+    def in_bundle(i: int) -> dict[str, Any]:
+        strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i)
+        return {**half, "scheduling_strategy": strategy}
+
+    return Placement([in_bundle(i) for i in range(ray_cfg.num_engines)],
+                     [in_bundle(i) for i in range(ray_cfg.num_learners)], group)
+
+
+def wait_for_placement(placement: Placement, timeout: float = 600.0) -> None:
+    """Block until the placement group's resources are reserved; an error says what was asked for."""
+    if placement.placement_group is None:
+        return
+    import ray
+
+    try:
+        ray.get(placement.placement_group.ready(), timeout=timeout)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise RuntimeError(
+            f"the Ray cluster could not reserve {placement.placement_group.bundle_specs} for the colocated engines "
+            f"and learners within {timeout:.0f} s; check `ray status` for free CPUs and GPUs"
+        ) from exc
+
+
+def free_port() -> int:
+    """A free TCP port on this node's loopback (the learner group's rendezvous on one node)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_address() -> tuple[str, int]:
+    """(this node's address as the cluster knows it, a free port on it): rank 0's rendezvous point."""
+    import socket
+
+    import ray
+
+    address = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return address, s.getsockname()[1]

@@ -1,0 +1,277 @@
+"""The learner group: Ray actors that form one torch.distributed group and run the usual Learner.
+
+Each actor is one rank (gloo on CPU, NCCL on GPU). It builds its models and its Strategy as a
+rank of `accelerate launch -m lampo.ppo_vllm` would (DDP, or DeepSpeed ZeRO with
+`learner_backend: deepspeed`), and trains the rows the driver gives it with `Learner.train`:
+the same phases 3-5, the same checkpoint code (`lampo.trainer.save_learner_checkpoint`).
+
+The driver splits a batch into one contiguous part per rank; groups of samples stay whole, as
+the group estimators need. Rank 0 publishes the policy's weights to the object store after each
+update (under ZeRO-3 every rank takes part in gathering them first).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lampo import checkpoint as ckpt
+from lampo.trainer import RANK_STATES, WorkerLost
+
+log = logging.getLogger(__name__)
+
+PEER_GRACE = 60.0
+"""Seconds the other learners get to return once one of them died (a collective may be waiting on it)."""
+
+
+class LearnerDied(WorkerLost):
+    """A learner actor died; the run stops (see `RayTrainer._worker_lost`)."""
+
+    def __init__(self, message: str, survivor_can_save: bool):
+        super().__init__(message)
+        self.survivor_can_save = survivor_can_save
+
+
+class LearnerWorker:
+    """One rank of the learner group (a Ray actor)."""
+
+    def __init__(self, cfg: Any, rank: int, world: int) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.learner = None
+        self.consistent = True
+        """False while (or after a failed) update is half applied: no checkpoint from these weights."""
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Where the group meets: this node's address and a free port on it (asked of rank 0)."""
+        from lampo.distributed.ray.cluster import node_address
+
+        return node_address()
+
+    def set_up(self, address: str, port: int, resume: str | None, num_steps: int) -> float | None:
+        """Join the group, build the models (from the checkpoint `resume`) and the Learner. Returns the
+        device's measured matmul peak on rank 0 (perf/mfu), unless `peak_flops` is set."""
+        from lampo import speed
+        from lampo.optimize.learner import Learner
+        from lampo.optimize.ptx import load_ptx
+        from lampo.speed.machine import machine_peak, use_all_cores
+        from lampo.trainer import _half_dtype_name, _seed_everything, load_models, load_tokenizer
+
+        cfg = self.cfg
+        os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        use_all_cores()
+        strategy = self._strategy()
+        _seed_everything(cfg.train.seed + self.rank)
+        speed.apply_machine_settings(cfg.speed)
+        path = Path(resume) if resume else None
+        policy, value_model, ref_model = load_models(cfg, path)
+        ptx = None
+        if cfg.data.ptx_dataset:
+            ptx = load_ptx(cfg.data.ptx_dataset, load_tokenizer(cfg),
+                           cfg.data.max_prompt_len + cfg.generation.max_new_tokens)
+        self.learner = Learner(cfg, policy, ref_model=ref_model, value_model=value_model,
+                               num_training_steps=num_steps, strategy=strategy, ptx=ptx,
+                               keep_sampling_weights=cfg.ray.max_staleness > 0)
+        if path is not None:
+            states, _ = ckpt.load_checkpoint(path, weights_only=False)
+            self.learner.load_state_dict(states["learner"])
+            self.learner.load_shards(path)
+            own = path / RANK_STATES / f"{self.rank}.pt"
+            if own.exists():  # absent for a rank that died (rank 0 saved alone): it keeps its seeded state
+                ckpt.set_rng_state(torch.load(own, map_location="cpu", weights_only=False)["rng"])
+        if self.rank == 0 and not cfg.speed.peak_flops:
+            device = next(self.learner.policy.parameters()).device
+            return machine_peak(getattr(torch, _half_dtype_name(cfg.model) or "float32"), device=device)
+        return None
+
+    def _strategy(self):
+        cfg = self.cfg
+        if cfg.ray.learner_backend == "deepspeed":
+            import json
+
+            from lampo.distributed.deepspeed_zero import DeepSpeedStrategy
+
+            source = cfg.ray.deepspeed_config
+            user = json.loads(Path(source).read_text()) if source else {"zero_optimization": {"stage": 2}}
+            return DeepSpeedStrategy(user, source=source or "ray.learner_backend: deepspeed")
+        if self.world == 1:
+            from lampo.distributed.strategy import Strategy
+
+            return Strategy()
+        from accelerate import Accelerator
+
+        from lampo.distributed.ddp import AccelerateDDP
+
+        gpu = torch.cuda.is_available()
+        torch.distributed.init_process_group("nccl" if gpu else "gloo", rank=self.rank, world_size=self.world)
+        return AccelerateDDP(Accelerator(cpu=not gpu))
+
+    # ------------------------------------------------------------------ phases 3-5
+    def learn(self, batch, cache_block: int) -> tuple[dict[str, float], dict[str, float]]:
+        """`Learner.train` on this rank's part of the batch; (its metrics, its floating-point work)."""
+        from lampo import perf
+
+        before = self._optimizer_steps()
+        self.consistent = False
+        try:
+            stats = self.learner.train(batch)
+        except BaseException:
+            self.consistent = self._optimizer_steps() == before  # failed before any update: still whole
+            raise
+        self.consistent = True
+        return stats, perf.learner_step_flops(self.learner, batch, cache_block)
+
+    def _optimizer_steps(self) -> float:
+        """Adam's step count of the first trained parameter: whether an update has been applied."""
+        opt = self.learner.optimizer
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                if "step" in state:
+                    return float(state["step"])
+        return 0.0
+
+    def logprobs(self, batch) -> torch.Tensor:
+        return self.learner.logprobs(batch)
+
+    def publish_weights(self) -> list | None:
+        """The policy's weights in the object store (rank 0), as the weight contract's (name, tensor) list;
+        a box around the reference, so that Ray hands the reference on rather than the weights."""
+        import ray
+
+        from lampo.rollout.weight_sync import engine_weights
+
+        policy = self.learner.unwrapped_policy()
+        with self.learner.full_weights(policy):  # ZeRO-3: every rank takes part in the gather
+            if self.rank == 0:
+                return [ray.put([(name, t.cpu()) for name, t in engine_weights(policy)])]
+        return None
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, staged: str, step: int, states: dict, trainer_state: dict) -> str | None:
+        """Every rank's part of a checkpoint the driver staged; rank 0 completes it with `states` (the
+        driver's) and `trainer_state`. Returns its path on rank 0."""
+        from lampo.trainer import save_learner_checkpoint
+
+        path = save_learner_checkpoint(self.learner, self.cfg, Path(staged), step, states=states,
+                                       trainer_state=trainer_state, rank_state={"rng": ckpt.rng_state()})
+        return None if path is None else str(path)
+
+    def save_checkpoint_alone(self, staged: str, step: int, states: dict, trainer_state: dict) -> str | None:
+        """Rank 0 after another rank died: data parallel ranks all hold the whole training state, so
+        rank 0 writes it without the group (no collective), if no update was half applied."""
+        from lampo.trainer import save_learner_checkpoint
+
+        if not self.consistent or self.rank != 0 or self.cfg.ray.learner_backend != "ddp":
+            return None
+        path = save_learner_checkpoint(self.learner, self.cfg, Path(staged), step, states=states,
+                                       trainer_state=trainer_state, rank_state={"rng": ckpt.rng_state()},
+                                       alone=True)
+        return None if path is None else str(path)
+
+    def save_final(self, output_dir: str) -> None:
+        from lampo.trainer import save_final_model
+
+        save_final_model(self.learner, Path(output_dir), save_merged=self.cfg.train.save_merged,
+                         is_main=self.rank == 0)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        if self.learner is not None:
+            self.learner.strategy.close()
+
+
+class LearnerGroup:
+    """The driver's side of the learner group: splits each batch over the ranks, gathers metrics."""
+
+    def __init__(self, cfg: Any, placement_options: list[dict[str, Any]], resume: Path | None, num_steps: int):
+        import ray
+
+        self.cfg = cfg
+        self.world = len(placement_options)
+        actor = ray.remote(LearnerWorker).options
+        self.workers = [actor(max_restarts=0, **opts).remote(cfg, rank, self.world)
+                        for rank, opts in enumerate(placement_options)]
+        address, port = ray.get(self.workers[0].rendezvous.remote())
+        peaks = self._all("set_up", address, port, None if resume is None else str(resume), num_steps)
+        self.peak_flops = peaks[0]
+        self.lr = cfg.optim.learning_rate
+        self.flops: dict[str, float] = {}
+
+    def _all(self, method: str, *args: Any, parts: list | None = None) -> list:
+        """`method` on every rank (with its own part of `parts` first, when given); their results in
+        rank order. A rank that died raises LearnerDied once the others returned or had PEER_GRACE."""
+        import ray
+
+        refs = [getattr(w, method).remote(*(([parts[r]] if parts is not None else []) + list(args)))
+                for r, w in enumerate(self.workers)]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError:
+            pass
+        dead = []
+        for r, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=PEER_GRACE)
+            except ray.exceptions.RayActorError:
+                dead.append(r)
+            except Exception:  # a collective that failed because a peer died
+                continue
+        survivor_ok = 0 not in dead and self.world > 1 and self.cfg.ray.learner_backend == "ddp"
+        raise LearnerDied(f"learner rank(s) {dead} of {self.world} died during {method}", survivor_ok)
+
+    def split(self, batch) -> list:
+        """One contiguous part per rank; groups of samples stay whole (batch_size prompts each)."""
+        per = len(batch) // self.world
+        return [batch.select(torch.arange(r * per, (r + 1) * per if r < self.world - 1 else len(batch)))
+                for r in range(self.world)]
+
+    def learn(self, batch, cache_block: int, summed: tuple[str, ...]) -> dict[str, float]:
+        results = self._all("learn", cache_block, parts=self.split(batch))
+        stats = [s for s, _ in results]
+        self.flops = results[0][1]
+        out = {}
+        for key in stats[0]:
+            values = [s[key] for s in stats if key in s]
+            out[key] = float(sum(values)) if key in summed else float(sum(values) / len(values))
+        self.lr = out.get("lr", self.lr)
+        return out
+
+    def logprobs(self, batch) -> torch.Tensor:
+        return torch.cat(self._all("logprobs", parts=self.split(batch)))
+
+    def publish_weights(self) -> list:
+        return self._all("publish_weights")[0]
+
+    def save_checkpoint(self, staged: Path, step: int, states: dict, trainer_state: dict) -> Path:
+        paths = self._all("save_checkpoint", str(staged), step, states, trainer_state)
+        return Path(paths[0])
+
+    def save_checkpoint_alone(self, staged: Path, step: int, states: dict, trainer_state: dict) -> Path | None:
+        import ray
+
+        try:
+            path = ray.get(self.workers[0].save_checkpoint_alone.remote(str(staged), step, states, trainer_state))
+        except Exception as exc:
+            log.error("rank 0 could not write a checkpoint on its own: %s", exc)
+            return None
+        return None if path is None else Path(path)
+
+    def save_final(self, output_dir: Path) -> None:
+        self._all("save_final", str(output_dir))
+
+    def close(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            try:
+                ray.get(worker.close.remote(), timeout=60)
+            except Exception as exc:  # shutting down is best effort
+                log.debug("learner close: %s", exc)
+            ray.kill(worker, no_restart=True)

@@ -1,0 +1,266 @@
+"""Rollout workers: Ray actors that each hold one engine, and the driver's pool of them.
+
+A worker runs the same multi-step rollout as the in-process trainer (`lampo.rollout.multistep`)
+on the rows it is given: every turn of a conversation is generated on one worker, so vLLM's
+prefix cache serves its later turns. A batch goes out in parts (`chunks_per_engine` per
+engine), each to the worker with the fewest rows queued; the driver scores each part as soon as
+it comes back.
+
+Each worker records the policy version it holds, and every conversation it returns carries it.
+Calls to one worker run one at a time, in the order the driver sent them: a weight update sent
+after a part runs after that part, and a part sent after an update samples with the new weights,
+without the driver waiting for either.
+
+A worker that dies is restarted by Ray (`engine_max_restarts`), given the current weights
+again, and the parts it held go to the workers again; `ray/engine_restarts` counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from lampo.trainer import WorkerLost
+
+log = logging.getLogger(__name__)
+
+RESTART_TIMEOUT = 600.0
+"""Seconds to wait for Ray to bring a dead rollout worker back (it loads its model again)."""
+
+
+class WeightSyncTimeout(WorkerLost):
+    """A rollout worker did not take new weights within `weight_sync_timeout`."""
+
+
+class NoRolloutWorkers(WorkerLost):
+    """Every rollout worker died and Ray restarts none of them any more."""
+
+
+class EngineWorker:
+    """One rollout worker (a Ray actor): the tokenizer, an engine, and the policy version it holds."""
+
+    def __init__(self, cfg: Any, index: int, seed: int, vllm_kwargs: dict[str, Any] | None = None) -> None:
+        from lampo.speed.machine import use_all_cores
+        from lampo.trainer import build_engine, load_tokenizer
+
+        use_all_cores()
+        self.cfg, self.index = cfg, index
+        self.tokenizer = load_tokenizer(cfg)
+        self.engine = build_engine(cfg, self.tokenizer, seed=seed, vllm_kwargs=vllm_kwargs)
+        self.version = 0
+        # Tells a restarted worker from the one before it (Ray keeps the actor's handle).
+        self.incarnation = uuid.uuid4().hex
+
+    def ready(self) -> str:
+        return self.incarnation
+
+    def prompt_cache_block(self) -> int:
+        return self.engine.prompt_cache_block
+
+    def rollout(self, rows: list, seed: int | None, first_row: int):
+        """The conversations of `rows` (the batch's rows from position `first_row` on), with this
+        worker's policy version."""
+        from lampo.rollout.multistep import rollout
+
+        return rollout(self.engine, self.tokenizer, rows, self.cfg.generation, self.cfg.data,
+                       policy_version=self.version, seed=seed, first_row=first_row)
+
+    def update_weights(self, box: list, version: int) -> int:
+        """Load the weights in `box` (one object-store reference to the weight contract's list of
+        (name, tensor), `lampo.rollout.weight_sync`); the engine drops its cached prefixes."""
+        import ray
+
+        self.engine.update_weights(ray.get(box[0]))
+        self.version = version
+        return version
+
+    def generate(self, prompts: list[list[int]], settings: Any) -> list:
+        return self.engine.generate(prompts, settings)
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@dataclass
+class Chunk:
+    """One part of a batch on its way through a worker."""
+
+    index: int
+    rows: list
+    first_row: int
+    engine: int
+    ref: Any = None
+
+
+@dataclass
+class Job:
+    """The parts of one batch: rows, its sampling seed, and the parts sent out."""
+
+    seed: int | None
+    chunks: list[Chunk]
+    started: float
+
+
+class EnginePool:
+    """The driver's side of the rollout workers: where each part goes, weight updates, restarts."""
+
+    def __init__(self, cfg: Any, placement_options: list[dict[str, Any]], vllm_kwargs: dict[str, Any] | None = None):
+        import ray
+
+        y = cfg.ray
+        self.cfg = cfg
+        self.chunks_per_engine = y.chunks_per_engine
+        self.sync_timeout = y.weight_sync_timeout
+        actor = ray.remote(EngineWorker).options
+        self.workers = [
+            actor(max_restarts=y.engine_max_restarts, max_task_retries=0, name=None, **opts)
+            .remote(cfg, i, cfg.train.seed + i, vllm_kwargs)
+            for i, opts in enumerate(placement_options)
+        ]
+        self.incarnations = ray.get([w.ready.remote() for w in self.workers])
+        self.alive = [True] * len(self.workers)
+        self.queued_rows = [0] * len(self.workers)
+        self.weights: list | None = None  # the latest weights (a box around their object-store reference)
+        self.version = 0
+        self.restarts = 0
+        self.requeued_chunks = 0
+        self._lock = threading.Lock()
+        self._engine_locks = [threading.Lock() for _ in self.workers]
+        self._updates: list[tuple[int, int, Any, float]] = []  # (engine, version, ref, sent at)
+        self.prompt_cache_block = ray.get(self.workers[0].prompt_cache_block.remote())
+
+    # ------------------------------------------------------------------ rollout
+    def dispatch(self, rows: list, seed: int | None) -> Job:
+        """Send `rows` out in parts, each to the live worker with the fewest rows queued."""
+        live = max(sum(self.alive), 1)
+        size = max(1, math.ceil(len(rows) / (live * self.chunks_per_engine)))
+        chunks = [Chunk(k, rows[start:start + size], start, -1) for k, start in enumerate(range(0, len(rows), size))]
+        for chunk in chunks:
+            self._send(chunk, seed)
+        return Job(seed, chunks, time.perf_counter())
+
+    def _send(self, chunk: Chunk, seed: int | None) -> None:
+        with self._lock:
+            candidates = [i for i, ok in enumerate(self.alive) if ok]
+            if not candidates:
+                raise NoRolloutWorkers("every rollout worker died and Ray restarts none of them any more "
+                                       "(engine_max_restarts); the run cannot roll out")
+            engine = min(candidates, key=lambda i: (self.queued_rows[i], i))
+            self.queued_rows[engine] += len(chunk.rows)
+        chunk.engine = engine
+        chunk.ref = self.workers[engine].rollout.remote(chunk.rows, seed, chunk.first_row)
+
+    def completed(self, job: Job) -> Iterator[tuple[Chunk, Any]]:
+        """(part, its RolloutBatch) as each part comes back; a part whose worker died is sent again."""
+        import ray
+
+        waiting = {c.ref: c for c in job.chunks}
+        while waiting:
+            done, _ = ray.wait(list(waiting), num_returns=1)
+            chunk = waiting.pop(done[0])
+            with self._lock:
+                self.queued_rows[chunk.engine] -= len(chunk.rows)
+            try:
+                batch = ray.get(done[0])
+            except ray.exceptions.RayActorError as exc:
+                log.warning("rollout worker %d died while rolling out %d rows (%s); its rows go out again",
+                            chunk.engine, len(chunk.rows), type(exc).__name__)
+                self.recover(chunk.engine)
+                self.requeued_chunks += 1
+                self._send(chunk, job.seed)
+                waiting[chunk.ref] = chunk
+                continue
+            yield chunk, batch
+
+    # ------------------------------------------------------------------ weights
+    def update(self, box: list, version: int) -> None:
+        """Send new weights to every live worker. A worker loads them after the parts it already
+        holds; the driver does not wait (`check_updates` reports a worker that never does)."""
+        self.check_updates(block=False)
+        self.weights, self.version = box, version
+        now = time.perf_counter()
+        for i, worker in enumerate(self.workers):
+            if self.alive[i]:
+                self._updates.append((i, version, worker.update_weights.remote(box, version), now))
+
+    def check_updates(self, block: bool = True) -> None:
+        """Raise for a worker that has not taken its weights within `weight_sync_timeout` of being
+        sent them (after the parts queued before them); recover a worker that died meanwhile.
+        block: wait for every update sent so far."""
+        import ray
+
+        left = []
+        for engine, version, ref, sent in self._updates:
+            timeout = max(self.sync_timeout - (time.perf_counter() - sent), 0.0)
+            try:
+                ray.get(ref, timeout=timeout if block else 0)
+            except ray.exceptions.GetTimeoutError:
+                if block or time.perf_counter() - sent > self.sync_timeout:
+                    raise WeightSyncTimeout(
+                        f"rollout worker {engine} did not load the weights of policy version {version} within "
+                        f"weight_sync_timeout = {self.sync_timeout:g} s of being sent them (after the rollouts "
+                        "queued before them); the worker may hang. Check its log (`ray logs`), raise "
+                        "weight_sync_timeout for very large models"
+                    ) from None
+                left.append((engine, version, ref, sent))
+            except ray.exceptions.RayActorError:
+                self.recover(engine)
+        self._updates = left
+
+    def recover(self, engine: int) -> None:
+        """After a call to `engine` failed because its actor died: wait for Ray to restart it and give
+        it the current weights; a worker Ray no longer restarts leaves the pool."""
+        import ray
+
+        with self._engine_locks[engine]:
+            if not self.alive[engine]:
+                return
+            worker = self.workers[engine]
+            try:
+                incarnation = ray.get(worker.ready.remote(), timeout=RESTART_TIMEOUT)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                log.error("rollout worker %d is gone for good (%s); %d workers remain", engine, type(exc).__name__,
+                          sum(self.alive) - 1)
+                with self._lock:
+                    self.alive[engine] = False
+                return
+            if incarnation == self.incarnations[engine]:
+                return  # another call already saw this death and recovered the worker
+            self.incarnations[engine] = incarnation
+            self.restarts += 1
+            log.warning("rollout worker %d was restarted by Ray; giving it policy version %d", engine, self.version)
+            if self.weights is not None:
+                ray.get(worker.update_weights.remote(self.weights, self.version), timeout=self.sync_timeout)
+
+    # ------------------------------------------------------------------ the rest
+    def call_all(self, method: str, *args: Any) -> list:
+        """`method(*args)` on every live worker, in order; their results."""
+        import ray
+
+        return ray.get([getattr(w, method).remote(*args) for i, w in enumerate(self.workers) if self.alive[i]])
+
+    def metrics(self) -> dict[str, float]:
+        return {"ray/engine_restarts": float(self.restarts), "ray/requeued_chunks": float(self.requeued_chunks),
+                "ray/live_engines": float(sum(self.alive))}
+
+    def close(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            try:
+                ray.get(worker.close.remote(), timeout=60)
+            except Exception as exc:  # shutting down is best effort
+                log.debug("rollout worker close: %s", exc)
+            ray.kill(worker, no_restart=True)
