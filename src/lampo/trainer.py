@@ -312,10 +312,11 @@ class Trainer:
             while step < self.num_steps:
                 t_step = time.perf_counter()
                 # 1-2. rollout and reward (already under way when batches are rolled out ahead)
-                future = inflight.pop(step, None)
+                future = inflight.get(step)
                 if future is None:
-                    future = _done_future_or_error(lambda s=step: self.produce(s))
+                    future = inflight[step] = _done_future_or_error(lambda s=step: self.produce(s))
                 produced = self._within_staleness(self._result(future, step))
+                inflight[step] = _done_future(produced)  # until trained: a lost learner checkpoints it
                 # the next steps' batches start now, with the weights the engines hold
                 for ahead in range(step + 1, min(step + self.max_staleness, self.num_steps - 1) + 1):
                     if ahead not in inflight:
@@ -330,6 +331,7 @@ class Trainer:
                     if step == self.start_step:
                         self.check_engine_agreement(train_batch)
                     stats = self.learn(train_batch)
+                del inflight[step]
                 self.policy_version += 1
 
                 # 6. weight sync (in-process: once the engine is idle, so a batch has one version)
@@ -371,7 +373,7 @@ class Trainer:
             if unlogged:  # the trained steps since the last logged one
                 self.tracker.log(step, unlogged)
             if isinstance(exc, WorkerLost):
-                raise RunStopped(self._worker_lost(exc, step)) from exc
+                raise RunStopped(self._worker_lost(exc, step, inflight)) from exc
             self.save_checkpoint(step, {})
             if self.stop_requested:  # the stop cancelled this reward phase: nothing was trained on it
                 raise RunStopped(self._stopped_message(step)) from None
@@ -413,7 +415,7 @@ class Trainer:
             produced.reward_stats, {**produced.data_stats, "data/regenerated_groups": float(len(rows))},
         )
 
-    def _worker_lost(self, exc: WorkerLost, step: int) -> str:
+    def _worker_lost(self, exc: WorkerLost, step: int, inflight: dict[int, concurrent.futures.Future]) -> str:
         """What to tell the user when a worker the run needs died (a Ray learner; see lampo.distributed.ray)."""
         latest = ckpt.find_latest_checkpoint(self.cfg.train.output_dir)
         where = f"the latest checkpoint is {latest}" if latest else "no checkpoint was saved yet"
