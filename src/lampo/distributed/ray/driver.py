@@ -155,17 +155,17 @@ class RayTrainer(Trainer):
         pending = {"produced": ahead[0] if ahead else None, "queue": ahead[1:]}
         return {"rng": ckpt.rng_state(), "pending": pending}
 
-    def _worker_lost(self, exc: WorkerLost, step: int) -> str:
+    def _worker_lost(self, exc: WorkerLost, step: int, inflight: dict[int, concurrent.futures.Future]) -> str:
         """A learner died: rank 0 writes a checkpoint on its own when it can (data parallel, no update
         half applied); else the latest checkpoint is where to resume from."""
         if getattr(exc, "survivor_can_save", False):
             staged = ckpt.stage_checkpoint(self.cfg.train.output_dir, step)
-            path = self.group.save_checkpoint_alone(staged, step, self._driver_states(step, {}),
+            path = self.group.save_checkpoint_alone(staged, step, self._driver_states(step, inflight),
                                                     self._trainer_state(step))
             if path is not None:
                 return (f"{exc}\nThe run stopped after {step} trained steps; learner rank 0 saved checkpoint {path}. "
                         "Resume with --resume_from_checkpoint auto")
-        return super()._worker_lost(exc, step)
+        return super()._worker_lost(exc, step, inflight)
 
     def save_final(self) -> None:
         out = Path(self.cfg.train.output_dir)

@@ -213,18 +213,23 @@ class LearnerGroup:
                 for r, w in enumerate(self.workers)]
         try:
             return ray.get(refs)
-        except ray.exceptions.RayActorError:
-            pass
-        dead = []
+        except ray.exceptions.RayError as exc:
+            first = exc
+        dead, stuck = [], []
         for r, ref in enumerate(refs):
             try:
                 ray.get(ref, timeout=PEER_GRACE)
             except ray.exceptions.RayActorError:
                 dead.append(r)
-            except Exception:  # a collective that failed because a peer died
-                continue
-        survivor_ok = 0 not in dead and self.world > 1 and self.cfg.ray.learner_backend == "ddp"
-        raise LearnerDied(f"learner rank(s) {dead} of {self.world} died during {method}", survivor_ok)
+            except ray.exceptions.GetTimeoutError:
+                stuck.append(r)  # waiting in a collective on a dead rank
+            except ray.exceptions.RayError:
+                continue  # a collective that failed because a peer died, or the error itself
+        if not dead:
+            raise first
+        survivor_can_save = (0 not in dead and 0 not in stuck and self.world > 1
+                             and self.cfg.ray.learner_backend == "ddp")
+        raise LearnerDied(f"learner rank(s) {dead} of {self.world} died during {method}", survivor_can_save)
 
     def split(self, batch) -> list:
         """One contiguous part per rank; groups of samples stay whole (batch_size prompts each)."""
@@ -244,7 +249,9 @@ class LearnerGroup:
         return out
 
     def logprobs(self, batch) -> torch.Tensor:
-        return torch.cat(self._all("logprobs", parts=self.split(batch)))
+        width = batch.input_ids.shape[1]  # a part is as wide as its longest row
+        return torch.cat([torch.nn.functional.pad(lp, (0, width - lp.shape[1]))
+                          for lp in self._all("logprobs", parts=self.split(batch))])
 
     def publish_weights(self) -> list:
         return self._all("publish_weights")[0]

@@ -60,6 +60,9 @@ class EngineWorker:
     def ready(self) -> str:
         return self.incarnation
 
+    def held_version(self) -> int:
+        return self.version
+
     def prompt_cache_block(self) -> int:
         return self.engine.prompt_cache_block
 
@@ -227,12 +230,8 @@ class EnginePool:
         with self._engine_locks[engine]:
             if not self.alive[engine]:
                 return
-            worker = self.workers[engine]
-            try:
-                incarnation = ray.get(worker.ready.remote(), timeout=RESTART_TIMEOUT)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-                log.error("rollout worker %d is gone for good (%s); %d workers remain", engine, type(exc).__name__,
-                          sum(self.alive) - 1)
+            incarnation = self._wait_for_restart(engine)
+            if incarnation is None:
                 with self._lock:
                     self.alive[engine] = False
                 return
@@ -242,7 +241,27 @@ class EnginePool:
             self.restarts += 1
             log.warning("rollout worker %d was restarted by Ray; giving it policy version %d", engine, self.version)
             if self.weights is not None:
-                ray.get(worker.update_weights.remote(self.weights, self.version), timeout=self.sync_timeout)
+                ray.get(self.workers[engine].update_weights.remote(self.weights, self.version), timeout=self.sync_timeout)
+
+    def _wait_for_restart(self, engine: int) -> str | None:
+        """The incarnation of `engine` once Ray has it running again; None if Ray gave up on it."""
+        import ray
+
+        deadline = time.monotonic() + RESTART_TIMEOUT
+        while True:
+            try:
+                return ray.get(self.workers[engine].ready.remote(), timeout=max(deadline - time.monotonic(), 0.0))
+            except ray.exceptions.ActorUnavailableError:  # restarting: Ray refuses calls for a moment
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                log.error("rollout worker %d is gone for good (%s); %d workers remain", engine, type(exc).__name__,
+                          sum(self.alive) - 1)
+                return None
+        log.error("rollout worker %d did not come back within %.0f s; %d workers remain", engine, RESTART_TIMEOUT,
+                  sum(self.alive) - 1)
+        return None
 
     # ------------------------------------------------------------------ the rest
     def call_all(self, method: str, *args: Any) -> list:

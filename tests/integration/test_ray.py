@@ -1,0 +1,199 @@
+"""`python -m lampo.ppo_ray` on a local Ray cluster with the offline tiny model: parity with
+`lampo.ppo_vllm`, several rollout workers that hold the learner's weights after every sync, two
+learners, a rollout worker killed mid-run, a learner killed mid-run and the resume after it,
+and stale batches rolled out again.
+
+Some runs drive `RayTrainer` from the test process, to reach into its phases (kill an actor at
+a chosen moment, inspect every sync); each one shuts down the cluster it started.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from test_app_e2e import DATA, ROOT, env, metrics, write_config
+
+from lampo.config import LampoConfig
+from lampo.distributed.ray.driver import RayTrainer
+from lampo.rollout.engines import HFEngine, SamplingSettings
+from lampo.trainer import RunStopped
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+COMPARED = ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "val/sequence_lengths",
+            "val/ratio", "policy/approxkl_avg")
+
+
+def run_module(module: str, config: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, "--config", str(config), *extra], capture_output=True,
+                          text=True, timeout=timeout, env=env(), cwd=ROOT)
+
+
+def trained(run_dir: Path) -> list[dict]:
+    return [r for r in metrics(run_dir) if "objective/scores" in r]
+
+
+def assert_same_steps(a: list[dict], b: list[dict], rel: float = 1e-4) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for key in COMPARED:
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=rel, abs=1e-6), (ra["step"], key)
+
+
+def driver_config(tmp_path: Path, model: Path, **overrides) -> LampoConfig:
+    values = {"model_name_or_path": str(model), "query_dataset": str(DATA), "output_dir": str(tmp_path / "run"),
+              "engine": "hf", "batch_size": 4, "mini_batch_size": 4, "max_new_tokens": 6, "max_steps": 3,
+              "non_stop_penalty": False, "learning_rate": 1e-3, "progress": False, "seed": 3, "report_to": [],
+              "reward_model": "lampo.reward.rules.VowelReward", "vllm_kv_cache_gb": 0.25,
+              "vllm_enforce_eager": True, **overrides}
+    return LampoConfig(values)
+
+
+def test_one_worker_one_learner_matches_ppo_vllm(tmp_path, tiny_model_path):
+    """The same samples and losses as the in-process application: vLLM, one step off-policy."""
+    cfg = write_config(tmp_path, tiny_model_path, engine="vllm", reward_model="lampo.reward.rules.VowelReward",
+                       async_mode=True, max_staleness=1, report_to=[])
+    out = {}
+    for module in ("lampo.ppo_vllm", "lampo.ppo_ray"):
+        run_dir = tmp_path / module
+        done = run_module(module, cfg, "--output_dir", str(run_dir))
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[module] = run_dir
+    a, b = (trained(out[m]) for m in ("lampo.ppo_vllm", "lampo.ppo_ray"))
+    assert len(a) == 3 and [r["policy/version_lag"] for r in b] == [0.0, 1.0, 1.0]
+    assert_same_steps(a, b)
+    samples = [[json.loads(line)["messages"] for line in (out[m] / "rollouts.jsonl").read_text().splitlines()]
+               for m in ("lampo.ppo_vllm", "lampo.ppo_ray")]
+    assert samples[0] == samples[1] and samples[0]
+    assert (out["lampo.ppo_ray"] / "model.safetensors").exists()
+
+
+def test_two_vllm_workers_hold_the_learners_weights_after_every_sync(tmp_path, tiny_model_path):
+    cfg = driver_config(tmp_path, tiny_model_path, engine="vllm", num_engines=2, max_staleness=1)
+    trainer = RayTrainer(cfg)
+    used, checked = set(), []
+    send = trainer.pool._send
+
+    def record_send(chunk, seed):
+        send(chunk, seed)
+        used.add(chunk.engine)
+
+    sync = trainer.sync
+    tok = trainer.tokenizer
+    prompts = [tok("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+               ["input_ids"], tok("Why do rivers bend?", add_special_tokens=False)["input_ids"]]
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=8)
+
+    def checked_sync():
+        sync()
+        weights = dict(ray.get(trainer.pool.weights[0]))
+        reference = HFEngine(str(tiny_model_path), tok)
+        missing, unexpected = reference.model.load_state_dict(weights, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}
+        expected = [g[0].token_ids for g in reference.generate(prompts, greedy)]
+        held = [[g[0].token_ids for g in out] for out in trainer.pool.call_all("generate", prompts, greedy)]
+        assert held == [expected, expected]
+        assert trainer.pool.call_all("held_version") == [trainer.policy_version] * 2
+        checked.append(trainer.policy_version)
+
+    trainer.pool._send, trainer.sync = record_send, checked_sync
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert checked == [1, 2, 3] and used == {0, 1}
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_its_rows_rolled_out_again(tmp_path, tiny_model_path):
+    cfg = driver_config(tmp_path, tiny_model_path, num_engines=2, max_staleness=1, max_steps=4)
+    trainer = RayTrainer(cfg)
+    dispatches, batches = [], []
+    dispatch, to_train_batch = trainer.pool.dispatch, trainer.to_train_batch
+
+    def dispatch_then_kill(rows, seed):
+        job = dispatch(rows, seed)
+        dispatches.append(job)
+        if len(dispatches) == 2:  # step 2's rows are queued on both workers: one dies under them
+            ray.kill(trainer.pool.workers[job.chunks[0].engine], no_restart=False)
+        return job
+
+    def recording_to_train_batch(produced):
+        batches.append(produced.batch)
+        return to_train_batch(produced)
+
+    trainer.pool.dispatch, trainer.to_train_batch = dispatch_then_kill, recording_to_train_batch
+    try:
+        last = trainer.train()
+        G = cfg.generation.num_generations
+        expected = [sorted(r.index for r in trainer.sampler.rows_for(s) for _ in range(G)) for s in range(4)]
+    finally:
+        trainer.close()
+    assert last["ray/engine_restarts"] == 1 and last["ray/requeued_chunks"] >= 1 and last["ray/live_engines"] == 2
+    # every step trained once, on its whole batch: no rows lost, none twice
+    assert [sorted(b.prompt_index.tolist()) for b in batches] == expected
+    assert (Path(cfg.train.output_dir) / "model.safetensors").exists()
+
+
+def test_two_learners_a_learner_killed_then_resumed_equals_the_uninterrupted_run(tmp_path, tiny_model_path):
+    """Two data-parallel learners. Learner rank 1 dies in step 3: rank 0 writes the checkpoint of
+    step 2 on its own (with the batch rolled out ahead), the run stops, and the resumed run's step
+    3 is the uninterrupted run's."""
+    common = dict(num_learners=2, max_staleness=1, max_steps=3, estimator="grpo", num_generations=2,
+                  batch_size=2, mini_batch_size=4)
+    whole = tmp_path / "whole"
+    cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.VowelReward", report_to=[],
+                       output_dir=str(whole), **common)
+    done = run_module("lampo.ppo_ray", cfg)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = trained(whole)
+    assert len(reference) == 3
+
+    cut = tmp_path / "cut"
+    trainer = RayTrainer(driver_config(tmp_path, tiny_model_path, output_dir=str(cut), **common))
+    learn = trainer.group.learn
+    calls = []
+
+    def learn_and_lose_rank_1(batch, *args):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            ray.kill(trainer.group.workers[1], no_restart=True)
+        return learn(batch, *args)
+
+    trainer.group.learn = learn_and_lose_rank_1
+    try:
+        with pytest.raises(RunStopped, match=r"(?s)rank\(s\) \[1\] of 2 died.*rank 0 saved checkpoint"):
+            trainer.train()
+    finally:
+        trainer.close()
+    state = json.loads((cut / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["processes"] == 2
+
+    resumed = run_module("lampo.ppo_ray", cfg, "--output_dir", str(cut), "--resume_from_checkpoint", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_steps(reference[:2], trained(cut)[:2])
+    assert_same_steps(reference[2:], [r for r in trained(cut) if r["step"] == 3])
+
+
+def test_batches_sampled_too_long_ago_are_rolled_out_again(tmp_path, tiny_model_path):
+    """A checkpoint of an asynchronous run holds the next batch, sampled one update ago; resumed
+    on-policy (async_mode: false) that batch is too stale and is rolled out again, not trained on."""
+    cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.VowelReward", report_to=[],
+                       async_mode=True, max_steps=2, save_step=1)
+    first = run_module("lampo.ppo_vllm", cfg)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = Path(yaml.safe_load(cfg.read_text())["output_dir"])
+    again = tmp_path / "again"
+    shutil.copytree(run_dir / "checkpoint-1", again / "checkpoint-1")
+    resumed = run_module("lampo.ppo_vllm", cfg, "--output_dir", str(again), "--resume_from_checkpoint", "auto",
+                         "--async_mode", "false")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step2 = [r for r in trained(again) if r["step"] == 2][0]
+    assert step2["data/regenerated_groups"] == 4 and step2["policy/version_lag"] == 0.0
