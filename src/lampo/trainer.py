@@ -226,6 +226,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
         cfg = self.cfg
+        if not cfg.train.do_train:  # evaluation only (PaddleNLP's do_train: 0)
+            return self.evaluate_only()
         async_mode = cfg.train.async_mode
         start = time.perf_counter()
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lampo-actor")
@@ -407,7 +409,7 @@ class Trainer:
 
         if not self.test_rows:
             return {}
-        per = self.cfg.optim.batch_size
+        per = self.cfg.train.eval_batch_size or self.cfg.optim.batch_size
         scores, lengths, stops, replies = [], [], [], []
         for k in range(self.cfg.train.eval_batches):
             rows = self.test_rows[k * per : (k + 1) * per]
@@ -427,6 +429,17 @@ class Trainer:
         if getattr(self.scorer, "verifiable", False):
             out["eval/verifiable_correct_rate"] = _correct_rate(replies)
         return out
+
+    def evaluate_only(self) -> dict[str, float]:
+        """`do_train: false`: one evaluation of the starting policy, logged at the current step."""
+        try:
+            stats = self.evaluate()
+            if not stats:
+                raise RunStopped("do_train is false but the test split is empty: there is nothing to evaluate")
+            self.tracker.log(self.start_step, stats)
+            return stats
+        finally:
+            self.tracker.close()
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, pending: concurrent.futures.Future | None) -> Path | None:

@@ -30,7 +30,7 @@ from lampo.optimize.models import (
     init_value_head,
     reference_mode,
 )
-from lampo.optimize.optimizers import make_optimizer, trainable
+from lampo.optimize.optimizers import critic_group, make_optimizer, policy_group, trainable
 from lampo.speed.passes import Passes
 
 log = logging.getLogger(__name__)
@@ -79,15 +79,15 @@ class Learner:
         self.kl_ctl = (M.AdaptiveKLController(opt.kl_coef, opt.kl_target, opt.kl_horizon) if opt.adaptive_kl
                        else M.FixedKLController(opt.kl_coef))
         steps = num_training_steps or config.num_steps
-        groups = [{"params": trainable(policy), "lr": opt.learning_rate}]
+        groups = [policy_group(config, trainable(policy))]
         if self.value_head is not None:
-            groups.append({"params": list(self.value_head.parameters()), "lr": config.critic_learning_rate})
+            groups.append(critic_group(config, list(self.value_head.parameters())))
         self.optimizer, self.scheduler = make_optimizer(groups, opt.learning_rate, opt.weight_decay, opt.adam_eps,
                                                         opt.lr_scheduler_type, opt.warmup_ratio, steps)
         self.critic_optimizer = self.critic_scheduler = None
         if self.value_model is not None:
             self.critic_optimizer, self.critic_scheduler = make_optimizer(
-                [{"params": trainable(self.value_model)}], config.critic_learning_rate, opt.weight_decay,
+                [critic_group(config, trainable(self.value_model))], config.critic_learning_rate, opt.weight_decay,
                 opt.adam_eps, opt.lr_scheduler_type, opt.warmup_ratio, steps)
         if accelerator is not None:
             self._prepare_with_accelerator()
@@ -133,8 +133,9 @@ class Learner:
         ref = torch.zeros(B, T) if self.uses_reference else None
         values = torch.zeros(B, T) if self.cfg.uses_critic else None
         self.policy.eval()
-        for start in range(0, B, self.micro_batch_size):
-            idx = torch.arange(start, min(start + self.micro_batch_size, B))
+        rows = self.opt_cfg.forward_batch_size or self.micro_batch_size  # no gradients: may differ from training's
+        for start in range(0, B, rows):
+            idx = torch.arange(start, min(start + rows, B))
             mb = batch.select(idx)
             L = mb.input_ids.shape[1]
             if old is not None:
