@@ -62,3 +62,13 @@ def test_trl_classic_example_learns(family_model_path, tmp_path):
     saved = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "my_ppo_model")
     fresh = AutoModelForCausalLMWithValueHead.from_pretrained(family_model_path("gpt2"))
     assert not torch.equal(saved.v_head.weight, fresh.v_head.weight)  # the trained head came back
+
+
+def test_lm_ppo_example_runs_and_learns(family_model_path, tmp_path):
+    out = run_example("lm_ppo_basic.py", tmp_path, "--model", str(family_model_path("gpt2")), "--steps", "40",
+                      "batch_size=8", "mini_batch_size=8", "lr=3e-3", "init_kl_coef=0.01", "adap_kl_ctrl=false",
+                      "whiten_rewards=true")
+    rewards = [json.loads(line)["reward"] for line in out.splitlines() if line.startswith("{")]
+    assert len(rewards) == 40
+    first, last = statistics.mean(rewards[:10]), statistics.mean(rewards[-10:])
+    assert last >= first + RISE, (first, last, rewards)

@@ -1,4 +1,4 @@
-"""TRL-classic's library API over Lampo's learner (lampo.compat, docs/compat.md)."""
+"""TRL-classic's and lm_ppo's library API over Lampo's learner (lampo.compat, docs/compat.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lampo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+from lampo.compat.lm_ppo import GPT2HeadWithValueModel, respond_to_batch
+from lampo.compat.lm_ppo import PPOTrainer as LmPPOTrainer
 
 pytestmark = pytest.mark.slow
 
@@ -189,3 +191,30 @@ def test_critic_settings_reach_both_kinds_of_critic(gpt2, tok):
     separate = PPOTrainer(config(**kw), AutoModelForCausalLM.from_pretrained(gpt2), tok)
     (group,) = separate.learner.critic_optimizer.param_groups
     assert (group["lr"], group["weight_decay"]) == (1e-3, 0.0)
+
+
+def test_lm_ppo_names(gpt2):
+    model = GPT2HeadWithValueModel.from_pretrained(gpt2)
+    x = torch.tensor([[5, 6, 7, 8]])
+    logits, past, value = model(x)  # lm_ppo's forward: (lm_logits, presents, value)
+    assert logits.shape[:2] == (1, 4) and past is not None and value.shape == (1, 4)
+    torch.manual_seed(0)
+    response = respond_to_batch(model, x.repeat(3, 1), txt_len=5)
+    assert response.shape == (3, 5)  # a fixed length: no stop at eos, as lm_ppo
+    # a left-padded query with pad_token_id samples as the same query unpadded (positions from the mask)
+    torch.manual_seed(1)
+    plain = respond_to_batch(model, x, txt_len=4)
+    torch.manual_seed(1)
+    padded = respond_to_batch(model, torch.tensor([[0, 0, 5, 6, 7, 8]]), txt_len=4, pad_token_id=0)
+    assert torch.equal(plain, padded)
+
+    trainer = LmPPOTrainer(model, GPT2HeadWithValueModel.from_pretrained(gpt2), batch_size=2, forward_batch_size=1)
+    opt = trainer.config.optim
+    # lm_ppo's defaults: adaptive KL from 0.2 towards 6 over 10000, lr 1.41e-5, one sample per optimiser step
+    assert (opt.adaptive_kl, opt.kl_coef, opt.kl_target, opt.kl_horizon) == (True, 0.2, 6.0, 10000)
+    assert (opt.learning_rate, opt.mini_batch_size, opt.forward_batch_size, opt.ppo_epochs) == (1.41e-5, 1, 1, 4)
+    assert trainer.config.model.value_model == "head" and trainer.trainer.learner.value_head is model.v_head
+    stats = trainer.step(x.repeat(2, 1), response[:2], torch.tensor([1.0, 0.0]))
+    assert stats["objective/scores"] == pytest.approx(0.5) and stats["objective/kl_coef"] == pytest.approx(0.2)
+    with pytest.raises(TypeError, match="value head"):
+        LmPPOTrainer(AutoModelForCausalLM.from_pretrained(gpt2), None)
