@@ -293,6 +293,16 @@ class TrainConfig:
     """Stop when a logged metric reaches a threshold (value >= threshold), e.g. {"objective/scores": 0.9}."""
     progress: bool = True
     """Show the live progress bar."""
+    push_to_hub: bool = False
+    """Upload the final model to the Hugging Face hub (huggingface_hub; token from `hf auth login` or HF_TOKEN)."""
+    hub_model_id: str | None = None
+    """Hub repository `owner/name` (a bare `name` goes under the token's user); null: the run name."""
+    hub_private: bool = True
+    """Create the hub repository private (an existing repository keeps its visibility)."""
+    hub_revision: str | None = None
+    """Branch of the hub repository to push to (created from main when missing); null: main."""
+    hub_push_checkpoints: bool = False
+    """With push_to_hub, also upload every checkpoint, to `checkpoint-<step>/` in the repository."""
 
 
 @dataclass
@@ -543,7 +553,8 @@ class LampoConfig:
         _check(t.eval_batches >= 1, "eval_batches", t.eval_batches, "must be >= 1")
         _check(t.eval_batch_size is None or t.eval_batch_size >= 1, "eval_batch_size", t.eval_batch_size,
                "must be >= 1 or null")
-        _check(t.do_train or t.eval_batches >= 1, "do_train", t.do_train, "needs an evaluation to run instead")
+        _check(not (t.hub_model_id is not None and t.hub_model_id.count("/") > 1), "hub_model_id", t.hub_model_id,
+               "must be `owner/name` or `name`")
         _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit", t.save_total_limit,
                "must be >= 1 or null")
         for tracker in t.report_to:

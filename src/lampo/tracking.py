@@ -310,6 +310,31 @@ class Tracker:
                 table.add_data(step, *[_cell(row.get(c)) for c in columns])
             self._wandb_run.log({key: table}, step=step)
 
+    def log_histogram(self, step: int, name: str, values: list[float]) -> None:
+        """A distribution (e.g. token lengths): a TensorBoard histogram and a W&B histogram under `name`."""
+        if not self.enabled or not values:
+            return
+        self._check_open()
+        if self._tb is not None:
+            import numpy as np
+
+            self._tb.add_histogram(name, np.asarray(values, dtype=np.float64), _to_step(step))
+            self._tb.flush()
+        if self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.log({name: wandb.Histogram(values)}, step=_to_step(step))
+
+    @property
+    def run_url(self) -> str | None:
+        """The W&B run's page (None without W&B, or offline)."""
+        return getattr(self._wandb_run, "url", None) if self._wandb_run is not None else None
+
+    def record_config(self, values: dict[str, Any]) -> None:
+        """Facts learnt during the run (e.g. the hub repository's URL) added to the W&B run's config."""
+        if self.enabled and self._wandb_run is not None:
+            self._wandb_run.config.update(values, allow_val_change=True)
+
     def print(self, message: str) -> None:
         """Print a message on the main process without breaking the live progress bar."""
         if self.enabled:

@@ -160,6 +160,16 @@ class Trainer:
                                resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
             self.tracker.print(f"resumed from {self.resume_from} at step {self.start_step}")
+        else:  # the dataset's token lengths, once per run (open-instruct's dataset visualisation)
+            from lampo.data.stats import log_dataset_lengths
+
+            log_dataset_lengths(self.tracker, self.sampler.rows, self.tokenizer, cfg.data, cfg.train.output_dir,
+                                cfg.train.seed)
+        self.hub = None
+        if cfg.train.push_to_hub and self.is_main:  # the repository first: a refused push fails before training
+            from lampo.hub import HubPusher
+
+            self.hub = HubPusher(cfg, self.tracker)
 
     # ------------------------------------------------------------------ models
     def _load_models(self, resume: Path | None):
@@ -282,7 +292,7 @@ class Trainer:
                 if self.stop_requested:
                     self.tracker.print(f"{self.stop_requested} received: saving a checkpoint after step {step}")
                 if cfg.train.save_step and step % cfg.train.save_step == 0 or self.stop_requested:
-                    self.save_checkpoint(step, pending)
+                    self._push_checkpoint(self.save_checkpoint(step, pending), step)
                 if self.stop_requested:
                     raise RunStopped(self._stopped_message(step))
                 if stop:
@@ -485,6 +495,21 @@ class Trainer:
             merged.save_pretrained(out / "merged")
             self.tokenizer.save_pretrained(out / "merged")
         self.tracker.print(f"final model saved in {out}")
+        if self.hub is not None:
+            try:
+                url = self.hub.push_model(out, self.learner.global_step)
+            except Exception as exc:  # the hub's HTTP errors; the model is safe on disk
+                raise RunStopped(f"the model is saved in {out}, but pushing it to the hub failed: {exc}") from exc
+            self.tracker.print(f"final model pushed to {url}")
+
+    def _push_checkpoint(self, path: Path | None, step: int) -> None:
+        """With hub_push_checkpoints, upload the checkpoint just saved; a failure does not stop training."""
+        if path is None or self.hub is None or not self.cfg.train.hub_push_checkpoints:
+            return
+        try:
+            self.hub.push_checkpoint(path, step)
+        except Exception as exc:  # the hub's HTTP errors: the checkpoint is safe on disk
+            log.warning("pushing %s to the hub failed (training goes on): %s", path, exc)
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:
