@@ -141,3 +141,13 @@ def test_ptx_and_unknown_keys_are_errors_that_say_what_to_do(tmp_path):
         load(tmp_path, {"train_datasets": "ppo-kk/train.jsonl"})
     with pytest.raises(ConfigError, match=r"'recompute' \(Lampo's 'gradient_checkpointing'\) = 2 has the wrong type"):
         load(tmp_path, {"recompute": 2})
+
+
+def test_docs_compat_md_names_every_key_the_reader_knows():
+    from pathlib import Path
+
+    from lampo.compat.paddlenlp import CHECKED, FILE_NAMES, HANDLED
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "compat.md").read_text()
+    missing = [k for k in [*NO_MEANING, *FILE_NAMES, *HANDLED, *CHECKED, *DOCUMENT_FILE] if f"`{k}`" not in doc]
+    assert missing == [], f"docs/compat.md does not mention {missing}"
