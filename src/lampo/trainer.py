@@ -160,7 +160,7 @@ class Trainer:
                                resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
             self.tracker.print(f"resumed from {self.resume_from} at step {self.start_step}")
-        else:  # the dataset's token lengths, once per run (open-instruct's dataset visualisation)
+        elif self.is_main:  # the dataset's token lengths, once per run (open-instruct's dataset visualisation)
             from lampo.data.stats import log_dataset_lengths
 
             log_dataset_lengths(self.tracker, self.sampler.rows, self.tokenizer, cfg.data, cfg.train.output_dir,

@@ -87,9 +87,11 @@ def generate_call(generation_cfg: Any, pad_token_id: int, stop_token_id: int, ov
     temperature = float(kw.pop("temperature", g.temperature))
     top_k = int(kw.pop("top_k", g.top_k) or 0)  # TRL's examples write top_k=0.0
     top_p = float(kw.pop("top_p", g.top_p))
+    # transformers' max_length (prompt included) replaces the config's max_new_tokens when given alone
+    max_new = kw.pop("max_new_tokens", None if "max_length" in kw else g.max_new_tokens)
     call = GenerateCall(
         hf_kwargs=dict(
-            max_new_tokens=kw.pop("max_new_tokens", g.max_new_tokens),
+            max_new_tokens=max_new,
             min_new_tokens=kw.pop("min_new_tokens", g.min_new_tokens),
             do_sample=kw.pop("do_sample", True),
             temperature=temperature,
