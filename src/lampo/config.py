@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from lampo.compat.aliases import ALIASES
+from lampo.compat.aliases import ALIASES, FILE_NAMES, NO_MEANING
 
 REWARD_TOKEN_ENV = "LAMPO_REWARD_TOKEN"
 """The environment variable that holds the reward server's token when the config does not."""
@@ -660,10 +660,19 @@ _KEY_TO_SECTION, _FIELD_TYPES = _field_types()
 
 def _raise_unknown(key: str, value: Any, section: str | None = None) -> typing.NoReturn:
     where = f" in section '{section}'" if section else ""
+    if key in FILE_NAMES:  # a PaddleNLP argument file's name, outside an argument file
+        raise ConfigError(f"unknown config key '{key}' (value {value!r}){where}: it is PaddleNLP's name for "
+                          f"'{FILE_NAMES[key][0]}', read in PaddleNLP argument files (.json) only; write "
+                          f"'{FILE_NAMES[key][0]}'")
+    if key in NO_MEANING:
+        raise ConfigError(f"unknown config key '{key}' (value {value!r}){where}: a PaddleNLP setting with no "
+                          f"effect in Lampo ({NO_MEANING[key]}); remove it")
     # Other libraries' names are searched too, so a misspelt `max_dec_len` points at max_new_tokens.
-    candidates = list(_KEY_TO_SECTION) + list(SECTIONS) + list(ALIASES)
+    candidates = list(_KEY_TO_SECTION) + list(SECTIONS) + list(ALIASES) + list(FILE_NAMES)
     close = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.5)
-    if close and close[0] in ALIASES:
+    if close and close[0] in FILE_NAMES:
+        hint = f"; did you mean '{FILE_NAMES[close[0]][0]}' (PaddleNLP's '{close[0]}')?"
+    elif close and close[0] in ALIASES:
         alias = ALIASES[close[0]]
         hint = f"; did you mean '{alias.key}' ({alias.source.split(',')[0]}'s '{close[0]}')?"
     elif close:

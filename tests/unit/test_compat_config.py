@@ -58,6 +58,16 @@ def test_nearest_key_hints_search_aliases_too():
         LampoConfig(init_kl_coeff=0.1)
 
 
+def test_argument_file_names_outside_an_argument_file_say_where_they_belong():
+    with pytest.raises(ConfigError, match=r"'rl_algorithm'.*PaddleNLP's name for 'estimator', read in PaddleNLP "
+                                          r"argument files \(.json\) only"):
+        LampoConfig(rl_algorithm="grpo")
+    with pytest.raises(ConfigError, match=r"'use_fusemt'.*a PaddleNLP setting with no effect in Lampo"):
+        LampoConfig(use_fusemt=1)
+    with pytest.raises(ConfigError, match=r"'clip_range_rati'.*did you mean 'cliprange' \(PaddleNLP's 'clip_range_ratio'\)"):
+        LampoConfig(clip_range_rati=0.2)
+
+
 def test_flat_assignment_is_refused_and_replace_keeps_explicit_keys():
     cfg = PPOConfig(batch_size=8, mini_batch_size=8)
     with pytest.raises(AttributeError, match=r"config.replace\(batch_size=...\)"):

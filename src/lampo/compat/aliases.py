@@ -66,3 +66,58 @@ ALIASES: dict[str, Alias] = {
     "save_steps": Alias("save_step", PADDLE),
 }
 """Another library's key name -> the Lampo key it sets."""
+
+
+# ---------------------------------------------------------------------------------------------
+# PaddleNLP argument files only (lampo.compat.paddlenlp); listed here so that hints can name them
+# ---------------------------------------------------------------------------------------------
+
+ESTIMATORS = {"ppo": "gae", "grpo": "grpo", "reinforce_plus_plus": "reinforce_pp", "rloo": "rloo"}
+"""PaddleNLP's `rl_algorithm` values and Lampo's estimators."""
+
+FILE_NAMES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
+    "kl_coeff": ("kl_coef", None),
+    "kl_loss_coeff": ("kl_coef", None),
+    "clip_range_ratio": ("cliprange", None),
+    "clip_range_value": ("cliprange_value", None),
+    "normalize_reward": ("whiten_rewards", None),
+    "normalize_advantage": ("whiten_advantages", None),
+    "update_iters": ("ppo_epochs", None),
+    "rollout_n": ("num_generations", None),
+    "rl_algorithm": ("estimator", lambda v: ESTIMATORS.get(v, v)),
+    "reward_server": ("reward_model", None),
+    "disable_tqdm": ("progress", lambda v: not bool(v)),
+}
+"""Argument-file names of Lampo keys (read in argument files only), with a value conversion."""
+
+NO_MEANING: dict[str, str] = {
+    "use_fusemt": "PaddleNLP's fused generation kernels; Lampo generates with vLLM or transformers (engine)",
+    "use_flash_attention": "transformers chooses the attention kernels (attn_implementation)",
+    "fp16_opt_level": "Paddle's AMP level; Lampo keeps fp32 weights under bf16/fp16 autocast",
+    "recompute_granularity": "gradient_checkpointing (recompute) recomputes whole layers",
+    "critic_recompute_granularity": "gradient_checkpointing (recompute) recomputes whole layers",
+    "critic_recompute": "recompute (gradient_checkpointing) covers the critic as well as the policy",
+    "recompute_use_reentrant": "Lampo's gradient checkpointing is non-reentrant",
+    "logging_dir": "TensorBoard files go to output_dir/tensorboard",
+    "num_train_epochs": "max_steps (or total_episodes) sets the run's length; prompts are reused as needed",
+    "dataloader_drop_last": "every step draws exactly per_device_prompt_batch_size prompts",
+    "ignore_save_lr_and_optim": "checkpoints keep the optimiser state, needed to resume exactly",
+    "eval_mode": "evaluation rolls out the test split with the training settings",
+    "use_fused_head_and_loss_fn": "a Paddle fused kernel",
+    "fused_linear": "a Paddle fused kernel",
+    "offload_level": "Paddle's offloading; Lampo offloads through DeepSpeed (configs/ds_z2_offload_config.json)",
+    "release_grads": "a Paddle memory setting",
+    "sharding": "Paddle's sharding; Lampo runs data-parallel through accelerate (and DeepSpeed)",
+    "sharding_parallel_degree": "Paddle's sharding; Lampo runs data-parallel through accelerate",
+    "tensor_parallel_degree": "no tensor parallelism in Lampo's learner",
+    "tensor_parallel_output": "no tensor parallelism in Lampo's learner",
+    "pipeline_parallel_degree": "no pipeline parallelism in Lampo's learner",
+    "pipeline_parallel_config": "no pipeline parallelism in Lampo's learner",
+    "sequence_parallel": "no sequence parallelism in Lampo's learner",
+    "autotuner_benchmark": "a Paddle profiling switch",
+    "skip_profile_timer": "a Paddle profiling switch; Lampo always times its phases (time/*)",
+    "adam_beta1": "not supported: Lampo's AdamW keeps torch's betas (0.9, 0.999)",
+    "adam_beta2": "not supported: Lampo's AdamW keeps torch's betas (0.9, 0.999)",
+    "clip_range_score": "not supported: Lampo does not clip scores",
+}
+"""Keys accepted without effect, each with why; `translate` prints one line per key present."""
