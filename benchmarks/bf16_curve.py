@@ -28,7 +28,7 @@ import sys
 
 import yaml
 
-from benchmarks.common import ROOT, machine, save
+from benchmarks.common import ROOT, machine, publish, table
 
 RUNS = [("fp32", 0), ("fp32", 1), ("bf16", 0), ("bf16", 1)]
 
@@ -90,22 +90,17 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": runs,
                 "gap_fp32_seeds": seed_gap, "gap_bf16_vs_fp32": bf16_gaps,
                 "within_noise": max(bf16_gaps.values()) <= seed_gap}
-    save("bf16_curve", data_out)
-    print(render(data_out))
-    return 0
+    return publish("bf16_curve", data_out, render)
 
 
 def render(data: dict) -> str:
-    lines = ["| run | mean score, first 10% of steps | last 10% |", "|---|---|---|"]
-    for name, r in data["runs"].items():
-        lines.append(f"| {name} | {r['first_10pct']:.2f} | {r['last_10pct']:.2f} |")
+    rows = [[name, f"{r['first_10pct']:.2f}", f"{r['last_10pct']:.2f}"] for name, r in data["runs"].items()]
     g = data["gap_bf16_vs_fp32"]
-    lines.append(f"\nMean gap between smoothed curves ({data['steps']} steps, learning rate {data.get('lr', 1e-3):g}, "
-                 f"moving average of 5): bf16 vs fp32 on "
-                 f"the same seed {g['0']:.3f} (seed 0) and {g['1']:.3f} (seed 1); fp32 seed 0 vs seed 1 (the "
-                 f"run-to-run noise) {data['gap_fp32_seeds']:.3f}. Within the noise: "
-                 f"**{'yes' if data['within_noise'] else 'no'}**.")
-    return "\n".join(lines)
+    return (table(["run", "mean score, first 10% of steps", "last 10%"], rows)
+            + f"\n\nMean gap between smoothed curves ({data['steps']} steps, learning rate {data['lr']:g}, "
+            f"moving average of 5): bf16 vs fp32 on the same seed {g['0']:.3f} (seed 0) and {g['1']:.3f} (seed 1); "
+            f"fp32 seed 0 vs seed 1 (the run-to-run noise) {data['gap_fp32_seeds']:.3f}. Within the noise: "
+            f"**{'yes' if data['within_noise'] else 'no'}**.")
 
 
 if __name__ == "__main__":

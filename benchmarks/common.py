@@ -1,14 +1,17 @@
-"""Helpers shared by the benchmark scripts: the small model, prompts, statistics, result files."""
+"""Helpers shared by the benchmark scripts: the small model, prompts, statistics, result files and
+their markdown tables."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +47,18 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def span(s: dict, fmt: str = ".2f") -> str:
+    """A `summary` as one table cell: "median (min-max)"."""
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+
+
+def table(header: list[str], rows: Iterable[Iterable[object]], align: str = "") -> str:
+    """A markdown table. align: one letter per column, "l" (the default) or "r" (numbers)."""
+    marks = ["---:" if a == "r" else "---" for a in align.ljust(len(header), "l")]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|",
+                      *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)])
+
+
 def machine() -> dict:
     import torch
 
@@ -71,10 +86,24 @@ def _commit() -> str | None:
 
 
 def save(name: str, data: dict) -> Path:
+    """benchmarks/results/NAME.json: what `python -m benchmarks.run --render-only` renders."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def publish(name: str, data: dict, render: Callable[[dict], str]) -> int:
+    """The end of every benchmark's `main`: save its JSON, print its tables, exit status 0."""
+    save(name, data)
+    print(render(data))
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_worker(module: str, args: list[str], timeout: float = 3600, env: dict | None = None) -> dict:

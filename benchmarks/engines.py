@@ -12,9 +12,9 @@ Target: Lampo keeps at least 90% of the bare engine's tokens per second. Each fi
 median of `--runs` timed runs after one warm-up run; bare and Lampo runs alternate so that
 load from other processes on the machine hits both alike.
 
-    .venv/bin/python benchmarks/engines.py [--runs 3] [--engines hf,vllm] [--sizes tiny,small]
+    .venv/bin/python -m benchmarks.engines [--runs 3] [--engines hf,vllm] [--sizes tiny,small]
 
-Writes benchmarks/results/engines.json and engines.md.
+Writes benchmarks/results/engines.json.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.common import MODELS, ROOT, publish, table  # noqa: E402
+
 NEW_TOKENS = 64
 TARGET = 0.90
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", default="hf,vllm")
     ap.add_argument("--sizes", default="tiny,small")
     ap.add_argument("--batches", default="64,256")
-    ap.add_argument("--out", default=str(RESULTS / "engines"))
+    ap.add_argument("--name", default="engines", help="results file name (benchmarks/results/NAME.json)")
     args = ap.parse_args(argv)
     engines, sizes = args.engines.split(","), args.sizes.split(",")
     batches = [int(b) for b in args.batches.split(",")]
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from lampo.testing import build_tiny_model
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # before vLLM blocks it
-    models = {s: build_tiny_model(ROOT / "build" / "bench-models" / s, size=s, seed=0) for s in sizes}
+    models = {s: build_tiny_model(MODELS / s, size=s, seed=0) for s in sizes}
     results = []
     # transformers first: once vLLM's in-process engine starts, the thread count is frozen.
     for engine_name in engines:
@@ -201,19 +201,13 @@ def main(argv: list[str] | None = None) -> int:
             if vllm_engine is not None:
                 vllm_engine.close()
 
-    table = render(results, args.runs)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "new_tokens": NEW_TOKENS, "dtype": "float32", "sampling": "temperature 1, top_p 1, top_k 0",
         "threads": int(os.environ["OMP_NUM_THREADS"]), "runs": args.runs, "target_ratio": TARGET,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table + "\n")
-    return 0
+    return publish(args.name, {"meta": meta, "results": results}, render)
 
 
 def like_for_like(r: dict) -> float:
@@ -224,22 +218,23 @@ def like_for_like(r: dict) -> float:
     return r["ratio"]
 
 
-def render(results: list[dict], runs: int) -> str:
+def render(data: dict) -> str:
+    rows = []
+    for r in data["results"]:
+        logprobs = ([f"{r['bare_logprobs']:,.0f}", f"{r['ratio_vs_bare_logprobs']:.0%}"] if "bare_logprobs" in r
+                    else ["-", "-"])
+        rows.append([r["engine"], r["model"], r["batch"], f"{r['bare']:,.0f}", f"{r['lampo']:,.0f}", f"{r['ratio']:.0%}",
+                     "yes" if like_for_like(r) >= TARGET else "NO", f"{r['best_bare']:,.0f}",
+                     f"{r['best_lampo']:,.0f}", f"{r['best_ratio']:.0%}", *logprobs,
+                     f"{r['ratio_no_logprobs']:.0%}" if "ratio_no_logprobs" in r else "-"])
     lines = [
-        f"# Engine throughput: bare vs Lampo's rollout phase ({NEW_TOKENS} new tokens, fp32, sampling, "
-        f"median of {runs} runs)",
+        f"Generated tokens per second, bare engine vs Lampo's rollout phase: {data['meta']['new_tokens']} new tokens, "
+        f"fp32, sampling, median of {data['meta']['runs']} runs.",
         "",
-        "| engine | model | batch | bare tok/s | Lampo tok/s | Lampo / bare | same work >= 90% | best bare | best Lampo "
-        "| best ratio | bare + log-probs tok/s | Lampo / (bare + log-probs) | Lampo without log-probs / bare |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        table(["engine", "model", "batch", "bare tok/s", "Lampo tok/s", "Lampo / bare", "same work >= 90%",
+               "best bare", "best Lampo", "best ratio", "bare + log-probs tok/s", "Lampo / (bare + log-probs)",
+               "Lampo without log-probs / bare"], rows, align="llrrrrlrrrrrr"),
     ]
-    for r in results:
-        ok = "yes" if like_for_like(r) >= TARGET else "NO"
-        lp = (f"{r['bare_logprobs']:,.0f} | {r['ratio_vs_bare_logprobs']:.0%}" if "bare_logprobs" in r else "- | -")
-        lp += f" | {r['ratio_no_logprobs']:.0%}" if "ratio_no_logprobs" in r else " | -"
-        lines.append(f"| {r['engine']} | {r['model']} | {r['batch']} | {r['bare']:,.0f} | {r['lampo']:,.0f} | "
-                     f"{r['ratio']:.0%} | {ok} | {r['best_bare']:,.0f} | {r['best_lampo']:,.0f} | {r['best_ratio']:.0%} "
-                     f"| {lp} |")
     lines += [
         "",
         "bare: the engine's own call on pre-tokenized prompts (vLLM `LLM.generate` without log-probs; transformers "

@@ -19,7 +19,7 @@ import json
 import resource
 import sys
 
-from benchmarks.common import machine, model_dir, run_worker, save
+from benchmarks.common import machine, model_dir, publish, run_worker, table
 
 
 def worker(lora: bool) -> dict:
@@ -59,21 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = {v: run_worker("benchmarks.memory", ["--worker", v]) for v in ("full", "lora")}
     results["lora_over_full"] = results["lora"]["peak_rss_mb"] / results["full"]["peak_rss_mb"]
-    data = {"benchmark": "memory", "machine": machine(), "results": results}
-    save("memory", data)
-    print(render(data))
-    return 0
+    return publish("memory", {"benchmark": "memory", "machine": machine(), "results": results}, render)
 
 
 def render(data: dict) -> str:
     r = data["results"]
-    lines = ["| variant | peak RSS MB | RSS after loading MB | reference copy | trainable params |", "|---|---|---|---|---|"]
-    for v in ("full", "lora"):
-        x = r[v]
-        lines.append(f"| {v} | {x['peak_rss_mb']:.0f} | {x['after_load_mb']:.0f} | {x['reference_copy']} | "
-                     f"{x['trainable_params']:,} |")
-    lines.append(f"\nLoRA / full peak RSS: {r['lora_over_full']:.2f}")
-    return "\n".join(lines)
+    rows = [[v, f"{r[v]['peak_rss_mb']:.0f}", f"{r[v]['after_load_mb']:.0f}", r[v]["reference_copy"],
+             f"{r[v]['trainable_params']:,}"] for v in ("full", "lora")]
+    return (table(["variant", "peak RSS MB", "RSS after loading MB", "reference copy", "trainable params"], rows)
+            + f"\n\nLoRA / full peak RSS: {r['lora_over_full']:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from benchmarks.common import machine, save
+from benchmarks.common import machine, publish, table
 from lampo.speed.machine import measure_peak, onednn_linear_available
 
 
@@ -27,17 +27,11 @@ def measure() -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    peaks = measure()
-    data = {"benchmark": "peak", "machine": machine(), "peaks_flops": peaks}
-    save("peak", data)
-    print(render(data))
-    return 0
+    return publish("peak", {"benchmark": "peak", "machine": machine(), "peaks_flops": measure()}, render)
 
 
 def render(data: dict) -> str:
-    lines = ["| dtype / kernels | GFLOP/s |", "|---|---|"]
-    lines += [f"| {k} | {v / 1e9:.0f} |" for k, v in data["peaks_flops"].items()]
-    return "\n".join(lines)
+    return table(["dtype / kernels", "GFLOP/s"], [[k, f"{v / 1e9:.0f}"] for k, v in data["peaks_flops"].items()])
 
 
 if __name__ == "__main__":

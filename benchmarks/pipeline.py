@@ -21,24 +21,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import ROOT, machine, model_dir, save, summary
+from benchmarks.common import ROOT, free_port, machine, model_dir, publish, span, summary, table
 from lampo.reward.client import wait_until_healthy
 
 CONFIG = ROOT / "benchmarks" / "configs" / "pipeline.yaml"
 REWARDS = {"trivial": "benchmarks.rewards.VowelShare", "sleep200ms": "benchmarks.rewards.SlowVowelShare"}
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "LAMPO_LOG_LEVEL": "WARNING"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RewardServer:
@@ -67,11 +60,7 @@ class RewardServer:
 
 
 def run_app(cmd_prefix: list[str], out_dir: Path, overrides: dict, timeout: float = 3600) -> list[dict]:
-    """Run the application, return its metrics.jsonl rows (one per step).
-
-    (The output folders avoid dashes: before commit efd6260 the override parser turned them
-    into underscores in `--key=value` values.)
-    """
+    """Run the application, return its metrics.jsonl rows (one per step)."""
     args = [f"--{k}={v}" for k, v in overrides.items()]
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run, not a resumed or appended one
     proc = subprocess.run([*cmd_prefix, "-m", "lampo.ppo_vllm", "--config", str(CONFIG),
@@ -123,23 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         "reward_s_per_step": sync["phases_mean_s"].get("time/reward", 0.0),
         "share_of_step": sync["phases_mean_s"].get("time/reward", 0.0) / sync["phases_mean_s"]["time/training"],
     }
-    data = {"benchmark": "pipeline", "machine": machine(), "steps": steps, "results": results}
-    save("pipeline", data)
-    print(render(data))
-    return 0
+    return publish("pipeline", {"benchmark": "pipeline", "machine": machine(), "steps": steps, "results": results},
+                   render)
 
 
 def render(data: dict) -> str:
     res = data["results"]
-    lines = ["| reward model | sync s/step (min-max) | async s/step (min-max) | async/sync steps/s |", "|---|---|---|---|"]
-    for reward in REWARDS:
-        s, a = res[f"{reward}/sync"]["step_s"], res[f"{reward}/async"]["step_s"]
-        lines.append(f"| {reward} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {a['median']:.2f} "
-                     f"({a['min']:.2f}-{a['max']:.2f}) | {res[f'{reward}/async_speedup']:.2f}x |")
+    rows = [[reward, span(res[f"{reward}/sync"]["step_s"]), span(res[f"{reward}/async"]["step_s"]),
+             f"{res[f'{reward}/async_speedup']:.2f}x"] for reward in REWARDS]
     ro = res["reward_overhead"]
-    lines.append(f"\nReward phase with the trivial model over HTTP: {ro['reward_s_per_step'] * 1000:.0f} ms per step, "
-                 f"{ro['share_of_step']:.1%} of the synchronous step.")
-    return "\n".join(lines)
+    return (table(["reward model", "sync s/step (min-max)", "async s/step (min-max)", "async/sync steps/s"], rows)
+            + f"\n\nReward phase with the trivial model over HTTP: {ro['reward_s_per_step'] * 1000:.0f} ms per step, "
+            f"{ro['share_of_step']:.1%} of the synchronous step.")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ mode (micro-batching on: max_batch_size 64, max_wait_ms 5; off: max_batch_size 1
 time. Each client sends one conversation per request through Lampo's own `RewardClient`, the
 case micro-batching is for (many small concurrent requests).
 
-    .venv/bin/python benchmarks/reward_server.py            # about 2 minutes
-    .venv/bin/python benchmarks/reward_server.py --duration 2 --models trivial
+    .venv/bin/python -m benchmarks.reward_server            # about 2 minutes
+    .venv/bin/python -m benchmarks.reward_server --duration 2 --models trivial
 
-Writes benchmarks/results/reward_server.json and .md. Clients and server share the machine's
+Writes benchmarks/results/reward_server.json. Clients and server share the machine's
 cores, so absolute numbers understate a server on its own host; compare rows with each other.
 """
 
@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,9 +28,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from benchmarks.common import free_port, publish, table
 from lampo.reward.client import RewardClient, wait_until_healthy
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
     "trivial": ("lampo.reward.rules.VowelReward", {}),
     "embedding": ("lampo.reward.embedding.EmbeddingSimilarityReward",
@@ -48,12 +47,6 @@ def conversation(i: int) -> list[str]:
             "and people have written about it for a very long time."]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (Linux /proc), to show who was busy."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -66,7 +59,7 @@ def start_server(model: str, model_cfg: dict, max_batch: int, max_wait: float, f
     cfg.write_text(json.dumps({"reward_model_config": model_cfg}))
     log = open(folder / f"server-{port}.log", "w")
     # One torch thread: the load-generating clients share the same cores, and oversubscribed
-    # OpenMP threads made MiniLM 5-7x slower here (measured: 0.04 s vs 0.30 s per conversation).
+    # OpenMP threads slow the embedding model several times over (docs/reward-server.md).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lampo.reward_server", "--model", model, "--config", str(cfg), "--port", str(port),
@@ -114,13 +107,13 @@ async def load(url: str, clients: int, duration: float, warmup: float) -> dict:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each cell")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,29 +147,25 @@ def main() -> int:
         "duration_s": args.duration,
         "server_modes": {k: {"max_batch_size": v[0], "max_wait_ms": v[1]} for k, v in MODES.items()},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "reward_server.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    lines = [
-        "# Reward server benchmark",
-        "",
+    return publish("reward_server", {"meta": meta, "rows": rows}, render)
+
+
+def render(data: dict) -> str:
+    meta = data["meta"]
+    rows = [[r["model"], r["micro_batching"], r["clients"], f"{r['conversations_per_s']:.1f}", f"{r['p50_ms']:.1f}",
+             f"{r['p99_ms']:.1f}", f"{r['server_cpu_s']:.1f}", f"{r['client_cpu_s']:.1f}"] for r in data["rows"]]
+    return "\n".join([
         f"`benchmarks/reward_server.py`, {meta['date']}, {meta['machine']}. {meta['note']}; "
-        f"{args.duration:g} s measured per row. Micro-batching on: max_batch_size 64, max_wait_ms 5; "
+        f"{meta['duration_s']:g} s measured per row. Micro-batching on: max_batch_size 64, max_wait_ms 5; "
         f"off: max_batch_size 1. Load average (1 min) at the end: {meta['load_average']:.1f}.",
         "",
         "Server and client CPU are the seconds each process spent busy during the measured row plus "
         "warm-up: where the client side (httpx) burns more than the server, the load generator, not the "
         "server, is the limit.",
         "",
-        "| model | micro-batching | clients | conversations/s | p50 latency (ms) | p99 latency (ms) "
-        "| server CPU (s) | client CPU (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['micro_batching']} | {r['clients']} | {r['conversations_per_s']:.1f} | "
-                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_cpu_s']:.1f} | {r['client_cpu_s']:.1f} |")
-    (RESULTS / "reward_server.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {RESULTS / 'reward_server.json'} and {RESULTS / 'reward_server.md'}")
-    return 0
+        table(["model", "micro-batching", "clients", "conversations/s", "p50 latency (ms)", "p99 latency (ms)",
+               "server CPU (s)", "client CPU (s)"], rows),
+    ])
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import os
 import shutil
 import sys
 
-from benchmarks.common import ROOT, machine, model_dir, save
-from benchmarks.pipeline import describe, free_port, run_app
+from benchmarks.common import ROOT, free_port, machine, model_dir, publish, span, table
+from benchmarks.pipeline import describe, run_app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,21 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{procs} process(es): {r['step_s']['median']:.2f} s/step", file=sys.stderr)
     results["steps_ratio"] = results["2"]["steps_per_s"] / results["1"]["steps_per_s"]
     results["conversations_ratio"] = results["2"]["conversations_per_s"] / results["1"]["conversations_per_s"]
-    data = {"benchmark": "scaling", "machine": machine(), "steps": steps, "results": results}
-    save("scaling", data)
-    print(render(data))
-    return 0
+    return publish("scaling", {"benchmark": "scaling", "machine": machine(), "steps": steps, "results": results},
+                   render)
 
 
 def render(data: dict) -> str:
     r = data["results"]
-    lines = ["| processes | s/step (min-max) | steps/s | conversations/s |", "|---|---|---|---|"]
-    for p in ("1", "2"):
-        s = r[p]["step_s"]
-        lines.append(f"| {p} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {r[p]['steps_per_s']:.3f} | "
-                     f"{r[p]['conversations_per_s']:.1f} |")
-    lines.append(f"\n2 / 1 processes: steps/s {r['steps_ratio']:.2f}x, conversations/s {r['conversations_ratio']:.2f}x")
-    return "\n".join(lines)
+    rows = [[p, span(r[p]["step_s"]), f"{r[p]['steps_per_s']:.3f}", f"{r[p]['conversations_per_s']:.1f}"]
+            for p in ("1", "2")]
+    return (table(["processes", "s/step (min-max)", "steps/s", "conversations/s"], rows)
+            + f"\n\n2 / 1 processes: steps/s {r['steps_ratio']:.2f}x, conversations/s {r['conversations_ratio']:.2f}x")
 
 
 if __name__ == "__main__":

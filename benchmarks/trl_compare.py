@@ -13,13 +13,13 @@ temperature 1, one optimisation epoch with one optimiser step per batch, no refe
   master weights and a bf16 engine (what the trainer does with `bf16: true`). A Lampo step is the
   body of `Trainer.train` in synchronous mode, phase by phase: produce (rollout + reward),
   to_train_batch, learn (forward, advantages, optimise), sync.
-  bf16 runs train with `attn_implementation: eager` (faster than sdpa for bf16 on this CPU).
+  bf16 runs train with `attn_implementation: eager` (docs/performance-log.md, change 6).
 - lampo-vllm-fp32 / lampo-vllm-bf16: the same with `engine: vllm` (in-process vLLM on CPU), the
   engine the product is named after. lampo-vllm-bf16-sdpa: with transformers' default attention.
   lampo-vllm-fp32-mkl: lampo-vllm-fp32 with torch's default (MKL) fp32 linear layers
-  (`onednn_linear: false`).
-- lampo-fp32-noshare: lampo-fp32 without the shared-prompt forward (`share_prefix: false`).
-- lampo-fp32-before: the learner as it was before the optimisation log in docs/performance.md
+  (`speed.onednn_linear: false`).
+- lampo-fp32-noshare: lampo-fp32 without the shared-prompt forward (`speed.share_prefix: false`).
+- lampo-fp32-before: the learner as it was before the optimisation log (docs/performance-log.md)
   (reference pass despite kl_coef 0, separate pass for the old log-probs, no shared prompts,
   MKL linear layers).
 
@@ -28,10 +28,10 @@ runs take turns step by step: TRL's step (a TrainerCallback waits for its turn),
 of every Lampo variant. On a machine shared with other jobs the load changes from minute to
 minute; taking turns exposes every run to the same load. TRL has a process of its own so that
 Lampo's process-wide settings (vLLM's OpenMP thread binding, the kept memory) do not reach it
-(until change 13 of docs/performance.md all runs shared one process). The first `--warmup`
-steps of each run are not measured. Figures: seconds per step and trained (completion) tokens
-per second, median with min and max, ratio to TRL; MFU per phase from lampo.perf against the
-best fp32 peak measured in the same run.
+(docs/performance-log.md, change 13, shows what they did to it in a shared process). The first
+`--warmup` steps of each run are not measured. Figures: seconds per step and trained (completion)
+tokens per second, median with min and max, ratio to TRL; MFU per phase from lampo.perf against
+the best fp32 peak measured in the same run.
 
     .venv/bin/python -m benchmarks.trl_compare [--steps 5] [--warmup 1] [--quick]
 
@@ -47,7 +47,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import QUESTIONS, machine, model_dir, save, summary, write_messages_dataset
+from benchmarks.common import (
+    QUESTIONS,
+    machine,
+    model_dir,
+    publish,
+    span,
+    summary,
+    table,
+    write_messages_dataset,
+)
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 16, 4, 32, 1e-6
 RUNS = ("trl,trl-tuned,lampo-fp32,lampo-bf16,lampo-vllm-fp32,lampo-vllm-bf16,lampo-vllm-bf16-sdpa,lampo-vllm-fp32-mkl,"
@@ -245,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     raw = run_all(runs, steps, args.warmup)
     # Measured before and after the run, the larger kept: a neighbour's burst during one
-    # measurement only ever lowers it (one run measured half the usual fp32 rate at its start).
+    # measurement only ever lowers it.
     peaks_end = measure_peaks()
     peaks = {k: max(v, peaks_end[k]) for k, v in peaks_start.items()}
     fp32_peak = max(v for k, v in peaks.items() if k.startswith("float32"))
@@ -262,29 +271,19 @@ def main(argv: list[str] | None = None) -> int:
             "peaks_flops_start": peaks_start, "peaks_flops_end": peaks_end,
             "steps": steps, "warmup": args.warmup, "trl_process": "own",
             "setup": {"prompts": PROMPTS, "group": GROUP, "new_tokens": NEW_TOKENS, "lr": LR}, "results": results}
-    save(args.name, data)
-    print(render(data))
-    return 0
+    return publish(args.name, data, render)
 
 
 def render(data: dict) -> str:
-    lines = ["| run | s/step median (min-max) | trained tok/s median (min-max) | vs TRL | rollout s | optimize s "
-             "| MFU optimize | MFU step |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in data["results"]:
-        s, t = r["step_s"], r["tokens_per_s"]
-        mfu = r.get("mfu_vs_fp32_peak", {})
-        ph = r.get("phases_median_s", {})
-
-        def pct(key, mfu=mfu):
-            return f"{mfu[key]:.0%}" if key in mfu else ""
-
-        def sec(key, ph=ph):
-            return f"{ph[key]:.1f}" if key in ph else ""
-
-        lines.append(f"| {r['name']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {t['median']:.0f} "
-                     f"({t['min']:.0f}-{t['max']:.0f}) | {r.get('ratio_vs_trl', float('nan')):.2f}x | "
-                     f"{sec('time/rollout')} | {sec('time/optimize')} | {pct('perf/mfu_optimize')} | "
-                     f"{pct('perf/mfu')} |")
+        mfu, ph = r.get("mfu_vs_fp32_peak", {}), r.get("phases_median_s", {})
+        rows.append([r["name"], span(r["step_s"]), span(r["tokens_per_s"], ".0f"),
+                     f"{r.get('ratio_vs_trl', float('nan')):.2f}x",
+                     *(f"{ph[k]:.1f}" if k in ph else "" for k in ("time/rollout", "time/optimize")),
+                     *(f"{mfu[k]:.0%}" if k in mfu else "" for k in ("perf/mfu_optimize", "perf/mfu"))])
+    lines = [table(["run", "s/step median (min-max)", "trained tok/s median (min-max)", "vs TRL", "rollout s",
+                    "optimize s", "MFU optimize", "MFU step"], rows)]
     tuned = [f"{r['name']} {r['ratio_vs_trl_tuned']:.2f}x" for r in data["results"]
              if "ratio_vs_trl_tuned" in r and not r["name"].startswith("trl")]
     if tuned:

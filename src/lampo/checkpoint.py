@@ -16,9 +16,14 @@ Layout of one checkpoint::
       <model>/               one folder per entry of `models`:
                                `save_pretrained` output (transformers: full weights; PEFT: the adapter)
                                or `model.safetensors` with the state_dict of a plain nn.Module
+      <shard>/               entries every process wrote (`shards`: DeepSpeed's optimiser partitions)
 
 Only one process may write checkpoints into an `output_dir` (rank 0 in data parallel); gather any
-sharded state (and the other ranks' RNG states, if they differ) before calling `save_checkpoint`.
+sharded weights (and the other ranks' RNG states, if they differ) before calling `save_checkpoint`.
+State that every rank writes itself (DeepSpeed ZeRO's optimiser partitions) goes into the
+temporary directory first: rank 0 makes it with `stage_checkpoint` and hands its path to the
+other ranks, each writes its part, then rank 0 calls `save_checkpoint(..., staged=tmp, shards=[...])`,
+which completes and renames that directory like any other. `shard_path` finds such an entry.
 
 Typical use in a trainer::
 
@@ -81,6 +86,8 @@ def save_checkpoint(
     states: dict[str, dict] | None = None,
     trainer_state: dict[str, Any] | None = None,
     save_total_limit: int | None = None,
+    staged: Path | None = None,
+    shards: list[str] | None = None,
 ) -> Path:
     """Write `output_dir/checkpoint-<step>/` atomically and return its path.
 
@@ -89,8 +96,11 @@ def save_checkpoint(
     trainer_state: JSON-serialisable dict (global step, episode, data order and position, ...).
     save_total_limit: keep at most this many complete checkpoints; older ones are deleted only
     after the new one is complete.
+    staged: the temporary directory `stage_checkpoint` made, already holding `shards` (entries
+    other processes wrote); None: a new one is made here.
     """
     models = dict(models or {})
+    shards = list(shards or [])
     states = dict(states or {})
     trainer_state = dict(trainer_state or {})
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -98,6 +108,9 @@ def save_checkpoint(
     if save_total_limit is not None and save_total_limit < 1:
         raise CheckpointError(f"save_total_limit must be >= 1 or None, got {save_total_limit!r}")
     _check_names(models, states)
+    clash = set(shards) & (set(models) | {f"{name}.pt" for name in states} | _RESERVED)
+    if clash:
+        raise CheckpointError(f"shard entries {sorted(clash)} clash with a model, a state or a reserved name")
     try:
         trainer_state_text = json.dumps(trainer_state, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -107,15 +120,15 @@ def save_checkpoint(
         ) from exc
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    # A crashed earlier save left its temporary directory behind: it never looked like a
-    # checkpoint (wrong name, no marker), and this process is the only writer, so remove it.
-    clean_temp_dirs(output_dir)
-
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f"{TMP_PREFIX}{step}-{os.getpid()}"
+    tmp = Path(staged) if staged is not None else None
     try:
-        tmp.mkdir()
+        if tmp is None:
+            tmp = stage_checkpoint(output_dir, step)
+        for name in shards:
+            if not (tmp / name).exists():
+                raise CheckpointError(f"shard entry {name!r} is missing from {tmp}: every process must write "
+                                      "its part before save_checkpoint")
         kinds: dict[str, str] = {}
         for name, model in models.items():
             kinds[name] = _save_model(model, tmp / name)
@@ -128,6 +141,7 @@ def save_checkpoint(
             "step": step,
             "models": kinds,
             "states": sorted(states),
+            "shards": sorted(shards),
             "complete": True,
         }
         # The marker goes last: a directory without it is never a checkpoint.
@@ -135,7 +149,8 @@ def save_checkpoint(
         fsync_dir(tmp)
         _install(tmp, final)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (KeyboardInterrupt, SystemExit, CheckpointError)):
             raise
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -152,6 +167,20 @@ def save_checkpoint(
     if save_total_limit is not None:
         _rotate(output_dir, save_total_limit, keep=final)
     return final
+
+
+def stage_checkpoint(output_dir: str | Path, step: int) -> Path:
+    """Make the empty temporary directory that `save_checkpoint` completes into checkpoint-<step>.
+
+    Earlier saves that crashed left theirs behind: none ever looked like a checkpoint (wrong
+    name, no marker), and this process is the only one that stages, so they are removed first.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    clean_temp_dirs(output_dir)
+    tmp = output_dir / f"{TMP_PREFIX}{step}-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
 
 
 def _check_names(models: dict[str, Any], states: dict[str, Any]) -> None:
@@ -332,6 +361,18 @@ def model_path(ckpt: str | Path, name: str) -> Path:
     if name not in manifest["models"]:
         raise CheckpointError(
             f"checkpoint {ckpt} has no model '{name}'; it has {sorted(manifest['models']) or 'none'}"
+        )
+    return ckpt / name
+
+
+def shard_path(ckpt: str | Path, name: str) -> Path:
+    """Entry `name` that every process wrote into a checkpoint (see `stage_checkpoint`)."""
+    ckpt = Path(ckpt)
+    manifest = _read_manifest(ckpt)
+    if name not in manifest.get("shards", []):
+        raise CheckpointError(
+            f"checkpoint {ckpt} has no '{name}' entry written by every process: the run that saved it did not "
+            "write one ('deepspeed': a run without DeepSpeed). Resume it with the launcher it was saved with"
         )
     return ckpt / name
 

@@ -34,6 +34,11 @@ REWARD_TOKEN_ENV = "LAMPO_REWARD_TOKEN"
 """The environment variable that holds the reward server's token when the config does not."""
 
 
+GSPO_CLIP = (3e-4, 4e-4)
+"""GSPO's clip range of its sequence ratio (Zheng et al. 2025, section 5.1): a length-normalised
+ratio moves far less than a token's, so the range is tiny."""
+
+
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key and what to do."""
 
@@ -70,7 +75,7 @@ class ModelConfig:
     bf16: bool = False
     """Mixed precision with bfloat16 autocast (fp32 master weights)."""
     fp16: bool = False
-    """Mixed precision with float16 autocast (GPU only)."""
+    """Mixed precision with float16 autocast and a loss scaler (GPU only; on a CPU use bf16)."""
     trust_remote_code: bool = False
     """Pass trust_remote_code to transformers when loading models."""
     attn_implementation: str | None = None
@@ -97,6 +102,8 @@ class DataConfig:
     """A PaddleNLP task file (JSON list of data files, optional mixing weights) for the train split; replaces query_dataset's."""
     eval_task_config: str | None = None
     """A PaddleNLP task file for the test split (evaluation); replaces query_dataset's test split."""
+    ptx_dataset: str | None = None
+    """PPO-ptx's supervised data (prompt/response pairs, `messages` ending with the assistant, or PaddleNLP src/tgt), loaded like query_dataset; null: no ptx loss."""
     truncation: Literal["error", "left", "skip"] = "error"
     """What to do with a prompt longer than `max_prompt_len`: stop with an error, cut from the left, or skip the row."""
 
@@ -117,6 +124,8 @@ class GenerationConfig:
     """Repetition penalty (1.0 disables it)."""
     engine_logprobs: bool = True
     """Ask the engine for each sampled token's log-prob (logged as val/engine_logprob_diff, a weight-sync check)."""
+    engine_logprob_tolerance: float = 0.1
+    """Before the first step, warn when the engine's and the learner's log-probs of the first batch differ by more than this on average (a dtype, sampling-settings or weight-sync mismatch)."""
     max_new_tokens: int = 32
     """Most tokens generated per assistant turn."""
     min_new_tokens: int = 0
@@ -175,8 +184,8 @@ class RewardConfig:
 class OptimConfig:
     """The optimisation phase: estimator, losses, KL, optimiser."""
 
-    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "dr_grpo"] = "gae"
-    """Advantage estimator: `gae` (PPO with a critic), `grpo`, `rloo`, `reinforce_pp` (REINFORCE++), `dr_grpo`."""
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "dr_grpo"] = "gae"
+    """Advantage estimator: `gae` (PPO with a critic), `grpo`, `rloo`, `reinforce_pp` (REINFORCE++), `reinforce_pp_baseline` (REINFORCE++ with a group baseline), `dr_grpo` (docs/algorithms.md)."""
     batch_size: int = 16
     """Prompts (dataset rows) per step and per process; each process trains on batch_size * num_generations conversations."""
     mini_batch_size: int = 16
@@ -223,8 +232,14 @@ class OptimConfig:
     """Target KL (summed over a response) of the adaptive controller."""
     kl_horizon: int = 10000
     """Horizon (episodes) of the adaptive controller."""
+    policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
+    """The policy loss: PPO's clipped token ratio, GSPO's clipped sequence ratio (Zheng et al. 2025) or CISPO's clipped, stopped weight times log-prob (MiniMax-M1)."""
     cliprange: float = 0.2
     """PPO ratio clip epsilon."""
+    cliprange_low: float | None = None
+    """Lower clip epsilon (ratio floor 1 - eps); null: `cliprange`, 3e-4 for gspo, and no floor for cispo (MiniMax-M1 sets none)."""
+    cliprange_high: float | None = None
+    """Upper clip epsilon (ratio ceiling 1 + eps; DAPO's clip-higher sets it above the lower one, e.g. 0.28); null: `cliprange`, or 4e-4 for gspo."""
     dual_clip: float | None = None
     """Dual-clip constant c > 1 for negative advantages (Ye et al. 2020); null disables it."""
     cliprange_value: float = 0.2
@@ -247,6 +262,24 @@ class OptimConfig:
     """Replace the score of a conversation that never produced the stop token by `penalty_reward_value`."""
     penalty_reward_value: float = -10.0
     """Score given to a conversation whose response never produced the stop token (non-stop penalty)."""
+    overlong_buffer_len: int = 0
+    """DAPO's overlong shaping: the last this many tokens before max_new_tokens cost a linearly growing penalty (0: off)."""
+    overlong_penalty_factor: float = 1.0
+    """The overlong penalty at max_new_tokens (it grows from 0 at the buffer's start)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose scores are all equal (no signal) and refill the batch from more prompts."""
+    dynamic_sampling_max_rounds: int = 3
+    """Extra rollout rounds a step may spend refilling; past them it trains the groups it has and says so."""
+    rollout_correction: Literal["none", "tis", "mis", "seq_tis", "seq_mis"] = "none"
+    """Correct the policy loss for the engine/learner probability gap: truncated (tis) or masked (mis) importance weights, per token or per sequence (docs/algorithms.md)."""
+    rollout_correction_low: float = 0.5
+    """Lower bound of pi_old / pi_engine for the masking corrections (mis, seq_mis)."""
+    rollout_correction_high: float = 2.0
+    """Upper bound of pi_old / pi_engine: the truncation of tis and seq_tis, the mask of mis and seq_mis."""
+    ptx_coef: float = 0.05
+    """PPO-ptx (InstructGPT): weight of the language-modelling loss on `ptx_dataset` added to every minibatch's loss."""
+    ptx_batch_size: int | None = None
+    """Supervised examples mixed into each minibatch; null: mini_batch_size."""
     max_bad_steps: int = 3
     """Consecutive steps with a non-finite loss or gradient (skipped) before training stops with an error."""
 
@@ -318,6 +351,8 @@ class SpeedConfig:
     """Keep freed memory in the process (glibc mallopt) so each step re-uses the last step's pages instead of faulting in fresh ones; process-wide, CPU."""
     vllm_block_size: int = 16
     """Tokens per vLLM KV-cache block (a multiple of 16); a prompt's samples share its KV in whole blocks only, so 16 shares more than vLLM's CPU default 128."""
+    peak_flops: float | None = None
+    """FLOP/s that perf/mfu is measured against (e.g. a GPU's data-sheet figure); null measures the matmul peak of the model's device once at start (LAMPO_PEAK_FLOPS also sets it)."""
 
 
 SECTIONS: dict[str, type] = {
@@ -406,14 +441,32 @@ class LampoConfig:
         """Derived: PPO puts KL in the reward; GRPO-family estimators put it in the loss (DeepSeekMath)."""
         if self.optim.kl_in_reward is not None:
             return self.optim.kl_in_reward
-        return self.optim.estimator in ("gae", "reinforce_pp")
+        return self.optim.estimator in ("gae", "reinforce_pp", "reinforce_pp_baseline")
 
     @property
     def loss_aggregation(self) -> str:
-        """Derived: Dr. GRPO (Liu et al. 2025) uses a constant sum-norm; everything else token-mean."""
+        """Derived: Dr. GRPO (Liu et al. 2025) uses a constant sum-norm, GSPO a mean over sequences; else token-mean."""
         if self.optim.loss_aggregation is not None:
             return self.optim.loss_aggregation
-        return "seq-mean-token-sum-norm" if self.optim.estimator == "dr_grpo" else "token-mean"
+        if self.optim.estimator == "dr_grpo":
+            return "seq-mean-token-sum-norm"
+        return "seq-mean-token-mean" if self.optim.policy_loss == "gspo" else "token-mean"
+
+    @property
+    def clip_low(self) -> float | None:
+        """Derived: the lower clip epsilon of the policy loss (None: no floor, CISPO's default)."""
+        p = self.optim
+        if p.cliprange_low is not None:
+            return p.cliprange_low
+        return {"ppo": p.cliprange, "gspo": GSPO_CLIP[0], "cispo": None}[p.policy_loss]
+
+    @property
+    def clip_high(self) -> float:
+        """Derived: the upper clip epsilon of the policy loss (DAPO's clip-higher when above the lower one)."""
+        p = self.optim
+        if p.cliprange_high is not None:
+            return p.cliprange_high
+        return GSPO_CLIP[1] if p.policy_loss == "gspo" else p.cliprange
 
     @property
     def rollout_batch_size(self) -> int:
@@ -475,7 +528,7 @@ class LampoConfig:
                f"must divide batch_size * num_generations = {rollout}")
         _check(p.mini_batch_size % p.gradient_accumulation_steps == 0, "gradient_accumulation_steps",
                p.gradient_accumulation_steps, f"must divide mini_batch_size = {p.mini_batch_size}")
-        if p.estimator in ("grpo", "rloo", "dr_grpo"):
+        if p.estimator in ("grpo", "rloo", "dr_grpo", "reinforce_pp_baseline"):
             _check(g.num_generations >= 2, "num_generations", g.num_generations,
                    f"must be >= 2 for estimator '{p.estimator}' (it compares samples of one prompt)")
         _check(p.kl_coef >= 0, "kl_coef", p.kl_coef, "must be >= 0")
@@ -484,6 +537,26 @@ class LampoConfig:
         _check(0 < p.cliprange < 1, "cliprange", p.cliprange, "must be in (0, 1)")
         _check(p.cliprange_value > 0, "cliprange_value", p.cliprange_value, "must be > 0")
         _check(p.dual_clip is None or p.dual_clip > 1, "dual_clip", p.dual_clip, "must be > 1 or null")
+        _check(p.cliprange_low is None or 0 < p.cliprange_low < 1, "cliprange_low", p.cliprange_low,
+               "must be in (0, 1) or null")
+        _check(p.cliprange_high is None or p.cliprange_high > 0, "cliprange_high", p.cliprange_high,
+               "must be > 0 or null")
+        _check(p.overlong_buffer_len >= 0, "overlong_buffer_len", p.overlong_buffer_len, "must be >= 0 (0: off)")
+        _check(p.overlong_buffer_len <= g.max_new_tokens, "overlong_buffer_len", p.overlong_buffer_len,
+               f"must be <= max_new_tokens = {g.max_new_tokens}")
+        _check(p.overlong_penalty_factor >= 0, "overlong_penalty_factor", p.overlong_penalty_factor, "must be >= 0")
+        _check(p.dynamic_sampling_max_rounds >= 0, "dynamic_sampling_max_rounds", p.dynamic_sampling_max_rounds,
+               "must be >= 0")
+        _check(not p.dynamic_sampling or g.num_generations >= 2, "dynamic_sampling", p.dynamic_sampling,
+               "needs num_generations >= 2 (it drops groups whose samples all score the same)")
+        _check(0 < p.rollout_correction_low < 1, "rollout_correction_low", p.rollout_correction_low,
+               "must be in (0, 1)")
+        _check(p.rollout_correction_high > 1, "rollout_correction_high", p.rollout_correction_high, "must be > 1")
+        _check(p.rollout_correction == "none" or g.engine_logprobs, "rollout_correction", p.rollout_correction,
+               "needs the engine's log-probs: set engine_logprobs: true")
+        _check(p.ptx_coef >= 0, "ptx_coef", p.ptx_coef, "must be >= 0")
+        _check(p.ptx_batch_size is None or p.ptx_batch_size >= 1, "ptx_batch_size", p.ptx_batch_size,
+               "must be >= 1 or null")
         _check(p.vf_coef >= 0, "vf_coef", p.vf_coef, "must be >= 0")
         _check(0 <= p.gamma <= 1, "gamma", p.gamma, "must be in [0, 1]")
         _check(0 <= p.lam <= 1, "lam", p.lam, "must be in [0, 1]")
@@ -509,6 +582,7 @@ class LampoConfig:
         _check(g.top_k >= 0, "top_k", g.top_k, "must be >= 0 (0 disables)")
         _check(g.repetition_penalty > 0, "repetition_penalty", g.repetition_penalty, "must be > 0")
         _check(g.max_new_tokens >= 1, "max_new_tokens", g.max_new_tokens, "must be >= 1")
+        _check(g.engine_logprob_tolerance > 0, "engine_logprob_tolerance", g.engine_logprob_tolerance, "must be > 0")
         _check(0 <= g.min_new_tokens <= g.max_new_tokens, "min_new_tokens", g.min_new_tokens,
                f"must be in [0, max_new_tokens = {g.max_new_tokens}]")
         _check(g.vllm_kv_cache_gb > 0, "vllm_kv_cache_gb", g.vllm_kv_cache_gb, "must be > 0")
@@ -517,6 +591,8 @@ class LampoConfig:
         _check(self.speed.vllm_block_size >= 16 and self.speed.vllm_block_size % 16 == 0, "vllm_block_size",
                self.speed.vllm_block_size,
                "must be a positive multiple of 16 (vLLM's attention kernels work in blocks of 16)")
+        _check(self.speed.peak_flops is None or self.speed.peak_flops > 0, "peak_flops", self.speed.peak_flops,
+               "must be > 0 (FLOP/s) or null")
         _check(d.max_prompt_len >= 1, "max_prompt_len", d.max_prompt_len, "must be >= 1")
         _check(0 <= d.test_split_ratio < 1, "test_split_ratio", d.test_split_ratio, "must be in [0, 1)")
         _check(m.lora_r >= 1, "lora_r", m.lora_r, "must be >= 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,6 @@ def _moving_average(xs: list[int], ys: list[float], window: int) -> tuple[list[i
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m lampo.plot RUN_DIR`: the same as `lampo plot RUN_DIR`."""
-    import sys
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: lampo plot RUN_DIR   (RUN_DIR is a run's output_dir, holding metrics.jsonl)", file=sys.stderr)

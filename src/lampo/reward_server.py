@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -477,8 +478,6 @@ def create_app(
         state.batcher.start()
         state.model = model
         logger.info("reward model %s loaded; ready", model_cls.__name__)
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -64,6 +64,15 @@ METRIC_NAMES: tuple[str, ...] = (
     "val/sequence_lengths",
     "val/num_stop_token_ids",
     "val/engine_logprob_diff",
+    "val/policy_change_logprob_diff",
+    "rollout/kl",
+    "rollout/kl_numerical",
+    "rollout/kl_staleness",
+    "rollout/ratio_mean",
+    "rollout/ratio_min",
+    "rollout/ratio_max",
+    "rollout/ratio_corrected_frac",
+    "loss/ptx",
     "val/explained_variance",
     "time/from_scratch",
     "time/training",
@@ -83,7 +92,11 @@ METRIC_NAMES: tuple[str, ...] = (
     "reward/failed_requests",
     "data/skipped_rows",
     "data/cut_at_max_prompt_len",
+    "data/filtered_groups",
+    "data/resample_rounds",
     "optim/skipped_steps",
+    "optim/scaler_skipped_steps",
+    "optim/loss_scale",
     "eval/scores",
     "eval/sequence_lengths",
     "eval/num_stop_token_ids",
@@ -130,8 +143,9 @@ class MetricWindow:
     """
 
     SUMMED = ("reward/retries", "reward/failed_requests", "data/skipped_rows", "data/cut_at_max_prompt_len",
-              "optim/skipped_steps")
-    LATEST = ("episode", "epoch", "lr", "objective/kl_coef", "time/from_scratch", "policy/version_lag")
+              "data/filtered_groups", "data/resample_rounds", "optim/skipped_steps", "optim/scaler_skipped_steps")
+    LATEST = ("episode", "epoch", "lr", "objective/kl_coef", "time/from_scratch", "policy/version_lag",
+              "optim/loss_scale")
 
     def __init__(self) -> None:
         self._rows: list[dict[str, float]] = []

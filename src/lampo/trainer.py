@@ -19,10 +19,14 @@ by exactly one policy version, which it records.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
+import dataclasses
 import logging
 import os
+import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +37,14 @@ import torch
 
 from lampo import checkpoint as ckpt
 from lampo import perf, speed
-from lampo.config import LampoConfig
+from lampo.config import ConfigError, LampoConfig
 from lampo.data.formats import PromptRow
 from lampo.data.loading import load_prompt_dataset
+from lampo.distributed.strategy import Strategy
+from lampo.optimize import maths as M
 from lampo.optimize.advantages import compute_advantages
 from lampo.optimize.batch import TrainBatch, build_train_batch
-from lampo.optimize.learner import Learner, fw_is_finite
+from lampo.optimize.learner import Learner, check_fp16_device
 from lampo.optimize.models import (
     ValueModel,
     attn_implementation_for,
@@ -46,6 +52,7 @@ from lampo.optimize.models import (
     is_peft_model,
     load_policy,
 )
+from lampo.optimize.ptx import load_ptx
 from lampo.rollout.batch import RolloutBatch
 from lampo.rollout.engines import make_engine
 from lampo.rollout.multistep import rollout
@@ -56,8 +63,8 @@ from lampo.tracking import MetricWindow, PhaseTimer, Tracker
 log = logging.getLogger("lampo")
 
 
-SEED_STRIDE, RANK_STRIDE, SEED_MODULUS = 1_000_003, 10_007, 2**31 - 1
-"""How a run's seed, a rank and a step number mix into a sampling seed (`Trainer._sampling_seed`)."""
+SEED_STRIDE, RANK_STRIDE, ROUND_STRIDE, SEED_MODULUS = 1_000_003, 10_007, 100_003, 2**31 - 1
+"""How a run's seed, a rank, a step number and a refill round mix into a sampling seed (`Trainer._sampling_seed`)."""
 
 
 class RunStopped(RuntimeError):
@@ -73,6 +80,8 @@ class Produced:
     step: int
     times: dict[str, float] = field(default_factory=dict)
     reward_stats: dict[str, float] = field(default_factory=dict)
+    data_stats: dict[str, float] = field(default_factory=dict)
+    """Dynamic sampling's counters (data/filtered_groups, data/resample_rounds)."""
 
 
 class PromptSampler:
@@ -93,6 +102,14 @@ class PromptSampler:
         start = step * self.per_step * self.world
         return divmod(start, len(self.rows))
 
+    def refill_rows(self, step: int, round_: int) -> list[PromptRow]:
+        """Further rows for refill round `round_` of `step` (dynamic sampling), drawn without
+        replacement from the whole dataset by a generator of (seed, rank, step, round) only, so a
+        resumed run refills with the same rows."""
+        rng = np.random.default_rng([self.seed, self.rank, step, round_])
+        picked = rng.choice(len(self.rows), size=min(self.per_step, len(self.rows)), replace=False)
+        return [self.rows[i] for i in picked]
+
     def rows_for(self, step: int) -> list[PromptRow]:
         n = len(self.rows)
         start = step * self.per_step * self.world + self.rank * self.per_step
@@ -107,12 +124,16 @@ class PromptSampler:
 class Trainer:
     """Builds everything from a LampoConfig and runs the loop."""
 
-    def __init__(self, cfg: LampoConfig, raw_config: dict | None = None, accelerator=None):
+    def __init__(self, cfg: LampoConfig, raw_config: dict | None = None, strategy: Strategy | None = None):
         self.cfg = cfg
-        self.acc = accelerator
-        self.rank = accelerator.process_index if accelerator else 0
-        self.world = accelerator.num_processes if accelerator else 1
+        # The run's processes and how its gradients are made (lampo.distributed); all rank
+        # handling below goes through it.
+        self.strategy = strategy if strategy is not None else Strategy()
+        self.rank, self.world = self.strategy.rank, self.strategy.world
         self.is_main = self.rank == 0
+        # The single-process learner trains where the models load (CPU); accelerate and DeepSpeed
+        # move them to the GPU when there is one.
+        check_fp16_device(cfg, "cuda" if self.world > 1 and torch.cuda.is_available() else "cpu")
         self.num_steps = cfg.steps_for(self.world)
         self.stop_requested: str | None = None
         _seed_everything(cfg.train.seed + self.rank)
@@ -136,15 +157,19 @@ class Trainer:
 
         self.resume_from = ckpt.resolve_checkpoint(cfg.train.output_dir, cfg.train.resume_from_checkpoint)
         policy, value_model, ref_model = self._load_models(self.resume_from)
+        ptx = None
+        if cfg.data.ptx_dataset:
+            ptx = load_ptx(cfg.data.ptx_dataset, self.tokenizer, cfg.data.max_prompt_len + cfg.generation.max_new_tokens)
         self.learner = Learner(cfg, policy, ref_model=ref_model, value_model=value_model,
-                               num_training_steps=self.num_steps,
-                               accelerator=accelerator if self.world > 1 else None)
+                               num_training_steps=self.num_steps, strategy=self.strategy, ptx=ptx,
+                               keep_sampling_weights=cfg.train.async_mode)
         self._check_reward_vocab(policy)
-        # With bf16 the engine generates in bf16 too (faster rollouts); the learner keeps fp32
-        # master weights and recomputes every log-prob it trains on.
+        # With bf16 or fp16 the engine generates in that precision too (faster rollouts); the learner
+        # keeps fp32 master weights (under DeepSpeed, its optimiser does) and recomputes every
+        # log-prob it trains on.
         self.engine = make_engine(cfg.generation, cfg.model.model_name_or_path, self.tokenizer,
                                   max_prompt_len=cfg.data.max_prompt_len, seed=cfg.train.seed + self.rank,
-                                  dtype="bfloat16" if cfg.model.bf16 else "float32", speed=cfg.speed,
+                                  dtype=_half_dtype_name(cfg.model) or "float32", speed=cfg.speed,
                                   attn_implementation=attn_implementation_for(cfg.model.model_name_or_path,
                                                                                cfg.model))
         self.start_step, self.policy_version, self.pending = 0, 0, None
@@ -152,10 +177,9 @@ class Trainer:
             self._restore(self.resume_from)
             self.sync()
         self.engine_version = self.policy_version
-        # Utilisation is reported against the measured matmul peak of the model's device
-        # (LAMPO_PEAK_FLOPS overrides it).
-        self.peak_flops = machine_peak(torch.bfloat16 if cfg.model.bf16 else torch.float32,
-                                       device=next(policy.parameters()).device)
+        # Utilisation is reported against `peak_flops`, or the measured matmul peak of the model's device.
+        self.peak_flops = cfg.speed.peak_flops or machine_peak(getattr(torch, _half_dtype_name(cfg.model) or "float32"),
+                                                               device=next(self.learner.policy.parameters()).device)
         self.tracker = Tracker(cfg, cfg.to_dict(), self.num_steps, is_main_process=self.is_main,
                                resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
@@ -206,32 +230,82 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         states, trainer_state = ckpt.load_checkpoint(path, weights_only=False)
+        saved_world = trainer_state.get("processes")  # absent: saved before it was recorded
+        if saved_world is not None and saved_world != self.world:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was saved by {saved_world} process(es) and this run has {self.world}: each "
+                f"rank resumes its own data, sampling and optimiser state. Resume with {saved_world} processes"
+            )
         self.learner.load_state_dict(states["learner"])
-        ckpt.set_rng_state(states["rng"])
+        self.learner.load_shards(path)
+        own = states
+        if saved_world is not None and saved_world > 1:  # each rank's own RNG state and pending batch
+            own = torch.load(ckpt.shard_path(path, RANK_STATES) / f"{self.rank}.pt", map_location="cpu",
+                             weights_only=False)
+        ckpt.set_rng_state(own["rng"])
         self.start_step = int(trainer_state["step"])
         self.policy_version = int(trainer_state["policy_version"])
-        pending = states.get("pending") or {}
+        pending = own.get("pending") or {}
         if pending.get("produced") is not None:
             self.pending = pending["produced"]
 
     # ------------------------------------------------------------------ phases 1-2: the actor
     def produce(self, step: int, rows: list[PromptRow] | None = None) -> Produced:
         """Rollout then reward for `step` (runs in the background thread in async mode)."""
-        t0 = time.perf_counter()
-        rows = self.sampler.rows_for(step) if rows is None else rows
-        batch = rollout(self.engine, self.tokenizer, rows, self.cfg.generation, self.cfg.data,
-                        policy_version=self.engine_version, seed=self._sampling_seed(step))
-        t1 = time.perf_counter()
-        scores = self.scorer.score(batch.messages) if len(batch) else []
-        t2 = time.perf_counter()
-        return Produced(batch, scores, step, {"time/rollout": t1 - t0, "time/reward": t2 - t1},
-                        self.scorer.stats())
+        produced = self._rollout_and_score(step, self.sampler.rows_for(step) if rows is None else rows)
+        if self.cfg.optim.dynamic_sampling and rows is None:
+            produced = self._dynamic_sampling(produced)
+        return produced
 
-    def _sampling_seed(self, step: int) -> int:
-        # Sampling depends only on (seed, rank, step): a resumed run draws the same samples. The
-        # seed and the rank are spread apart by primes so that no two (seed, rank, step) collide
-        # in practice, and the result is a positive 31-bit seed, as engines take.
-        return (self.cfg.train.seed * SEED_STRIDE + self.rank * RANK_STRIDE + step) % SEED_MODULUS
+    def _rollout_and_score(self, step: int, rows: list[PromptRow], round_: int = 0) -> Produced:
+        timer = PhaseTimer()
+        with timer("rollout"):
+            batch = rollout(self.engine, self.tokenizer, rows, self.cfg.generation, self.cfg.data,
+                            policy_version=self.engine_version, seed=self._sampling_seed(step, round_))
+        with timer("reward"):
+            scores = self.scorer.score(batch.messages) if len(batch) else []
+        return Produced(batch, scores, step, timer.times, self.scorer.stats())
+
+    def _dynamic_sampling(self, first: Produced) -> Produced:
+        """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): keep the groups whose samples did not
+        all score the same (the others have zero advantage: no signal), and refill the batch from
+        further prompts, at most `dynamic_sampling_max_rounds` extra rollout rounds."""
+        G, want = self.cfg.generation.num_generations, self.cfg.optim.batch_size
+        rounds, filtered, have = [first], 0, 0
+        kept: list[Produced] = []
+        while True:
+            produced = rounds[-1]
+            scores = self.to_train_batch(produced).seq_scores.view(-1, G)
+            informative = (scores.max(1).values > scores.min(1).values).tolist()
+            filtered += informative.count(False)
+            take = [g for g, ok in enumerate(informative) if ok][: want - have]
+            rows = [g * G + j for g in take for j in range(G)]
+            if rows:
+                kept.append(Produced(produced.batch.select(rows), [produced.scores[i] for i in rows], first.step))
+            have += len(take)
+            if have >= want or len(rounds) > self.cfg.optim.dynamic_sampling_max_rounds:
+                break
+            extra = len(rounds)
+            rounds.append(self._rollout_and_score(first.step, self.sampler.refill_rows(first.step, extra), extra))
+        if have < want:
+            log.warning("dynamic sampling: step %d has %d of %d groups with a learning signal after %d extra "
+                        "rounds (dynamic_sampling_max_rounds); it trains on those", first.step + 1, have, want,
+                        len(rounds) - 1)
+        parts = kept or [Produced(first.batch.select([]), [], first.step)]
+        return Produced(
+            RolloutBatch.concat([p.batch for p in parts], self.tokenizer.pad_token_id),
+            [score for p in parts for score in p.scores], first.step,
+            {k: sum(r.times[k] for r in rounds) for k in first.times},
+            {k: sum(r.reward_stats.get(k, 0.0) for r in rounds) for k in first.reward_stats},
+            {"data/filtered_groups": float(filtered), "data/resample_rounds": float(len(rounds) - 1)},
+        )
+
+    def _sampling_seed(self, step: int, round_: int = 0) -> int:
+        # Sampling depends only on (seed, rank, step, refill round): a resumed run draws the same
+        # samples. The parts are spread apart by primes so that no two combinations collide in
+        # practice, and the result is a positive 31-bit seed, as engines take.
+        mixed = self.cfg.train.seed * SEED_STRIDE + self.rank * RANK_STRIDE + round_ * ROUND_STRIDE + step
+        return mixed % SEED_MODULUS
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
@@ -246,6 +320,7 @@ class Trainer:
             pending = _done_future(self.pending)
         last_stats: dict[str, float] = {}
         window = MetricWindow()  # the steps since the last logged one (`logging_steps`)
+        self.empty_steps = 0
         self._install_signal_handlers()
         step = self.start_step
         try:
@@ -261,7 +336,13 @@ class Trainer:
 
                 # 3-5. forward, advantages, optimise
                 train_batch = self.to_train_batch(produced)
-                stats = self.learn(train_batch)
+                if len(train_batch) == 0:
+                    stats = self._nothing_to_train(step, produced)
+                else:
+                    self.empty_steps = 0
+                    if step == self.start_step:
+                        self.check_engine_agreement(train_batch)
+                    stats = self.learn(train_batch)
                 self.policy_version += 1
 
                 # 6. weight sync, once the actor is idle (it generates with one version only)
@@ -320,13 +401,52 @@ class Trainer:
         return (f"stopped by {self.stop_requested} after step {step}; checkpoint saved in "
                 f"{self.cfg.train.output_dir}. Resume with the same command plus --resume_from_checkpoint auto")
 
+    def _nothing_to_train(self, step: int, produced: Produced) -> dict[str, float]:
+        """A step whose batch holds no conversation (every row skipped or filtered) is not trained;
+        a whole pass over the data without one stops the run."""
+        self.empty_steps += 1
+        b = produced.batch
+        self.tracker.print(f"step {step + 1}: no conversation to train on ({b.skipped_rows} rows skipped by "
+                           "truncation: skip, groups without a learning signal dropped by dynamic sampling); "
+                           "the step is skipped")
+        if self.empty_steps * self.cfg.optim.batch_size * self.world >= len(self.sampler.rows):
+            raise NothingToTrain(
+                f"{self.empty_steps} steps in a row, a whole pass over query_dataset "
+                f"({len(self.sampler.rows)} rows), gave no conversation to train on: every row was skipped "
+                "(prompts over max_prompt_len with truncation: skip) or filtered (dynamic_sampling). Raise "
+                "max_prompt_len, use truncation: left, or check the dataset and the reward"
+            )
+        return {"optim/skipped_steps": 1.0, "lr": self.learner.lr}
+
+    def check_engine_agreement(self, batch: TrainBatch) -> float | None:
+        """Before the first update: the engine's and the learner's log-probs of the first batch on the
+        same weights, with the run's own sampling settings; a warning names the likely causes when
+        they differ by more than `engine_logprob_tolerance` on average. Returns the mean gap."""
+        if batch.engine_logprobs is None or not bool(batch.action_mask.any()):
+            return None
+        gap = float(M.engine_logprob_gap(self.learner.logprobs(batch), batch.engine_logprobs, batch.action_mask))
+        tolerance = self.cfg.generation.engine_logprob_tolerance
+        if gap > tolerance:
+            g, m = self.cfg.generation, self.cfg.model
+            causes = ["a weight sync that did not reach the engine (it loaded model_name_or_path, the learner "
+                      "holds other weights)"]
+            if m.bf16 or m.fp16:
+                causes.insert(0, "the engine generates in bf16/fp16 while the learner keeps fp32 weights")
+            if g.repetition_penalty != 1.0:
+                causes.insert(0, f"repetition_penalty = {g.repetition_penalty} changes the engine's distribution, "
+                                 "which the learner does not reproduce")
+            log.warning("the engine's and the learner's log-probs of the first batch differ by %.3g on average "
+                        "(engine_logprob_tolerance = %g) on the same weights, with temperature %g, top_k %d, top_p "
+                        "%g. Likely causes: %s", gap, tolerance, g.temperature, g.top_k, g.top_p, "; ".join(causes))
+        return gap
+
     # ------------------------------------------------------------------ phases 3-5: the learner
     def learn(self, batch: TrainBatch) -> dict[str, float]:
         """Forward, advantages and optimise on one batch, each timed; returns the step's metrics."""
         timer = PhaseTimer()
         with timer("forward"):  # 3. old log-probs, reference log-probs, values
             fw = self.learner.forward(batch)
-        if not fw_is_finite(fw):
+        if not self.learner.forward_is_finite(fw):
             return self.learner.skip_step("old or reference log-probs are not finite (the weights may hold NaN)",
                                           timer.times)
         with timer("advantages"):  # 4. rewards with KL, then GAE or a group estimator
@@ -345,22 +465,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ batch conversion
     def to_train_batch(self, produced: Produced) -> TrainBatch:
-        """Each score on its turn's last token, the non-stop penalty applied (`build_train_batch`)."""
-        b, opt = produced.batch, self.cfg.optim
+        """Each score on its turn's last token, the non-stop penalty and the overlong shaping applied
+        (`build_train_batch`)."""
+        b, opt, g = produced.batch, self.cfg.optim, self.cfg.generation
         return build_train_batch(
             b.input_ids, b.attention_mask, b.action_mask, produced.scores, b.turn_ends, b.stopped,
             # the reward model also read the turns the dataset gave: they come first
             given_turns=[len(m) // 2 - len(ends) for m, ends in zip(b.messages, b.turn_ends, strict=True)],
             non_stop_penalty=opt.penalty_reward_value if opt.non_stop_penalty else None,
-            group_size=self.cfg.generation.num_generations,
+            overlong=(g.max_new_tokens, opt.overlong_buffer_len, opt.overlong_penalty_factor)
+            if opt.overlong_buffer_len else None,
+            turn_lengths=[[end - start for start, end in spans] for spans in b.turn_spans],
+            group_size=g.num_generations,
             # without them (engine_logprobs: false) the rollout holds zeros: no val/engine_logprob_diff
-            engine_logprobs=b.engine_logprobs if self.cfg.generation.engine_logprobs else None,
+            engine_logprobs=b.engine_logprobs if g.engine_logprobs else None,
+            policy_version_lag=max(self.policy_version - b.policy_version, 0),
         )
 
     # ------------------------------------------------------------------ phase 6: weight sync
     def sync(self) -> None:
         policy = self.learner.unwrapped_policy()
-        self.engine.update_weights(engine_weights(policy))
+        # Every rank feeds its own engine; under ZeRO-3 every rank gathers the whole policy for it.
+        with self.learner.full_weights(policy):
+            self.engine.update_weights(engine_weights(policy))
         self.engine_version = self.policy_version
 
     # ------------------------------------------------------------------ metrics
@@ -379,13 +506,16 @@ class Trainer:
             "data/cut_at_max_prompt_len": float(b.cut_at_max_prompt_len),
             **produced.times,
             **produced.reward_stats,
+            **produced.data_stats,
         }
         if getattr(self.scorer, "verifiable", False):
             metrics["objective/verifiable_correct_rate"] = _correct_rate(produced.scores)
         return metrics
 
-    SUMMED = ("val/num_stop_token_ids", *MetricWindow.SUMMED)
-    """Metrics summed over the ranks (counts of the whole step); the rest are averaged."""
+    SUMMED = ("val/num_stop_token_ids", *(k for k in MetricWindow.SUMMED if k != "optim/skipped_steps"))
+    """Metrics summed over the ranks (counts of the whole step); the rest are averaged. Not
+    optim/skipped_steps: a minibatch is skipped on every rank or on none, so each rank counts the
+    same skips and their mean is the count."""
 
     def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
         """Across ranks: counts are summed, everything else averaged (episode/epoch are already global)."""
@@ -393,8 +523,8 @@ class Trainer:
             return stats
         keys = sorted(stats)
         t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
-        mean = self.acc.reduce(t.clone(), reduction="mean")
-        total = self.acc.reduce(t.clone(), reduction="sum")
+        mean = self.strategy.reduce(t, "mean")
+        total = self.strategy.reduce(t, "sum")
         return {k: float(total[i] if k in self.SUMMED else mean[i]) for i, k in enumerate(keys)}
 
     def _samples(self, produced: Produced, n: int = 3) -> list[dict]:
@@ -458,42 +588,54 @@ class Trainer:
         produced = None
         if pending is not None and pending.done() and pending.exception() is None:
             produced = pending.result()
+        out = self.cfg.train.output_dir
+        # Rank 0 stages the temporary directory; every rank writes what only it holds (ZeRO's
+        # optimiser partitions, its RNG state and pending batch); then rank 0 adds the models
+        # and the shared state and renames it into place (checkpoint.py: atomic).
+        staged = self.strategy.broadcast_object(ckpt.stage_checkpoint(out, step) if self.is_main else None)
+        shards = self.learner.save_shards(staged)
+        if self.world > 1:
+            (staged / RANK_STATES).mkdir(exist_ok=True)
+            torch.save({"rng": ckpt.rng_state(), "pending": {"produced": produced}},
+                       staged / RANK_STATES / f"{self.rank}.pt")
+            shards.append(RANK_STATES)
+        self.strategy.barrier()
         path = None
-        if self.is_main:
-            models = {"policy": self.learner.unwrapped_policy()}
-            if self.learner.value_model is not None:
-                models["value_model"] = self.learner.unwrapped(self.learner.value_model)
-            epoch, position = self.sampler.position(step)
-            path = ckpt.save_checkpoint(
-                self.cfg.train.output_dir, step,
-                models=models,
-                states={"learner": self.learner.state_dict(), "rng": ckpt.rng_state(),
-                        "pending": {"produced": produced}},
-                trainer_state={"step": step, "policy_version": self.policy_version,
-                               "episode": step * self.cfg.rollout_batch_size * self.world,
-                               "data_pass": epoch, "data_position": position, "seed": self.cfg.train.seed},
-                save_total_limit=self.cfg.train.save_total_limit,
-            )
-        if self.acc is not None and self.world > 1:
-            self.acc.wait_for_everyone()
+        with self.learner.full_weights():  # ZeRO-3: gathered on every rank, saved by rank 0
+            if self.is_main:
+                models = {"policy": self.learner.unwrapped_policy()}
+                if self.learner.value_model is not None:
+                    models["value_model"] = self.learner.unwrapped_value_model()
+                epoch, position = self.sampler.position(step)
+                path = ckpt.save_checkpoint(
+                    out, step,
+                    models=models,
+                    states={"learner": self.learner.state_dict(), "rng": ckpt.rng_state(),
+                            "pending": {"produced": produced}},
+                    trainer_state={"step": step, "policy_version": self.policy_version,
+                                   "episode": step * self.cfg.rollout_batch_size * self.world,
+                                   "data_pass": epoch, "data_position": position, "seed": self.cfg.train.seed,
+                                   "processes": self.world},
+                    save_total_limit=self.cfg.train.save_total_limit,
+                    staged=staged, shards=shards,
+                )
+        self.strategy.barrier()
         return path
 
     def save_final(self) -> None:
         """The final policy in output_dir (full model, or the adapter and optionally merged weights)."""
-        if self.acc is not None and self.world > 1:
-            self.acc.wait_for_everyone()
-        if not self.is_main:
-            return
+        self.strategy.barrier()
         out = Path(self.cfg.train.output_dir)
         policy = self.learner.unwrapped_policy()
-        policy.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        if is_peft_model(policy) and self.cfg.train.save_merged:
-            import copy
-
-            merged = copy.deepcopy(policy).merge_and_unload()
-            merged.save_pretrained(out / "merged")
-            self.tokenizer.save_pretrained(out / "merged")
+        with self.learner.full_weights(policy):  # ZeRO-3: gathered on every rank, saved by rank 0
+            if self.is_main:
+                policy.save_pretrained(out)
+                self.tokenizer.save_pretrained(out)
+                if is_peft_model(policy) and self.cfg.train.save_merged:
+                    merged = copy.deepcopy(policy).merge_and_unload()
+                    merged.save_pretrained(out / "merged")
+                    self.tokenizer.save_pretrained(out / "merged")
+        self.strategy.barrier()
         self.tracker.print(f"final model saved in {out}")
         if self.hub is not None:
             try:
@@ -536,9 +678,19 @@ class RewardFailure(RuntimeError):
     """The reward phase failed after every retry."""
 
 
-def _no_peft(model_cfg):
-    import dataclasses
+class NothingToTrain(RuntimeError):
+    """A whole pass over the dataset gave no conversation to train on."""
 
+
+RANK_STATES = "ranks"
+"""Checkpoint entry with each rank's own RNG state and pending batch (`<rank>.pt`), with several processes."""
+
+
+def _half_dtype_name(model_cfg) -> str | None:
+    return "bfloat16" if model_cfg.bf16 else "float16" if model_cfg.fp16 else None
+
+
+def _no_peft(model_cfg):
     return dataclasses.replace(model_cfg, use_peft=False)
 
 
@@ -564,14 +716,10 @@ def _done_future_or_error(fn) -> concurrent.futures.Future:
 
 
 def threading_is_main() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
 def _seed_everything(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -581,27 +729,26 @@ def run(cfg: LampoConfig, raw_config: dict | None = None) -> int:
     """Entry point shared by `python -m lampo.ppo_vllm` and `lampo train`."""
     logging.basicConfig(level=os.environ.get("LAMPO_LOG_LEVEL", "INFO"), format="%(message)s")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs every weight reload at INFO
-    accelerator = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import Accelerator
+    from lampo.distributed.launch import strategy_from_environment
 
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # single process, DDP through accelerate, or DeepSpeed: from what the launcher set
     try:
-        return _train(cfg, raw_config, accelerator)
+        strategy = strategy_from_environment()
+    except ConfigError as exc:
+        print(f"lampo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _train(cfg, raw_config, strategy)
     finally:
-        if accelerator is not None:
-            # Destroy the process group before the interpreter exits: left to shutdown, gloo's
-            # threads can abort a finished run with SIGABRT ("terminate called without an active
-            # exception").
-            accelerator.end_training()
+        strategy.close()  # destroys the process group before the interpreter exits
 
 
-def _train(cfg: LampoConfig, raw_config: dict | None, accelerator) -> int:
+def _train(cfg: LampoConfig, raw_config: dict | None, strategy: Strategy) -> int:
     from lampo.reward import RewardUnavailable
 
     try:
-        trainer = Trainer(cfg, raw_config, accelerator)
-    except RewardUnavailable as exc:
+        trainer = Trainer(cfg, raw_config, strategy)
+    except (ConfigError, RewardUnavailable) as exc:  # fp16 on a CPU, a DeepSpeed JSON at odds with the config
         print(f"lampo: {exc}", file=sys.stderr)
         return 2
     try:
@@ -609,6 +756,9 @@ def _train(cfg: LampoConfig, raw_config: dict | None, accelerator) -> int:
     except RunStopped as exc:
         print(f"lampo: {exc}", file=sys.stderr)
         return 0 if trainer.stop_requested else 3
+    except NothingToTrain as exc:
+        print(f"lampo: {exc}", file=sys.stderr)
+        return 5
     finally:
         trainer.close()
     return 0

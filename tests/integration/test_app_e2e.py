@@ -188,8 +188,11 @@ def test_grpo_hf_sync_lora_in_process_reward(tmp_path, tiny_model_path):
 @pytest.mark.vllm
 def test_ppo_vllm_sync_lora_weights_reach_the_engine(tmp_path, tiny_model_path):
     pytest.importorskip("vllm")
+    # top-k and top-p on: vLLM reports the log-probs of the truncated distribution it samples from,
+    # and the learner computes that distribution too
     cfg = write_config(tmp_path, tiny_model_path, engine="vllm", async_mode=False, use_peft=True, lora_r=4,
-                       lora_alpha=8, learning_rate=1e-2, reward_model="lampo.reward.rules.VowelReward")
+                       lora_alpha=8, learning_rate=1e-2, reward_model="lampo.reward.rules.VowelReward",
+                       top_k=20, top_p=0.9)
     out = run_app(cfg)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = check_run(tmp_path / "run", 3, critic=True)

@@ -64,7 +64,7 @@ def test_grpo_argument_file_trains_evaluates_and_pushes(tmp_path, tiny_model_pat
             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-4000:]
     for key in ("use_fusemt", "use_flash_attention", "fp16_opt_level", "recompute_granularity", "adam_beta2",
-                "clip_range_score", "ptx_coeff", "logging_dir", "tensor_parallel_degree"):
+                "clip_range_score", "logging_dir", "tensor_parallel_degree"):
         assert f"lampo: PaddleNLP key '{key}'" in out.stdout, key
     run = tmp_path / "run"
     records = read_metrics(run)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -105,10 +104,8 @@ def test_generate_takes_trl_keywords_and_step_trains_at_their_temperature(gpt2, 
     queries = [ids(tok, q) for q in QUERIES[:4]]
     generation_kwargs = {"min_length": -1, "top_k": 0.0, "top_p": 1.0, "do_sample": True,
                          "pad_token_id": tok.eos_token_id, "temperature": 0.7, "max_new_tokens": 6}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # top_k 0.0 / top_p 1.0 sample the whole distribution: no warning
-        responses, logprobs = trainer.generate(queries, return_logprobs=True, **generation_kwargs)
-    assert trainer.sampling_temperature == 0.7 and all(1 <= len(r) <= 6 for r in responses)
+    responses, logprobs = trainer.generate(queries, return_logprobs=True, **generation_kwargs)
+    assert trainer.sampling.temperature == 0.7 and all(1 <= len(r) <= 6 for r in responses)
     fw = trainer.learner.forward(trainer.make_batch(queries, responses, [0.0] * 4))
     for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
         assert torch.allclose(fw.old_logprobs[i, len(q) : len(q) + len(r)], logprobs[i], atol=1e-5)
@@ -116,8 +113,12 @@ def test_generate_takes_trl_keywords_and_step_trains_at_their_temperature(gpt2, 
     assert len(with_prompt) == 4 and all(torch.equal(w[: len(q)], q) for w, q in zip(with_prompt, queries, strict=True))
     single = trainer.generate(queries[0], max_new_tokens=3)  # TRL's single-query form: one [1, length] tensor
     assert single.dim() == 2 and single.shape[0] == 1 and single.shape[1] <= 3
-    with pytest.warns(UserWarning, match="truncated distribution"):
-        trainer.generate(queries, top_k=5)
+    # top-k and top-p truncate the sampling distribution: step recomputes its log-probs under them too
+    responses, logprobs = trainer.generate(queries, return_logprobs=True, top_k=5, top_p=0.9, temperature=0.8)
+    assert (trainer.sampling.temperature, trainer.sampling.top_k, trainer.sampling.top_p) == (0.8, 5, 0.9)
+    fw = trainer.learner.forward(trainer.make_batch(queries, responses, [0.0] * 4))
+    for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
+        assert torch.allclose(fw.old_logprobs[i, len(q) : len(q) + len(r)], logprobs[i], atol=1e-5)
     with pytest.raises(ValueError, match="not_a_keyword"):
         trainer.generate(queries, not_a_keyword=1)
 

@@ -33,6 +33,11 @@ ESTIMATORS = {
     "grpo": dict(estimator="grpo", num_generations=8, batch_size=2),
     "rloo": dict(estimator="rloo", num_generations=8, batch_size=2),
     "dr_grpo": dict(estimator="dr_grpo", num_generations=8, batch_size=2),
+    "reinforce_pp_baseline": dict(estimator="reinforce_pp_baseline", num_generations=8, batch_size=2),
+    # the 2026 losses on GRPO's advantages (docs/algorithms.md)
+    "grpo-clip_higher": dict(estimator="grpo", num_generations=8, batch_size=2, cliprange_high=0.28),
+    "grpo-gspo": dict(estimator="grpo", num_generations=8, batch_size=2, policy_loss="gspo"),
+    "grpo-cispo": dict(estimator="grpo", num_generations=8, batch_size=2, policy_loss="cispo"),
 }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import math
 import statistics
 
 import pytest
@@ -273,3 +275,71 @@ def test_policy_and_critic_read_a_row_the_same_whatever_its_padding_side(family_
     for name in ("old_logprobs", "values"):
         a, b = getattr(fr, name)[right.action_mask], getattr(fl, name)[left.action_mask]
         assert torch.allclose(a, b, atol=1e-5), (name, a, b)
+
+
+def test_top_k_and_top_p_log_probs_of_generate_equal_the_learners(model, tok):
+    # the engine's log-probs are those of the truncated distribution it samples from; the learner
+    # computes the same distribution, so on the same weights they agree (no systematic gap)
+    trainer = PPOTrainer(base_config(), model, tok)
+    queries = [prompt_ids(tok, t) for t in ("Hi.", "Tell me a short story.", "Why?")]
+    responses, gen_logprobs = trainer.generate(queries, return_logprobs=True, temperature=0.8, top_k=20, top_p=0.9)
+    old = trainer.learner.forward(trainer.make_batch(queries, responses, [0.0] * 3)).old_logprobs
+    for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
+        assert torch.allclose(old[i, len(q) : len(q) + len(r)], gen_logprobs[i], atol=1e-5)
+    # the untruncated distribution gives other numbers: the check above can fail
+    plain = M.logprobs_from_logits(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), torch.tensor([0]), 0.8)
+    assert plain.item() != pytest.approx(M.logprobs_and_entropy(torch.tensor([[2.0, 1.0, 0.0, -1.0]]),
+                                                                torch.tensor([0]), 0.8, False, 2, 0.9)[0].item())
+
+
+def test_overlong_shaping_penalises_a_stopped_answer_in_the_buffer(model, tok):
+    # max_new_tokens 8, buffer 4: an answer of 6 tokens loses (6 - 4) / 4 = 0.5 x factor 2 = 1.0;
+    # one of 3 tokens nothing; one that did not stop gets the non-stop penalty instead
+    trainer = PPOTrainer(base_config(batch_size=3, mini_batch_size=3, overlong_buffer_len=4, overlong_penalty_factor=2.0,
+                                     non_stop_penalty=True, penalty_reward_value=-5.0), model, tok)
+    stop = tok.eos_token_id
+    batch = trainer.make_batch([prompt_ids(tok)] * 3, [torch.tensor([5, 6, 7, 8, 9, stop]), torch.tensor([5, 6, stop]),
+                                                        torch.tensor([5] * 8)], [1.0, 1.0, 1.0])
+    assert batch.seq_scores.tolist() == pytest.approx([0.0, 1.0, -5.0])
+
+
+def test_rollout_correction_masks_the_loss_of_tokens_the_engine_saw_differently(model, tok):
+    # With the engine's log-probs far below the learner's (ratio e^5 > rollout_correction_high),
+    # mis masks every token: the policy loss is 0 and, without KL, the weights stay as they were.
+    def one_step(mode):
+        trainer = PPOTrainer(base_config(estimator="grpo", num_generations=2, batch_size=4, mini_batch_size=8,
+                                         kl_coef=0.0, rollout_correction=mode), copy.deepcopy(model), tok)
+        queries = [prompt_ids(tok, t) for t in ("Hi.", "Hi.", "Why?", "Why?", "Go.", "Go.", "No.", "No.")]
+        torch.manual_seed(0)
+        batch = trainer.make_batch(queries, trainer.generate(queries), [0.0, 1.0, 0.2, 0.9, 0.5, 0.1, 0.7, 0.3])
+        batch.engine_logprobs = trainer.learner.logprobs(batch) - 5.0
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        stats = trainer.learner.train(batch)
+        moved = any(not torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+        return stats, moved
+
+    stats, moved = one_step("mis")
+    assert not moved and stats["loss/policy_avg"] == 0.0 and stats["rollout/ratio_corrected_frac"] == 1.0
+    assert stats["rollout/ratio_min"] == pytest.approx(math.exp(5.0), rel=1e-4)
+    stats, moved = one_step("none")
+    assert moved and stats["rollout/kl"] > 1.0  # the gap is measured, not corrected
+
+
+def test_ppo_ptx_lowers_the_supervised_loss_while_the_reward_rises(model, tok, tmp_path):
+    # InstructGPT's PPO-ptx: the language-modelling loss on the supervised data falls while the
+    # RL objective (the vowel count) still rises
+    rows = [{"prompt": q, "response": "Thank you, that is a very good question."} for q in ("Hi.", "Why?", "Go on.", "Tell me.")]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = base_config(estimator="grpo", num_generations=8, batch_size=2, mini_batch_size=8, ppo_epochs=4,
+                      learning_rate=1e-3, kl_coef=0.01, max_new_tokens=8, ptx_dataset=str(tmp_path), ptx_coef=0.5)
+    trainer = PPOTrainer(cfg, model, tok)
+    queries = [prompt_ids(tok, "Say something.")] * 8 + [prompt_ids(tok, "Tell me a story.")] * 8
+    scores, ptx = [], []
+    for _ in range(30):
+        responses = trainer.generate(queries)
+        step_scores = [vowel_count(tok.decode(r)) for r in responses]
+        stats = trainer.step(queries, responses, step_scores)
+        scores.append(statistics.mean(step_scores))
+        ptx.append(stats["loss/ptx"])
+    assert statistics.mean(ptx[-5:]) < 0.7 * statistics.mean(ptx[:5]), ptx
+    assert statistics.mean(scores[-5:]) > statistics.mean(scores[:5]) + 0.05, scores

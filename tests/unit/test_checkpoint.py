@@ -300,3 +300,32 @@ def test_manifest_written_last_marks_completeness(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError):
         save_checkpoint(tmp_path, 1, trainer_state={"a": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_entries_every_process_wrote_are_completed_with_the_checkpoint(tmp_path):
+    # ZeRO's way: rank 0 stages, each rank writes its own file, rank 0 completes and renames
+    staged = ck.stage_checkpoint(tmp_path, 4)
+    assert not is_checkpoint_dir(staged)
+    (staged / "deepspeed").mkdir()
+    for rank in (0, 1):
+        torch.save({"rank": rank}, staged / "deepspeed" / f"rank{rank}.pt")
+    path = _save(tmp_path, 4, staged=staged, shards=["deepspeed"])
+    assert path == tmp_path / "checkpoint-4" and not staged.exists()
+    assert json.loads((path / "checkpoint.json").read_text())["shards"] == ["deepspeed"]
+    shards = ck.shard_path(path, "deepspeed")
+    assert [torch.load(shards / f"rank{r}.pt")["rank"] for r in (0, 1)] == [0, 1]
+    with pytest.raises(CheckpointError, match="without DeepSpeed.*launcher it was saved with"):
+        ck.shard_path(_save(tmp_path, 5), "deepspeed")
+
+
+def test_a_missing_shard_entry_fails_the_save_and_leaves_nothing(tmp_path):
+    staged = ck.stage_checkpoint(tmp_path, 1)
+    with pytest.raises(CheckpointError, match="'deepspeed' is missing"):
+        _save(tmp_path, 1, staged=staged, shards=["deepspeed"])
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointError, match="clash"):
+        _save(tmp_path, 1, shards=["value_head"])
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return path in list_checkpoints(path.parent)

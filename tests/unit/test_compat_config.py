@@ -12,7 +12,7 @@ from lampo import PPOConfig
 from lampo.compat.aliases import ALIASES
 from lampo.config import _FIELD_TYPES, ConfigError, LampoConfig
 from lampo.data.task_config import mixture_counts, read_task_file
-from lampo.optimize.optimizers import critic_group, lr_schedule, make_optimizer, policy_group
+from lampo.optimize.optimizers import critic_group, lr_schedule, make_optimizer, make_scheduler, policy_group
 
 TRL_CLASSIC = dict(model_name="gpt2", forward_batch_size=4, init_kl_coef=0.3, adap_kl_ctrl=True, target=5.0,
                    horizon=200, vf_coef=0.2, cliprange=0.15, cliprange_value=0.3, gamma=0.99, lam=0.9)
@@ -109,16 +109,14 @@ def test_critic_group_has_its_own_settings_and_falls_back_to_the_policys():
     cfg = LampoConfig(learning_rate=1e-4, min_learning_rate=2e-5, weight_decay=0.01, lr_scheduler_type="cosine",
                       warmup_ratio=0.1, critic_learning_rate=1e-3)
     p, c = policy_group(cfg, []), critic_group(cfg, [])
-    assert (p["lr"], p["weight_decay"], p["schedule"].kind, p["schedule"].warmup_ratio) == (1e-4, 0.01, "cosine", 0.1)
-    assert p["schedule"].floor == pytest.approx(0.2)
+    # a group's schedule is (kind, warm-up ratio, floor as a share of the group's learning rate)
+    assert (p["lr"], p["weight_decay"]) == (1e-4, 0.01) and p["schedule"] == ("cosine", 0.1, pytest.approx(0.2))
     # unset critic keys: the policy's settings, and the same floor share (0.2 of 1e-3)
-    assert (c["lr"], c["weight_decay"], c["schedule"].kind, c["schedule"].warmup_ratio) == (1e-3, 0.01, "cosine", 0.1)
-    assert c["schedule"].floor == pytest.approx(0.2)
+    assert (c["lr"], c["weight_decay"]) == (1e-3, 0.01) and c["schedule"] == ("cosine", 0.1, pytest.approx(0.2))
     cfg = cfg.replace(critic_weight_decay=0.0, critic_lr_scheduler_type="constant", critic_warmup_ratio=0.0,
                       critic_min_learning_rate=5e-4)
     c = critic_group(cfg, [])
-    assert (c["weight_decay"], c["schedule"].kind, c["schedule"].warmup_ratio) == (0.0, "constant", 0.0)
-    assert c["schedule"].floor == pytest.approx(0.5)
+    assert c["weight_decay"] == 0.0 and c["schedule"] == ("constant", 0.0, pytest.approx(0.5))
 
 
 def test_one_optimizer_schedules_each_group_on_its_own():
@@ -127,7 +125,8 @@ def test_one_optimizer_schedules_each_group_on_its_own():
                       critic_learning_rate=2.0, critic_lr_scheduler_type="constant", critic_weight_decay=0.0,
                       weight_decay=0.1)
     w1, w2 = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
-    opt, sched = make_optimizer([policy_group(cfg, [w1]), critic_group(cfg, [w2])], 1.0, 0.1, 1e-8, "linear", 0.0, 4)
+    opt = make_optimizer([policy_group(cfg, [w1]), critic_group(cfg, [w2])], 1.0, 0.1, 1e-8)
+    sched = make_scheduler(opt, "linear", 0.0, 4)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     lrs = []
     for _ in range(4):
@@ -136,6 +135,9 @@ def test_one_optimizer_schedules_each_group_on_its_own():
         sched.step()
     # policy: 1 -> 0.5 linearly over 4 steps (0.5 + 0.5 * (1 - s/4)); critic: constant 2
     assert [pytest.approx(a) for a, _ in lrs] == [1.0, 0.875, 0.75, 0.625] and all(b == 2.0 for _, b in lrs)
+    # a group without its own schedule follows the arguments (no floor)
+    plain = make_optimizer([{"params": [torch.nn.Parameter(torch.ones(1))]}], 1.0, 0.0, 1e-8)
+    assert make_scheduler(plain, "linear", 0.0, 4).lr_lambdas[0](2) == 0.5
 
 
 def test_task_file_reads_files_and_weights(tmp_path):
@@ -151,6 +153,23 @@ def test_task_file_reads_files_and_weights(tmp_path):
     task.write_text(json.dumps([{"filepath": "missing.jsonl"}]))
     with pytest.raises(Exception, match=r"data file 'missing.jsonl' not found"):
         read_task_file(task, "train_task_config")
+
+
+def test_task_files_give_the_splits(tmp_path):
+    from lampo.data.loading import load_prompt_dataset
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"src": [f"a{i}"], "tgt": []}) + "\n" for i in range(3)))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "b0"}) + "\n")
+    (tmp_path / "train.json").write_text(json.dumps([{"filepath": str(tmp_path / "a.jsonl"), "prob": 1},
+                                                     {"filepath": str(tmp_path / "b.jsonl"), "prob": 1}]))
+    (tmp_path / "eval.json").write_text(json.dumps([{"filepath": str(tmp_path / "b.jsonl")}]))
+    cfg = LampoConfig(train_task_config=str(tmp_path / "train.json"), eval_task_config=str(tmp_path / "eval.json"))
+    splits = load_prompt_dataset(cfg.data)
+    assert [r.steps[0] for r in splits["train"]] == ["a0", "a1", "a2", "b0"]  # both formats, rows re-indexed
+    assert [r.index for r in splits["train"]] == [0, 1, 2, 3] and [r.steps[0] for r in splits["test"]] == ["b0"]
+    # without eval_task_config, the test split is carved from the task rows (test_split_ratio)
+    carved = load_prompt_dataset(cfg.replace(eval_task_config=None, test_split_ratio=0.25).data)
+    assert len(carved["train"]) == 3 and len(carved["test"]) == 1
 
 
 def test_mixture_counts_keep_every_row_and_follow_the_weights():

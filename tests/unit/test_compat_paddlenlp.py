@@ -114,8 +114,9 @@ def test_the_grpo_files_own_keys(tmp_path):
     assert cfg.optim.whiten_advantages is True and cfg.optim.whiten_rewards is False
     assert cfg.reward.reward_model == "http://127.0.0.1:8731" and cfg.train.progress is False
     assert cfg.model.value_model_name_or_path is None  # no reward model path: the critic starts from the policy
+    assert cfg.optim.ptx_coef == 16.0  # PPO-ptx's weight; without ptx data it weighs nothing, as in PaddleNLP
     said = " ".join(lines)
-    for key in ("tensor_parallel_degree", "adam_beta2", "ptx_coeff"):
+    for key in ("tensor_parallel_degree", "adam_beta2"):
         assert f"'{key}'" in said
 
 
@@ -131,7 +132,8 @@ def test_lengths_are_checked_against_max_seq_len(tmp_path):
 
 
 def test_ptx_and_unknown_keys_are_errors_that_say_what_to_do(tmp_path):
-    with pytest.raises(ConfigError, match=r"'ptx_task_config' = 'config/task_sft.json': PPO-ptx .* not in Lampo yet"):
+    with pytest.raises(ConfigError, match=r"'ptx_task_config' = 'config/task_sft.json': PPO-ptx's data is not read "
+                                          r"from PaddleNLP task files yet; name the SFT data with ptx_dataset"):
         load(tmp_path, {**DOCUMENT_FILE, "ptx_task_config": "config/task_sft.json"})
     with pytest.raises(ConfigError, match=r"unknown key 'max_dec_length'.*did you mean 'max_dec_len' \(Lampo's 'max_new_tokens'\)"):
         load(tmp_path, {"max_dec_length": 5})

@@ -62,6 +62,33 @@ def test_out_of_range_values():
     assert LampoConfig(vllm_block_size=128).speed.vllm_block_size == 128
 
 
+def test_the_2026_algorithm_keys_are_validated_naming_the_key():
+    group = dict(estimator="grpo", num_generations=2, batch_size=2, mini_batch_size=4)
+    cases = [
+        (dict(cliprange_low=1.5), r"'cliprange_low' = 1.5 is invalid: must be in \(0, 1\)"),
+        (dict(cliprange_high=0.0), r"'cliprange_high' = 0.0 is invalid: must be > 0"),
+        (dict(policy_loss="gpso"), r"'policy_loss' = 'gpso' has the wrong type: expected one of 'ppo', 'gspo'"),
+        (dict(overlong_buffer_len=64, max_new_tokens=32), r"'overlong_buffer_len' = 64 .*<= max_new_tokens = 32"),
+        (dict(overlong_penalty_factor=-1.0), r"'overlong_penalty_factor' = -1.0 .*>= 0"),
+        (dict(dynamic_sampling=True), r"'dynamic_sampling' = True .*num_generations >= 2"),
+        (dict(dynamic_sampling_max_rounds=-1, **group), r"'dynamic_sampling_max_rounds' = -1"),
+        (dict(rollout_correction="tis", engine_logprobs=False), r"'rollout_correction' = 'tis' .*engine_logprobs"),
+        (dict(rollout_correction_high=0.9), r"'rollout_correction_high' = 0.9 .*> 1"),
+        (dict(rollout_correction_low=1.2), r"'rollout_correction_low' = 1.2 .*\(0, 1\)"),
+        (dict(ptx_coef=-0.1), r"'ptx_coef' = -0.1 .*>= 0"),
+        (dict(estimator="reinforce_pp_baseline"), r"'num_generations' = 1 .*'reinforce_pp_baseline'"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            LampoConfig(**kw)
+    # the derived clip range of each loss, and clip-higher on top of PPO's
+    assert (LampoConfig().clip_low, LampoConfig().clip_high) == (0.2, 0.2)
+    assert (LampoConfig(cliprange_high=0.28).clip_low, LampoConfig(cliprange_high=0.28).clip_high) == (0.2, 0.28)
+    assert (LampoConfig(policy_loss="gspo").clip_low, LampoConfig(policy_loss="gspo").clip_high) == (3e-4, 4e-4)
+    assert LampoConfig(policy_loss="gspo").loss_aggregation == "seq-mean-token-mean"
+    assert (LampoConfig(policy_loss="cispo").clip_low, LampoConfig(policy_loss="cispo").clip_high) == (None, 0.2)
+
+
 def test_override_parsing_errors_and_values():
     assert parse_overrides(["--use-peft", "true", "report_to=[tensorboard, wandb]"]) == {
         "use_peft": True,

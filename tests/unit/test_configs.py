@@ -58,12 +58,25 @@ def test_accelerate_yamls():
     assert cpu["num_processes"] == 2 and cpu["use_cpu"] is True
 
 
+def test_deepspeed_launch_configs_for_zero3_and_for_a_cpu_machine():
+    z3 = yaml.safe_load((CONFIGS / "accelerate" / "deepspeed_zero3.yaml").read_text())
+    assert z3["distributed_type"] == "DEEPSPEED" and z3["deepspeed_config"]["zero3_init_flag"] is False
+    ds3 = json.loads((ROOT / z3["deepspeed_config"]["deepspeed_config_file"]).read_text())
+    assert ds3["zero_optimization"]["stage"] == 3 and ds3["bf16"]["enabled"] == "auto"  # Lampo's bf16 key decides
+    cpu = yaml.safe_load((CONFIGS / "accelerate" / "deepspeed_zero2_cpu.yaml").read_text())
+    z2 = yaml.safe_load((CONFIGS / "accelerate" / "deepspeed_zero2.yaml").read_text())
+    assert cpu["use_cpu"] is True and cpu["num_processes"] == 2 and cpu["distributed_type"] == "DEEPSPEED"
+    assert cpu["deepspeed_config"] == z2["deepspeed_config"]  # the same JSON as on GPUs
+
+
 @pytest.mark.slow
 def test_accelerate_yamls_parse_with_accelerate():
     from accelerate.commands.config.config_args import load_config_from_file
 
     ds = load_config_from_file(str(CONFIGS / "accelerate" / "deepspeed_zero2.yaml"))
     assert ds.distributed_type == "DEEPSPEED" and ds.mixed_precision is None
+    for name in ("deepspeed_zero3.yaml", "deepspeed_zero2_cpu.yaml"):
+        assert load_config_from_file(str(CONFIGS / "accelerate" / name)).distributed_type == "DEEPSPEED"
     cpu = load_config_from_file(str(CONFIGS / "accelerate" / "multi_cpu_2proc.yaml"))
     assert cpu.num_processes == 2 and cpu.use_cpu is True
 

@@ -232,3 +232,116 @@ def test_the_ratio_is_pinned_to_one_off_the_mask():
     assert pinned.tolist() == [[-1.5, -2.0]] and not pinned.requires_grad
     ratio = torch.exp(logp - pinned)
     assert ratio[0, 1].item() == 1.0 and ratio[0, 0].item() == pytest.approx(math.exp(0.5))
+
+
+def test_clip_higher_raises_only_the_upper_bound():
+    # ratio e^0.5 = 1.648721, A = 1: clipped at 1 + 0.28 = 1.28 (clip-higher), at 1.2 without it
+    logp, old, adv = t([[0.5]]), t([[0.0]]), t([[1.0]])
+    loss, clipped, _ = M.clipped_policy_loss(logp, old, adv, cliprange=0.2, cliprange_high=0.28)
+    assert loss.item() == pytest.approx(-1.28) and clipped.item()
+    assert M.clipped_policy_loss(logp, old, adv, cliprange=0.2)[0].item() == pytest.approx(-1.2)
+    # the lower bound stays 1 - 0.2: ratio 0.5 with A = -1 gives max(0.5, 0.8) = 0.8
+    low, _, _ = M.clipped_policy_loss(torch.log(t([[0.5]])), old, t([[-1.0]]), cliprange=0.2, cliprange_high=0.28)
+    assert low.item() == pytest.approx(0.8)
+
+
+def test_gspo_clips_the_length_normalised_sequence_ratio():
+    # log-ratios 0.1 and 0.3 on the two action tokens (the third, 5.0, is off the mask): mean 0.2,
+    # s = e^0.2 = 1.221403. A = 1: clipped to 1 + 4e-4 = 1.0004 at both tokens.
+    old = t([[0.0, 0.0, 0.0]])
+    logp = t([[0.1, 0.3, 5.0]]).requires_grad_()
+    mask = torch.tensor([[True, True, False]])
+    loss, clipped, ratio = M.gspo_policy_loss(logp, old, t([[1.0, 1.0, 1.0]]), mask, 3e-4, 4e-4)
+    assert loss[0, :2].tolist() == pytest.approx([-1.0004, -1.0004], abs=1e-6) and clipped[0, :2].all()
+    assert ratio[0, 0].item() == pytest.approx(math.exp(0.2))
+    # A = -1: max(1.221403, 1.0004) keeps the unclipped term; each token's gradient is -A s = 1.221403
+    loss, clipped, _ = M.gspo_policy_loss(logp, old, t([[-1.0, -1.0, -1.0]]), mask, 3e-4, 4e-4)
+    assert loss[0, 0].item() == pytest.approx(1.221403, abs=1e-6) and not clipped[0, :2].any()
+    (grad,) = torch.autograd.grad(loss[0, :2].sum(), logp)
+    assert grad[0, :2].tolist() == pytest.approx([1.221403, 1.221403], abs=1e-6)
+
+
+def test_cispo_weights_the_log_prob_by_a_clipped_stopped_ratio():
+    # ratio 2, eps_high 0.5: weight 1.5 (no gradient); A = 2, log pi = ln 0.5 = -0.693147:
+    # loss = -1.5 * 2 * -0.693147 = 2.079442, and d loss / d log pi = -1.5 * 2 = -3
+    logp = torch.log(t([[0.5]])).requires_grad_()
+    old = torch.log(t([[0.25]]))
+    loss, truncated, ratio = M.cispo_policy_loss(logp, old, t([[2.0]]), None, 0.5)
+    assert loss.item() == pytest.approx(2.079442, abs=1e-6) and truncated.item() and ratio.item() == pytest.approx(2.0)
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    assert grad.item() == pytest.approx(-3.0)
+    # no lower bound: a ratio of 0.1 stays 0.1
+    assert not M.cispo_policy_loss(torch.log(t([[0.1]])), t([[0.0]]), t([[1.0]]), None, 0.5)[1].item()
+
+
+def test_rollout_correction_truncates_or_masks_the_engine_ratio():
+    # pi_old / pi_engine: 0.5 / 0.25 = 2 on token 0, 0.25 / 0.5 = 0.5 on token 1; token 2 off the mask
+    old, engine = torch.log(t([[0.5, 0.25, 0.9]])), torch.log(t([[0.25, 0.5, 0.1]]))
+    mask = torch.tensor([[True, True, False]])
+    w, r, touched = M.rollout_correction_weights(old, engine, mask, "tis", 0.5, 1.5)
+    assert w[0].tolist() == pytest.approx([1.5, 0.5, 1.0]) and touched.tolist() == [[True, False, False]]
+    assert r[0, :2].tolist() == pytest.approx([2.0, 0.5])
+    w, _, touched = M.rollout_correction_weights(old, engine, mask, "mis", 0.6, 1.5)  # 2 and 0.5 fall outside
+    assert w.tolist() == [[0.0, 0.0, 1.0]] and touched.tolist() == [[True, True, False]]
+    # sequence ratio 2 x 0.5 = 1: kept whole by both sequence modes
+    for mode in ("seq_tis", "seq_mis"):
+        w, r, touched = M.rollout_correction_weights(old, engine, mask, mode, 0.5, 1.5)
+        assert w[0].tolist() == pytest.approx([1.0, 1.0, 1.0]) and not touched.any()
+
+
+def test_overlong_penalty_is_linear_in_the_buffer():
+    # max 32, buffer 8: free up to 24 tokens, then -(length - 24) / 8: 28 -> -0.5, 32 -> -1; factor 2 doubles it
+    got = M.overlong_penalty(torch.tensor([20, 24, 28, 32]), 32, 8, 1.0)
+    assert got.tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0])
+    assert M.overlong_penalty(torch.tensor([28]), 32, 8, 2.0).item() == pytest.approx(-1.0)
+
+
+def test_top_p_and_top_k_log_probs_are_renormalised_over_what_sampling_keeps():
+    # logits [2, 1, 0, -1]: p = [0.6439, 0.2369, 0.0871, 0.0321]. top_p 0.8 keeps tokens 0 and 1
+    # (0.6439 < 0.8 before token 1; 0.8808 before token 2); the sampled token 3 is kept too:
+    # log p(3) = -1 - log(e^2 + e^1 + e^-1) = -1 - log(10.475217) = -1 - 2.349012 = -3.349012
+    logits = t([[2.0, 1.0, 0.0, -1.0]])
+    assert M.sampled_support(logits, torch.tensor([3]), top_p=0.8).tolist() == [[True, True, False, True]]
+    lp, ent = M.logprobs_and_entropy(logits, torch.tensor([3]), top_p=0.8)
+    assert lp.item() == pytest.approx(-3.349012, abs=1e-5) and math.isfinite(ent.item())
+    # top_k 1 keeps the argmax: its log-prob is 0
+    lp, _ = M.logprobs_and_entropy(logits, torch.tensor([0]), top_k=1)
+    assert lp.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_add_at_last_action():
+    mask = torch.tensor([[False, True, True, False], [False, False, False, False]])
+    got = M.add_at_last_action(torch.zeros(2, 4), mask, t([2.0, 5.0]))
+    assert got.tolist() == [[0.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]]  # a row without actions is left alone
+
+
+def _group_batch(scores):
+    from lampo.optimize.batch import Forwarded, TrainBatch
+
+    B = len(scores)
+    mask = torch.tensor([[False, True]] * B)
+    placed = torch.zeros(B, 2)
+    placed[:, 1] = t(scores)
+    batch = TrainBatch(input_ids=torch.zeros(B, 2, dtype=torch.long), attention_mask=torch.ones(B, 2, dtype=torch.long),
+                       action_mask=mask, placed_scores=placed, seq_scores=t(scores),
+                       stopped=torch.ones(B, dtype=torch.bool), group_size=2)
+    return batch, Forwarded(old_logprobs=torch.zeros(B, 2), ref_logprobs=None, values=None)
+
+
+def test_reinforce_pp_and_its_group_baseline_by_hand():
+    from lampo.config import LampoConfig
+    from lampo.optimize.advantages import compute_advantages
+
+    # Two groups of two one-token answers scoring [1, 3] and [10, 12], no KL, gamma 1.
+    batch, fw = _group_batch([1.0, 3.0, 10.0, 12.0])
+    cfg = LampoConfig(estimator="reinforce_pp", num_generations=2, batch_size=2, mini_batch_size=4, kl_coef=0.0)
+    # REINFORCE++: returns are the scores, whitened over the batch: mean 6.5, deviations
+    # [-5.5, -3.5, 3.5, 5.5], unbiased variance 85 / 3 = 28.333, std 5.322906
+    adv = compute_advantages(batch, fw, 0.0, cfg).advantages[:, 1]
+    assert adv.tolist() == pytest.approx([-1.033270, -0.657536, 0.657536, 1.033270], abs=1e-5)
+    # With the group baseline each score first loses its group's mean (2 and 11): [-1, 1, -1, 1],
+    # mean 0, unbiased variance 4 / 3, std 1.154701: the better answer of each group is positive
+    cfg = LampoConfig(estimator="reinforce_pp_baseline", num_generations=2, batch_size=2, mini_batch_size=4,
+                      kl_coef=0.0)
+    adv = compute_advantages(batch, fw, 0.0, cfg).advantages[:, 1]
+    assert adv.tolist() == pytest.approx([-0.866025, 0.866025, -0.866025, 0.866025], abs=1e-5)

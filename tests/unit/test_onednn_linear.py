@@ -1,4 +1,4 @@
-"""oneDNN linear layers: the same products as nn.Linear, only other kernels (docs/performance.md, change 9)."""
+"""oneDNN linear layers: the same products as nn.Linear, only other kernels (docs/performance-log.md)."""
 
 from __future__ import annotations
 

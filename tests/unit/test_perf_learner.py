@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lampo import PPOConfig, PPOTrainer
+from lampo.optimize.batch import Sampling
 from lampo.speed.passes import aligned_logprobs
 from lampo.speed.shared_prefix import plan_prefixes
 
@@ -123,9 +124,9 @@ def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(tiny_m
     batch = _multi_turn_batch(tok)
     plan = plan_prefixes(batch.input_ids, batch.attention_mask, batch.action_mask)
     assert plan is not None and plan.prefix_ids.shape[0] == 2
-    lp_shared, ent_shared = shared_prefix_logprobs(model, plan, batch.input_ids.shape[1], trainer.learner.passes.temperature)
+    lp_shared, ent_shared = shared_prefix_logprobs(model, plan, batch.input_ids.shape[1], trainer.learner.passes.sampling)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    lp_plain, ent_plain = aligned_logprobs(out.logits, batch.input_ids, trainer.learner.passes.temperature)
+    lp_plain, ent_plain = aligned_logprobs(out.logits, batch.input_ids, trainer.learner.passes.sampling)
     act = batch.action_mask
     assert torch.allclose(lp_shared[act], lp_plain[act], atol=1e-5)
     assert torch.allclose(ent_shared[act], ent_plain[act], atol=1e-5)
@@ -152,8 +153,8 @@ def test_packed_prefixes_give_the_padded_batchs_logprobs_and_gradients(tiny_mode
     shapes = []
     hook = model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                            with_kwargs=True)
-    padded = shared_prefix_logprobs(model, plan, L, 0.7)
-    packed = shared_prefix_logprobs(model, plan, L, 0.7, pack_for=attn)
+    padded = shared_prefix_logprobs(model, plan, L, Sampling(0.7))
+    packed = shared_prefix_logprobs(model, plan, L, Sampling(0.7), pack_for=attn)
     hook.remove()
     assert shapes[0] == (2, 9) and shapes[2] == (1, 14)
     for a, b in zip(padded, packed, strict=True):  # log-probs and entropy, at every position
@@ -179,7 +180,7 @@ def test_the_learner_packs_prefixes_of_different_lengths(tiny_model_path):
     assert shapes[0] == (1, 14)
     with torch.no_grad():
         out = trainer.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        want, _ = aligned_logprobs(out.logits, batch.input_ids, trainer.learner.passes.temperature)
+        want, _ = aligned_logprobs(out.logits, batch.input_ids, trainer.learner.passes.sampling)
     assert torch.allclose(lp[batch.action_mask], want[batch.action_mask], atol=1e-5)
 
 
@@ -239,9 +240,9 @@ def test_shared_prefix_with_an_empty_generation_in_the_batch(tiny_model_path):
     plan = plan_prefixes(batch.input_ids, batch.attention_mask, batch.action_mask)
     assert plan is not None
     with torch.no_grad():
-        lp_shared, _ = shared_prefix_logprobs(trainer.model, plan, batch.input_ids.shape[1], 1.0)
+        lp_shared, _ = shared_prefix_logprobs(trainer.model, plan, batch.input_ids.shape[1], Sampling())
         out = trainer.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    lp_plain, _ = aligned_logprobs(out.logits, batch.input_ids, trainer.learner.passes.temperature)
+    lp_plain, _ = aligned_logprobs(out.logits, batch.input_ids, trainer.learner.passes.sampling)
     act = batch.action_mask
     assert torch.allclose(lp_shared[act], lp_plain[act], atol=1e-5)
     assert bool((lp_shared[2] == 0).all())
@@ -293,7 +294,7 @@ def test_the_passes_never_compute_the_last_position(tiny_model_path, value_model
             full_values = learner.value_head(full.hidden_states[-1]).squeeze(-1)
         else:
             full_values = learner.value_model(batch.input_ids, batch.attention_mask)
-    want_lp, want_ent = M.logprobs_and_entropy(full.logits[:, :-1], batch.input_ids[:, 1:], learner.passes.temperature)
+    want_lp, want_ent = M.logprobs_and_entropy(full.logits[:, :-1], batch.input_ids[:, 1:], learner.passes.sampling.temperature)
     act = batch.action_mask[:, 1:]
     assert torch.allclose(lp[:, 1:][act], want_lp[act], atol=1e-5)
     assert torch.allclose(ent[:, 1:][act], want_ent[act], atol=1e-5)
@@ -311,10 +312,10 @@ def test_the_shared_suffix_pass_leaves_out_the_last_column(tiny_model_path):
     hook = trainer.model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]),
                                                    with_kwargs=True)
     with torch.no_grad():
-        shared_prefix_logprobs(trainer.model, plan, batch.input_ids.shape[1], 1.0)
+        shared_prefix_logprobs(trainer.model, plan, batch.input_ids.shape[1], Sampling())
         # answers of one token each: the prefix pass alone predicts them, no suffix pass runs
         one = plan_prefixes(batch.input_ids[:, :6], batch.attention_mask[:, :6], batch.action_mask[:, :6])
-        lp_one, _ = shared_prefix_logprobs(trainer.model, one, 6, 1.0)
+        lp_one, _ = shared_prefix_logprobs(trainer.model, one, 6, Sampling())
     hook.remove()
     assert widths == [plan.prefix_ids.shape[1], plan.suffix_ids.shape[1] - 1, one.prefix_ids.shape[1]]
     assert one.suffix_ids.shape[1] == 1 and bool((lp_one[batch.action_mask[:, :6]] < 0).all())

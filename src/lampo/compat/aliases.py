@@ -87,6 +87,7 @@ FILE_NAMES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "rl_algorithm": ("estimator", lambda v: ESTIMATORS.get(v, v)),
     "reward_server": ("reward_model", None),
     "disable_tqdm": ("progress", lambda v: not bool(v)),
+    "ptx_coeff": ("ptx_coef", None),
 }
 """Argument-file names of Lampo keys (read in argument files only), with a value conversion."""
 

@@ -32,7 +32,7 @@ HF_CLASSIFIER = "lampo.reward.hf_classifier.HFSequenceClassifierReward"
 CHECKED = ("max_seq_len", "max_length")
 """Longest sequence: max_prompt_len + max_new_tokens must not exceed it (checked, then dropped)."""
 
-HANDLED = ("reward_model_name_or_path", "use_rm_server", "ptx_task_config", "ptx_coeff", "ptx_datasets",
+HANDLED = ("reward_model_name_or_path", "use_rm_server", "ptx_task_config", "ptx_datasets",
            "per_device_train_batch_size", "do_eval", "evaluation_strategy", "eval_strategy", "save_strategy",
            "train_datasets", "eval_datasets")
 """Keys `translate` reads because they set more than one Lampo key or need a decision."""
@@ -68,16 +68,12 @@ def translate(raw: dict[str, Any], echo: Callable[[str], None] = print) -> tuple
         echo(f"lampo: PaddleNLP key '{key}' = {values.pop(key)!r} has no effect here: {NO_MEANING[key]}")
     limits = {key: values.pop(key) for key in CHECKED if key in values}
 
-    # PPO-ptx (an SFT loss on ptx data beside PPO's) is not in Lampo yet
-    ptx = values.pop("ptx_task_config", "") or values.pop("ptx_datasets", "")
-    values.pop("ptx_datasets", None)
-    if ptx:
-        raise ConfigError(f"config key 'ptx_task_config' = {ptx!r}: PPO-ptx (an SFT loss on ptx data) is not in "
-                          "Lampo yet; it arrives with the ptx_dataset and ptx_coef keys. Remove the key to train "
-                          "without it")
-    if "ptx_coeff" in values:
-        echo(f"lampo: PaddleNLP key 'ptx_coeff' = {values.pop('ptx_coeff')!r} has no effect here: it weighs the "
-             "PPO-ptx loss, and no ptx_task_config is given")
+    # PPO-ptx's data (an SFT loss beside PPO's): Lampo's ptx_dataset names it, not a task file
+    for key in ("ptx_task_config", "ptx_datasets"):
+        if values.pop(key, ""):
+            raise ConfigError(f"config key '{key}' = {raw[key]!r}: PPO-ptx's data is not read from PaddleNLP task "
+                              "files yet; name the SFT data with ptx_dataset (a data file or folder, as "
+                              "query_dataset) and its weight with ptx_coeff (Lampo's ptx_coef), or remove the key")
     for key in ("train_datasets", "eval_datasets"):
         if values.get(key):
             task = key.replace("datasets", "task_config")

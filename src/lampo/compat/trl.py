@@ -13,12 +13,12 @@
   (TRL dropped it, which made a dataset smaller than one batch yield nothing);
 - generation keywords: transformers' names (`min_length`, `top_k` as TRL wrote it, `0.0`,
   `pad_token_id`, `eos_token_id`, ...), TRL's `return_prompt`, `batch_size` and `length_sampler`;
+  the temperature, top-k and top-p they set are what `step` recomputes its log-probs under;
 - `log_stats`: the step's metrics to the configured trackers and a query/response/reward table.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -113,11 +113,6 @@ def generate_call(generation_cfg: Any, pad_token_id: int, stop_token_id: int, ov
     if min_length is not None and min_length > 0:
         call.hf_kwargs["min_length"] = min_length
     call.hf_kwargs.update(kw)  # any other generation keyword: transformers checks it
-    if call.hf_kwargs["do_sample"] and (top_k > 0 or top_p < 1.0):
-        warnings.warn(
-            "generate: top_k/top_p sample from a truncated distribution, while step() compares the policy's "
-            "whole distribution at the sampling temperature (as TRL-classic did); TRL's advice is top_k=0, "
-            "top_p=1.0 for PPO", stacklevel=3)
     return call
 
 

@@ -28,7 +28,7 @@ def load_prompt_dataset(data_cfg: Any, seed: int = 0) -> dict[str, list[PromptRo
     if train_task or eval_task:
         return _load_task_splits(data_cfg, seed, train_task, eval_task)
     source = data_cfg.query_dataset
-    splits = _load_splits(source)
+    splits = load_splits(source)
     train_name, test_name = data_cfg.dataset_train_split, data_cfg.dataset_test_split
     if train_name not in splits:
         raise DataFormatError(
@@ -81,7 +81,7 @@ def carve_test_split(records: list[dict], ratio: float, seed: int) -> tuple[list
     return train, test
 
 
-def _load_splits(source: str) -> dict[str, tuple[list[dict], list[str]]]:
+def load_splits(source: str) -> dict[str, tuple[list[dict], list[str]]]:
     """split name -> (records, column names), whatever the source."""
     import datasets
 

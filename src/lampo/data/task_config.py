@@ -62,11 +62,11 @@ def read_task_file(path: str | Path, key: str) -> list[tuple[Path, float]]:
 
 def load_task_rows(path: str | Path, key: str, split: str) -> list[PromptRow]:
     """The rows of every data file the task file names, mixed by weight, indexed 0..n-1."""
-    from lampo.data.loading import _load_splits
+    from lampo.data.loading import load_splits
 
     parts: list[tuple[list[PromptRow], float]] = []
     for file, weight in read_task_file(path, key):
-        splits = _load_splits(str(file))
+        splits = load_splits(str(file))
         name = split if split in splits else "train" if "train" in splits else next(iter(splits))
         records, columns = splits[name]
         rows = parse_rows(records, columns, split=f"{file.name}:{name}")

@@ -55,9 +55,14 @@ def compute_advantages(batch: TrainBatch, fw: Forwarded, beta: float, config: An
         advantages, returns = M.gae(rewards, fw.values, mask, opt.gamma, opt.lam)
         if opt.whiten_advantages:
             advantages = M.masked_whiten(advantages, mask)
-    elif opt.estimator == "reinforce_pp":
-        # REINFORCE++ (Hu 2025): token rewards with KL, discounted returns, batch-whitened.
-        rewards = M.token_rewards(batch.placed_scores, kl, mask, in_reward)
+    elif opt.estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+        # REINFORCE++ (Hu et al. 2025): token rewards with KL, discounted returns, batch-whitened;
+        # the baseline variant first takes each group's mean score off its samples' last token.
+        placed = batch.placed_scores
+        if opt.estimator == "reinforce_pp_baseline":
+            baseline = batch.seq_scores - M.group_advantages(batch.seq_scores, batch.group_size, "dr_grpo")
+            placed = M.add_at_last_action(placed, mask, -baseline)
+        rewards = M.token_rewards(placed, kl, mask, in_reward)
         advantages = M.masked_whiten(M.discounted_returns(rewards, mask, opt.gamma), mask)
     else:
         seq = M.kl_shaped_scores(batch.seq_scores, kl_per_seq, in_reward)
@@ -74,15 +79,46 @@ def compute_advantages(batch: TrainBatch, fw: Forwarded, beta: float, config: An
         "val/num_stop_token_ids": batch.stopped.float().sum().item(),
     }
     if fw.old_logprobs is not None:
-        stats.update(sequence_statistics(batch, fw.old_logprobs))
+        sampling = fw.old_logprobs if batch.policy_version_lag == 0 else fw.sampling_logprobs
+        stats.update(sequence_statistics(batch, fw.old_logprobs, sampling, config))
     return Advantages(advantages=advantages, returns=returns, beta=beta, kl_per_seq=kl_per_seq, stats=stats)
 
 
-def sequence_statistics(batch: TrainBatch, old_logprobs: torch.Tensor) -> dict[str, float]:
-    """Statistics of the sampling policy's log-probs: the sequence entropy estimate, sum of -log pi
-    over the sampled tokens (open-instruct's objective/entropy), and the gap to the engine's."""
-    stats = {"objective/entropy": (-M.masked_sum(old_logprobs, batch.action_mask, dim=1)).mean().item()}
-    if batch.engine_logprobs is not None:
-        stats["val/engine_logprob_diff"] = M.engine_logprob_gap(old_logprobs, batch.engine_logprobs,
-                                                                batch.action_mask).item()
+def sequence_statistics(batch: TrainBatch, old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor | None,
+                        config: Any) -> dict[str, float]:
+    """Statistics of the log-probs: the sequence entropy estimate, sum of -log pi_old over the sampled
+    tokens (open-instruct's objective/entropy); and the gap between the engine and the learner.
+
+    The engine's and the learner's log-probs of the same tokens differ by two things: numerics
+    (kernels, dtype, batching) on the same weights, and, one update old in asynchronous runs, the
+    policy's own change since the batch was sampled. `sampling_logprobs` (the learner's log-probs
+    under the weights that sampled the batch; None when not kept) separates them:
+      val/engine_logprob_diff, rollout/kl_numerical   engine vs the learner, same weights
+      val/policy_change_logprob_diff, rollout/kl_staleness   the sampling weights vs pi_old
+      rollout/kl, rollout/ratio_*   engine vs pi_old, both parts: what rollout correction corrects
+    KLs are k3 estimates per action token (the tokens were drawn from the engine).
+    """
+    mask = batch.action_mask
+    stats = {"objective/entropy": (-M.masked_sum(old_logprobs, mask, dim=1)).mean().item()}
+    engine = batch.engine_logprobs
+    if engine is None or not bool(mask.any()):
+        return stats
+    opt = config.optim
+
+    def kl(p_logp, q_logp):  # KL(p || q) from samples of p
+        return M.masked_mean(M.kl_penalty(p_logp, q_logp, "k3"), mask).item()
+
+    stats["rollout/kl"] = kl(engine, old_logprobs)
+    mode = "tis" if opt.rollout_correction == "none" else opt.rollout_correction
+    _, ratio, touched = M.rollout_correction_weights(old_logprobs, engine, mask, mode, opt.rollout_correction_low,
+                                                     opt.rollout_correction_high)
+    r = ratio[mask]
+    stats.update({"rollout/ratio_mean": r.mean().item(), "rollout/ratio_min": r.min().item(),
+                  "rollout/ratio_max": r.max().item(),
+                  "rollout/ratio_corrected_frac": touched[mask].float().mean().item()})
+    if sampling_logprobs is not None:
+        stats["val/engine_logprob_diff"] = M.engine_logprob_gap(sampling_logprobs, engine, mask).item()
+        stats["rollout/kl_numerical"] = kl(engine, sampling_logprobs)
+        stats["rollout/kl_staleness"] = kl(sampling_logprobs, old_logprobs)
+        stats["val/policy_change_logprob_diff"] = M.engine_logprob_gap(old_logprobs, sampling_logprobs, mask).item()
     return stats

@@ -16,6 +16,19 @@ import torch
 from lampo.optimize import maths as M
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a batch's tokens were drawn: temperature, then top-k, then top-p (0 and 1.0 disable them).
+
+    The learner computes its log-probs under the same distribution (`maths.logprobs_and_entropy`),
+    so that pi / pi_old and the engine's log-probs compare what was sampled from.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
 @dataclass
 class TrainBatch:
     """What the learner trains on: B conversations, right-padded to T tokens.
@@ -29,8 +42,9 @@ class TrainBatch:
         stopped: BoolTensor [B], every turn ended with the stop token.
         group_size: samples per prompt; groups are contiguous (grpo, rloo, dr_grpo).
         engine_logprobs: optional FloatTensor [B, T], the engine's sampling log-probs.
-        temperature: the temperature the batch was sampled at; None: the config's. The learner's
-            log-probs use it, so that pi / pi_old compares the distribution the tokens came from.
+        sampling: how the batch was sampled; None: the config's temperature, top_k and top_p.
+        policy_version_lag: policy updates between the weights that sampled the batch and the
+            learner's now (0 in synchronous mode, 1 in asynchronous mode).
     """
 
     input_ids: torch.Tensor
@@ -41,7 +55,8 @@ class TrainBatch:
     stopped: torch.Tensor
     group_size: int = 1
     engine_logprobs: torch.Tensor | None = None
-    temperature: float | None = None
+    sampling: Sampling | None = None
+    policy_version_lag: int = 0
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -58,7 +73,8 @@ class TrainBatch:
             stopped=self.stopped[idx],
             group_size=self.group_size,
             engine_logprobs=None if self.engine_logprobs is None else self.engine_logprobs[idx, :length],
-            temperature=self.temperature,
+            sampling=self.sampling,
+            policy_version_lag=self.policy_version_lag,
         )
 
 
@@ -70,11 +86,15 @@ class Forwarded:
         minibatch, nothing else needs them: `Passes.fuses_old_logprobs`).
     ref_logprobs: log pi_ref; None when no reference is used (kl_coef 0): the KL is then exactly 0.
     values: the critic's values; None without a critic.
+    sampling_logprobs: log-probs under the weights that sampled a batch one update old (asynchronous
+        runs; `Learner.keep_sampling_weights`); None otherwise. For a batch of the current weights
+        they are `old_logprobs`.
     """
 
     old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
     values: torch.Tensor | None
+    sampling_logprobs: torch.Tensor | None = None
 
 
 def build_train_batch(
@@ -87,9 +107,12 @@ def build_train_batch(
     *,
     given_turns: Sequence[int] | None = None,
     non_stop_penalty: float | None = None,
+    overlong: tuple[int, int, float] | None = None,
+    turn_lengths: Sequence[Sequence[int]] | None = None,
     group_size: int = 1,
     engine_logprobs: torch.Tensor | None = None,
-    temperature: float | None = None,
+    sampling: Sampling | None = None,
+    policy_version_lag: int = 0,
 ) -> TrainBatch:
     """Place each conversation's score(s) on its turns and apply the non-stop penalty.
 
@@ -101,6 +124,10 @@ def build_train_batch(
         was generated; the score still counts in `seq_scores`, for its group's baseline).
     non_stop_penalty: the score given instead to a conversation that did not stop (open-instruct's
         `--penalty_reward_value`); None leaves scores as they are.
+    overlong: (max_new_tokens, buffer_len, factor) of DAPO's overlong shaping: each generated turn
+        of `turn_lengths` tokens adds `maths.overlong_penalty` at its last token. It applies to
+        conversations that stopped; one that did not gets the non-stop penalty instead, which
+        replaces its whole score (docs/algorithms.md).
     """
     if not (len(scores) == len(turn_ends) == len(stopped)):
         raise ValueError(f"{len(scores)} scores for {len(turn_ends)} conversations and {len(stopped)} stop flags")
@@ -124,6 +151,10 @@ def build_train_batch(
             turn_scores, turn_pos = [float(score)], [ends[-1]]
         if non_stop_penalty is not None and not bool(stopped[i]):
             turn_scores, turn_pos = [non_stop_penalty], [ends[-1]]
+        elif overlong is not None and turn_lengths is not None:
+            max_len, buffer_len, factor = overlong
+            shaping = M.overlong_penalty(torch.tensor(turn_lengths[i]), max_len, buffer_len, factor).tolist()
+            turn_scores, turn_pos = turn_scores + shaping, turn_pos + list(ends)
         per_turn.append(turn_scores)
         positions.append(turn_pos)
         totals.append(sum(turn_scores))
@@ -136,5 +167,6 @@ def build_train_batch(
         stopped=stopped,
         group_size=group_size,
         engine_logprobs=engine_logprobs,
-        temperature=temperature,
+        sampling=sampling,
+        policy_version_lag=policy_version_lag,
     )

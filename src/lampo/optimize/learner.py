@@ -6,20 +6,22 @@ calls and times them one by one):
   4. advantages: rewards with KL, then GAE or a group estimator (`advantages.compute_advantages`)
   5. optimise:   `ppo_epochs` passes over shuffled minibatches, micro-batches accumulated (`optimise`)
 The maths is in `maths.py`. How a pass is computed (shared prompts, packed rows, oneDNN kernels,
-the fused old log-probs) is the speed wing's business, behind one seam: `self.passes`.
+the fused old log-probs) is the speed wing's business, behind one seam: `self.passes`. How a loss
+becomes a gradient and a gradient a step (one process, DDP, DeepSpeed ZeRO) is the strategy's
+(`lampo.distributed`), behind another: `self.strategy`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections import defaultdict
 
 import torch
 from torch import nn
 
-from lampo.config import LampoConfig
+from lampo.config import ConfigError, LampoConfig
+from lampo.distributed.strategy import StepOutcome, Strategy, TrainedModels
 from lampo.optimize import maths as M
 from lampo.optimize.advantages import Advantages, compute_advantages, sequence_statistics
 from lampo.optimize.batch import Forwarded, TrainBatch
@@ -30,7 +32,7 @@ from lampo.optimize.models import (
     init_value_head,
     reference_mode,
 )
-from lampo.optimize.optimizers import critic_group, make_optimizer, policy_group, trainable
+from lampo.optimize.optimizers import critic_group, make_optimizer, make_scheduler, policy_group, trainable
 from lampo.speed.passes import Passes
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,22 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+def check_fp16_device(config: LampoConfig, device_type: str) -> None:
+    """fp16 needs a GPU: stop at start, naming the key, on any other device."""
+    if config.model.fp16 and device_type != "cuda":
+        raise ConfigError(
+            f"config key 'fp16' = true, but the models train on {device_type}: float16 autocast and its loss "
+            "scaler are for GPUs. Use bf16: true instead (bfloat16 needs no loss scaling and runs on CPUs), "
+            "or leave both false for fp32"
+        )
+
+
 class Learner:
-    """Holds the policy, critic, reference, optimisers and schedulers; trains on TrainBatches."""
+    """Holds the policy, critic, reference, optimisers and schedulers; trains on TrainBatches.
+
+    strategy: how gradients and steps are made (lampo.distributed); default the single process.
+    accelerator: shorthand for `strategy=AccelerateDDP(accelerator)`.
+    """
 
     def __init__(
         self,
@@ -52,11 +68,22 @@ class Learner:
         value_model: nn.Module | None = None,
         num_training_steps: int | None = None,
         accelerator=None,
+        strategy: Strategy | None = None,
         seed: int | None = None,
+        ptx: TrainBatch | None = None,
+        keep_sampling_weights: bool = False,
     ):
         self.cfg = config
         opt = self.opt_cfg = config.optim
-        self.accelerator = accelerator
+        if strategy is None and accelerator is not None:
+            from lampo.distributed.ddp import AccelerateDDP
+
+            strategy = AccelerateDDP(accelerator)
+        self.strategy = strategy if strategy is not None else Strategy()
+        device = next(policy.parameters()).device.type
+        if self.strategy.world > 1 and torch.cuda.is_available():
+            device = "cuda"  # accelerate and DeepSpeed move the models to the GPU
+        check_fp16_device(config, device)
         self.policy = policy
         # With kl_coef 0 (and no adaptive controller that could raise it) the reference never
         # enters a reward or a loss: no reference pass and no copy of its weights.
@@ -82,16 +109,30 @@ class Learner:
         groups = [policy_group(config, trainable(policy))]
         if self.value_head is not None:
             groups.append(critic_group(config, list(self.value_head.parameters())))
-        self.optimizer, self.scheduler = make_optimizer(groups, opt.learning_rate, opt.weight_decay, opt.adam_eps,
-                                                        opt.lr_scheduler_type, opt.warmup_ratio, steps)
-        self.critic_optimizer = self.critic_scheduler = None
+        optimizer = make_optimizer(groups, opt.learning_rate, opt.weight_decay, opt.adam_eps)
+        critic_optimizer = None
         if self.value_model is not None:
-            self.critic_optimizer, self.critic_scheduler = make_optimizer(
-                [critic_group(config, trainable(self.value_model))], config.critic_learning_rate, opt.weight_decay,
-                opt.adam_eps, opt.lr_scheduler_type, opt.warmup_ratio, steps)
-        if accelerator is not None:
-            self._prepare_with_accelerator()
+            critic_optimizer = make_optimizer([critic_group(config, trainable(self.value_model))],
+                                              config.critic_learning_rate, opt.weight_decay, opt.adam_eps)
+        prepared = self.strategy.prepare(TrainedModels(self.policy, self.value_model, self.value_head, self.ref_model,
+                                                       optimizer, critic_optimizer), config)
+        self.policy, self.value_model, self.value_head = prepared.policy, prepared.value_model, prepared.value_head
+        self.ref_model, self.optimizer, self.critic_optimizer = (prepared.ref_model, prepared.optimizer,
+                                                                 prepared.critic_optimizer)
+        # on the optimisers as prepared: a strategy may wrap them, or merge them into one (DeepSpeed)
+        schedule = (opt.lr_scheduler_type, opt.warmup_ratio, steps)
+        self.scheduler = make_scheduler(self.optimizer, *schedule)
+        self.critic_scheduler = None if self.critic_optimizer is None else make_scheduler(self.critic_optimizer,
+                                                                                          *schedule)
         self.generator = torch.Generator().manual_seed(config.train.seed if seed is None else seed)
+        self.ptx = ptx
+        """PPO-ptx's supervised examples (`data.ptx`): tokens, and the tokens they train (`action_mask`)."""
+        # Asynchronous runs train on batches sampled with the weights before the last update: keeping
+        # them (the trainable parameters) lets the engine's log-probs be compared on the same weights
+        # (`val/engine_logprob_diff`) apart from the policy's change since (`rollout/kl_staleness`).
+        # (not under DeepSpeed: its partitioned parameters are not the learner's to swap)
+        self.keep_sampling_weights = keep_sampling_weights and not self.strategy.saves_weights
+        self._sampling_weights: list[torch.Tensor] | None = None
         self.consecutive_bad_steps = 0
         self.skipped_updates = 0
         self.global_step = 0
@@ -116,7 +157,7 @@ class Learner:
         timer = PhaseTimer()
         with timer("forward"):
             fw = self.forward(batch)
-        if not fw_is_finite(fw):
+        if not self.forward_is_finite(fw):
             return self.skip_step("old or reference log-probs are not finite (the weights may hold NaN)", timer.times)
         with timer("advantages"):
             adv = compute_advantages(batch, fw, self.kl_ctl.value, self.cfg)
@@ -133,21 +174,68 @@ class Learner:
         ref = torch.zeros(B, T) if self.uses_reference else None
         values = torch.zeros(B, T) if self.cfg.uses_critic else None
         self.policy.eval()
-        rows = self.opt_cfg.forward_batch_size or self.micro_batch_size  # no gradients: may differ from training's
+        # no gradients: the micro-batch may differ from training's (forward_batch_size)
+        for idx, mb in self._micro_batches(batch, self.opt_cfg.forward_batch_size):
+            L = mb.input_ids.shape[1]
+            lp, v, r = self.strategy.forward(self._no_grad_pass, mb, old is not None, values is not None)
+            if lp is not None:
+                old[idx, :L] = lp
+            if v is not None:
+                values[idx, :L] = v
+            if r is not None:
+                ref[idx, :L] = r
+        sampling = None
+        if batch.policy_version_lag == 1 and self._sampling_weights is not None and batch.engine_logprobs is not None:
+            # the weights that sampled a batch one update old, kept by that update
+            with self._weights(self._sampling_weights):
+                sampling = self.logprobs(batch)
+        return Forwarded(old_logprobs=old, ref_logprobs=ref, values=values, sampling_logprobs=sampling)
+
+    def _no_grad_pass(self, mb: TrainBatch, policy_pass: bool, want_values: bool):
+        """(log-probs, values, reference log-probs) of one micro-batch; None where not asked."""
+        lp = v = r = None
+        if policy_pass:
+            lp, _, hidden = self.passes.logprobs(self.policy, mb, with_entropy=False, hidden=self.value_head is not None)
+            if want_values:
+                v = self._values(mb, hidden)
+        if self.uses_reference:
+            with reference_mode(self.unwrapped(self.policy), self.ref_model) as ref_model:
+                r = self.passes.logprobs(ref_model, mb, with_entropy=False)[0]
+        return lp, v, r
+
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """The policy's log-probs [B, T] of the batch's tokens, without gradients."""
+        out = torch.zeros(batch.input_ids.shape)
+        self.policy.eval()
+        for idx, mb in self._micro_batches(batch, self.opt_cfg.forward_batch_size):
+            lp = self.strategy.forward(lambda m: self.passes.logprobs(self.policy, m, with_entropy=False)[0], mb)
+            out[idx, : mb.input_ids.shape[1]] = lp
+        return out
+
+    def forward_is_finite(self, fw: Forwarded) -> bool:
+        """Whether the forward phase's log-probs are finite on every rank (NaN there means the weights
+        hold NaN); every rank skips the step, or none does."""
+        return self.strategy.all_true(fw_is_finite(fw))
+
+    def _micro_batches(self, batch: TrainBatch, rows: int | None = None):
+        """(row indices, rows) of `batch` in micro-batches of `rows` (default: the training micro-batch), in order."""
+        B, rows = len(batch), rows or self.micro_batch_size
         for start in range(0, B, rows):
             idx = torch.arange(start, min(start + rows, B))
-            mb = batch.select(idx)
-            L = mb.input_ids.shape[1]
-            if old is not None:
-                lp, _, hidden = self.passes.logprobs(self.policy, mb, with_entropy=False,
-                                                     hidden=self.value_head is not None)
-                old[idx, :L] = lp
-                if values is not None:
-                    values[idx, :L] = self._values(mb, hidden)
-            if ref is not None:
-                with reference_mode(self.unwrapped(self.policy), self.ref_model) as ref_model:
-                    ref[idx, :L] = self.passes.logprobs(ref_model, mb, with_entropy=False)[0]
-        return Forwarded(old_logprobs=old, ref_logprobs=ref, values=values)
+            yield idx, batch.select(idx)
+
+    @contextlib.contextmanager
+    def _weights(self, tensors: list[torch.Tensor]):
+        """The policy's trainable parameters swapped with `tensors` inside the block (and back after)."""
+        params = trainable(self.policy)
+        for p, t in zip(params, tensors, strict=True):
+            p.data, t.data = t.data, p.data
+        try:
+            yield
+        finally:
+            for p, t in zip(params, tensors, strict=True):
+                p.data, t.data = t.data, p.data
 
     def _values(self, mb: TrainBatch, hidden: torch.Tensor | None) -> torch.Tensor:
         if self.value_head is not None:
@@ -163,6 +251,8 @@ class Learner:
         # first and only pass, detached: it is filled in as the pass goes.
         fused = fw.old_logprobs is None
         old_all = torch.zeros(B, T) if fused else fw.old_logprobs
+        if self.keep_sampling_weights:  # the weights the engine samples the next batch with
+            self._keep_weights()
         acc: dict[str, float] = defaultdict(float)
         models = [m for m in (self.policy, self.value_model, self.value_head) if m is not None]
         for m in models:
@@ -171,62 +261,123 @@ class Learner:
             order = self.passes.order(batch, self.generator, value_head=self.value_head is not None)
             for mb_start in range(0, B, opt.mini_batch_size):
                 mb_idx = order[mb_start : mb_start + opt.mini_batch_size]
-                totals = (float(batch.action_mask[mb_idx].sum()), float(len(mb_idx)))
-                self._zero_grad()
+                num_tokens = float(batch.action_mask[mb_idx].sum())
+                # what the token-mean losses divide by: num_tokens, or with several ranks the mean
+                # over ranks of their minibatches' tokens (Strategy.token_normaliser); statistics
+                # per token divide by this rank's own
+                totals = (self.strategy.token_normaliser(num_tokens), float(len(mb_idx)), num_tokens)
+                self.strategy.zero_grad()
                 mb_stats: dict[str, float] = defaultdict(float)
                 finite = True
                 micro_chunks = mb_idx.split(self.micro_batch_size)
+                ptx_chunks = self._ptx_chunks(len(micro_chunks))
                 for i, idx in enumerate(micro_chunks):
-                    with self._no_sync(i < len(micro_chunks) - 1):
-                        finite &= self._micro_step(batch.select(idx), idx, old_all, fused, fw, adv, totals, mb_stats)
-                grad_norm = self._clip_and_norm()
-                if finite and math.isfinite(grad_norm):
-                    self._step()
+                    with self.strategy.no_sync(i < len(micro_chunks) - 1):
+                        finite &= self._micro_step(batch.select(idx), idx, old_all, fused, fw, adv, totals, mb_stats,
+                                                   ptx_chunks[i])
+                # clip and apply; or skip: weights and optimiser state stay as they were before this minibatch
+                outcome = self.strategy.step(finite)
+                if outcome is StepOutcome.APPLIED:
                     acc["_updates"] += 1
                     for k, v in mb_stats.items():
                         acc[k] += v
-                else:  # skipped: weights and optimiser state stay as they were before this minibatch
+                elif outcome is StepOutcome.LOSS_SCALE:
+                    acc["_scaler_skipped"] += 1
+                else:
                     acc["_skipped"] += 1
-                self._zero_grad()
+                self.strategy.zero_grad()
         for m in models:
             m.eval()
         return self._end_step(batch, fw, adv, acc, old_all if fused else None)
 
-    def _micro_step(self, mb, idx, old_all, fused, fw, adv, totals, stats) -> bool:
+    def _micro_step(self, mb, idx, old_all, fused, fw, adv, totals, stats, ptx_mb) -> bool:
+        """Forward and backward of one micro-batch; adds its statistics to `stats`. False: the loss is
+        not finite (the minibatch will be skipped)."""
+        loss, mb_stats = self.strategy.forward(self._micro_loss, mb, idx, old_all, fused, fw, adv, totals, ptx_mb)
+        finite = bool(torch.isfinite(loss))
+        self.strategy.backward(loss, finite)
+        if finite:
+            for k, v in mb_stats.items():
+                stats[k] += v
+        return finite
+
+    def _micro_loss(self, mb, idx, old_all, fused, fw, adv, totals, ptx_mb):
+        """The PPO loss of one micro-batch (PPO's clipped objective, Schulman et al. 2017, or the
+        configured `policy_loss`; the value loss; PPO-ptx), and its statistics as floats."""
         opt = self.opt_cfg
         L = mb.input_ids.shape[1]
         mask = mb.action_mask
-        num_tokens, num_seqs = totals
+        loss_tokens, num_seqs, num_tokens = totals
         logp, entropy, hidden = self.passes.logprobs(self.policy, mb, hidden=self.value_head is not None)
         if fused:
             old_all[idx, :L] = logp.detach()
         old_lp = M.pin_ratio_off_mask(old_all[idx, :L], logp, mask)
-        pg_mat, clipped, ratio = M.clipped_policy_loss(logp, old_lp, adv.advantages[idx, :L], opt.cliprange,
-                                                       opt.dual_clip)
+        pg_mat, clipped, ratio = self._policy_loss(logp, old_lp, adv.advantages[idx, :L], mask)
+        if opt.rollout_correction != "none" and mb.engine_logprobs is not None:
+            # pi_old / pi_engine: the batch was sampled by the engine, not by pi_old (docs/algorithms.md)
+            weights, _, _ = M.rollout_correction_weights(old_lp, mb.engine_logprobs, mask, opt.rollout_correction,
+                                                         opt.rollout_correction_low, opt.rollout_correction_high)
+            pg_mat = pg_mat * weights
         if not self.cfg.kl_in_reward and adv.beta > 0:
+            # GRPO puts the KL in the loss, per token (DeepSeekMath eq. 3).
             pg_mat = pg_mat + M.kl_loss(logp, fw.ref_logprobs[idx, :L], adv.beta, opt.kl_estimator)
-        pg_loss = M.aggregate(pg_mat, mask, self.cfg.loss_aggregation, num_tokens, num_seqs,
+        pg_loss = M.aggregate(pg_mat, mask, self.cfg.loss_aggregation, loss_tokens, num_seqs,
                               float(self.cfg.generation.max_new_tokens))
         loss = pg_loss
+        w = 1.0 / max(num_tokens, 1)
+        stats: dict[str, float] = {}
         if adv.returns is not None:
             values = self._values(mb, hidden)
             vf_mat, vf_clipped = M.clipped_value_loss(values, fw.values[idx, :L], adv.returns[idx, :L],
                                                       opt.cliprange_value)
-            vf_loss = M.aggregate(vf_mat, mask, "token-mean", num_tokens, num_seqs)
+            vf_loss = M.aggregate(vf_mat, mask, "token-mean", loss_tokens, num_seqs)
             loss = loss + opt.vf_coef * vf_loss
-            stats["loss/value_avg"] += vf_loss.item()
-            stats["val/clipfrac_avg"] += M.masked_sum(vf_clipped.float(), mask).item() / max(num_tokens, 1)
-        if not torch.isfinite(loss):
-            return False
-        self._backward(loss)
-        w = 1.0 / max(num_tokens, 1)
+            stats["loss/value_avg"] = vf_loss.item()
+            stats["val/clipfrac_avg"] = M.masked_sum(vf_clipped.float(), mask).item() * w
+        if ptx_mb is not None:
+            ptx_loss = self._ptx_loss(*ptx_mb)
+            loss = loss + opt.ptx_coef * ptx_loss
+            stats["loss/ptx"] = ptx_loss.item()
         with torch.no_grad():
-            stats["loss/policy_avg"] += pg_loss.item()
-            stats["policy/approxkl_avg"] += M.masked_sum(M.approx_kl(logp, old_lp), mask).item() * w
-            stats["policy/clipfrac_avg"] += M.masked_sum(clipped.float(), mask).item() * w
-            stats["policy/entropy_avg"] += M.masked_sum(entropy, mask).item() * w
-            stats["val/ratio"] += M.masked_sum(ratio, mask).item() * w
-        return True
+            stats["loss/policy_avg"] = pg_loss.item()
+            stats["policy/approxkl_avg"] = M.masked_sum(M.approx_kl(logp, old_lp), mask).item() * w
+            stats["policy/clipfrac_avg"] = M.masked_sum(clipped.float(), mask).item() * w
+            stats["policy/entropy_avg"] = M.masked_sum(entropy, mask).item() * w
+            stats["val/ratio"] = M.masked_sum(ratio, mask).item() * w
+        return loss, stats
+
+    def _policy_loss(self, logp, old_lp, advantages, mask):
+        """The configured policy loss per token: PPO's clipped ratio, GSPO's sequence ratio or CISPO's weight."""
+        kind, low, high = self.opt_cfg.policy_loss, self.cfg.clip_low, self.cfg.clip_high
+        if kind == "gspo":
+            return M.gspo_policy_loss(logp, old_lp, advantages, mask, low, high)
+        if kind == "cispo":
+            return M.cispo_policy_loss(logp, old_lp, advantages, low, high)
+        return M.clipped_policy_loss(logp, old_lp, advantages, low, self.opt_cfg.dual_clip, high)
+
+    def _ptx_chunks(self, n: int) -> list[tuple[TrainBatch, float] | None]:
+        """This minibatch's PPO-ptx examples split over its `n` micro-batches, each with the minibatch's
+        count of supervised tokens (the loss's denominator); None without ptx."""
+        if self.ptx is None:
+            return [None] * n
+        size = self.opt_cfg.ptx_batch_size or self.opt_cfg.mini_batch_size
+        idx = torch.randint(len(self.ptx), (size,), generator=self.generator)
+        tokens = float(self.ptx.action_mask[idx].sum())
+        return [(self.ptx.select(part), tokens) if len(part) else None for part in idx.tensor_split(n)]
+
+    def _ptx_loss(self, ptx_mb: TrainBatch, tokens: float) -> torch.Tensor:
+        """Negative log-likelihood of the supervised tokens over the minibatch's `tokens` (InstructGPT's
+        PPO-ptx, Ouyang et al. 2022, eq. 2): the micro-batches' losses add up to the minibatch's mean."""
+        logp, _, _ = self.passes.logprobs(self.policy, ptx_mb, with_entropy=False)
+        return -M.masked_sum(logp, ptx_mb.action_mask) / max(tokens, 1.0)
+
+    def _keep_weights(self) -> None:
+        params = trainable(self.policy)
+        if self._sampling_weights is None:
+            self._sampling_weights = [p.detach().clone() for p in params]
+        else:
+            for kept, p in zip(self._sampling_weights, params, strict=True):
+                kept.copy_(p.detach())
 
     def _end_step(self, batch, fw, adv, acc, fused_old) -> dict[str, float]:
         """The schedules and the KL controller step; bad steps are counted; the step's metrics."""
@@ -237,6 +388,7 @@ class Learner:
         self.kl_ctl.update(adv.kl_per_seq.mean().item(), n_steps=len(batch))
         self.global_step += 1
         skipped, updates = acc.pop("_skipped", 0), acc.pop("_updates", 0)
+        scaler_skipped = acc.pop("_scaler_skipped", 0)
         if skipped:
             self.consecutive_bad_steps += 1
             self.skipped_updates += skipped
@@ -250,11 +402,16 @@ class Learner:
             self.consecutive_bad_steps = 0
         stats = dict(adv.stats)
         if fused_old is not None:  # the training pass has filled in the old log-probs only now
-            stats.update(sequence_statistics(batch, fused_old))
+            sampling = fused_old if fw.sampling_logprobs is None and batch.policy_version_lag == 0 else fw.sampling_logprobs
+            stats.update(sequence_statistics(batch, fused_old, sampling, self.cfg))
         stats.update({k: v / max(updates, 1) for k, v in acc.items()})
         if "loss/policy_avg" in stats:  # absent when every minibatch of the step was skipped
             stats["objective/loss"] = stats["loss/policy_avg"] + self.opt_cfg.vf_coef * stats.get("loss/value_avg", 0.0)
         stats["optim/skipped_steps"] = float(skipped)
+        loss_scale = self.strategy.loss_scale()
+        if loss_scale is not None:  # fp16
+            stats["optim/loss_scale"] = loss_scale
+            stats["optim/scaler_skipped_steps"] = float(scaler_skipped)
         stats["lr"] = lr_used
         if fw.values is not None:
             stats["val/explained_variance"] = M.explained_variance(fw.values, adv.returns, batch.action_mask).item()
@@ -268,64 +425,30 @@ class Learner:
             raise TrainingDiverged(f"{self.consecutive_bad_steps} steps in a row were skipped: {why}")
         return {"optim/skipped_steps": 1.0, "lr": self.lr, **timings}
 
-    # ------------------------------------------------------------------ distributed-aware bits
-    def _prepare_with_accelerator(self) -> None:
-        acc = self.accelerator
-        self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
-        if self.value_model is not None:
-            self.value_model, self.critic_optimizer = acc.prepare(self.value_model, self.critic_optimizer)
-        if self.value_head is not None:
-            self.value_head = acc.prepare(self.value_head)
-
+    # ------------------------------------------------------------------ whole models (the strategy's)
     def unwrapped(self, model: nn.Module | None) -> nn.Module | None:
-        """A model without its data-parallel wrapper (for saving, weight sync and cost accounting)."""
-        if model is None or self.accelerator is None:
-            return model
-        return self.accelerator.unwrap_model(model)
+        """A model without its data-parallel or DeepSpeed wrapper (saving, weight sync, cost accounting)."""
+        return None if model is None else self.strategy.unwrap(model)
 
     def unwrapped_policy(self) -> nn.Module:
         return self.unwrapped(self.policy)
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self.accelerator is not None:
-            self.accelerator.backward(loss)
-        else:
-            loss.backward()
+    def unwrapped_value_model(self) -> nn.Module | None:
+        return self.unwrapped(self.value_model)
 
-    def _no_sync(self, skip_sync: bool):
-        # With DDP, all-reduce only on the last micro-batch of a minibatch.
-        if self.accelerator is None or not skip_sync:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        for m in (self.policy, self.value_model):
-            if m is not None:
-                stack.enter_context(self.accelerator.no_sync(m))
-        return stack
+    def full_weights(self, *models: nn.Module):
+        """Context in which `models` (default: every trained model) hold all their parameters.
 
-    def _trainable(self) -> list[nn.Parameter]:
-        return [p for m in (self.policy, self.value_model, self.value_head) if m is not None for p in trainable(m)]
-
-    def _clip_and_norm(self) -> float:
-        params = [p for p in self._trainable() if p.grad is not None]
-        if not params:
-            return 0.0
-        max_norm = self.opt_cfg.max_grad_norm if self.opt_cfg.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-    def _step(self) -> None:
-        self.optimizer.step()
-        if self.critic_optimizer is not None:
-            self.critic_optimizer.step()
-
-    def _zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.critic_optimizer is not None:
-            self.critic_optimizer.zero_grad(set_to_none=True)
+        Under ZeRO-3 the parameters are partitioned over the ranks and this gathers them, on every
+        rank: every rank must enter it, also where only rank 0 saves.
+        """
+        trained = models or tuple(m for m in (self.policy, self.value_model, self.value_head) if m is not None)
+        return self.strategy.full_weights(*trained)
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict:
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            **self.strategy.state_dict(),  # the optimisers (unless they are in per-rank shards)
             "scheduler": self.scheduler.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
             "generator": self.generator.get_state(),
@@ -333,26 +456,32 @@ class Learner:
             "consecutive_bad_steps": self.consecutive_bad_steps,
             "skipped_updates": self.skipped_updates,
         }
-        if self.critic_optimizer is not None:
-            state["critic_optimizer"] = self.critic_optimizer.state_dict()
+        if self.critic_scheduler is not None:
             state["critic_scheduler"] = self.critic_scheduler.state_dict()
-        if self.value_head is not None:
+        if self.value_head is not None and not self.strategy.saves_weights:
             state["value_head"] = self.value_head.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_state_dict(state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.generator.set_state(state["generator"])
         self.global_step = state["global_step"]
         self.consecutive_bad_steps = state["consecutive_bad_steps"]
         self.skipped_updates = state["skipped_updates"]
-        if self.critic_optimizer is not None:
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        if self.critic_scheduler is not None:
             self.critic_scheduler.load_state_dict(state["critic_scheduler"])
-        if self.value_head is not None:
+        if self.value_head is not None and "value_head" in state:
             self.value_head.load_state_dict(state["value_head"])
+
+    def save_shards(self, staged) -> list[str]:
+        """Write this rank's part of the training state into a staged checkpoint (every rank calls it)."""
+        return self.strategy.save_shards(staged)
+
+    def load_shards(self, checkpoint) -> None:
+        """Read this rank's part back (after `load_state_dict`; every rank calls it)."""
+        self.strategy.load_shards(checkpoint)
 
 
 def fw_is_finite(fw: Forwarded) -> bool:

@@ -72,18 +72,54 @@ def log_softmax_t(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
 
 
-def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
-                         with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(token) under softmax(logits / temperature), in fp32, and the entropy per position.
+def sampled_support(logits: torch.Tensor, tokens: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The tokens top-k then top-p sampling can draw from, as a bool mask [..., V], the sampled token kept.
 
+    As transformers' TopKLogitsWarper then TopPLogitsWarper apply them to temperature-scaled logits
+    (and vLLM): the top_k largest; of those, the smallest set of most likely tokens whose total
+    probability reaches top_p. The token that was sampled is always in: on the sampling weights it
+    is anyway, and after an update its log-prob must stay finite.
+    """
+    with torch.no_grad():
+        z = logits.float()
+        keep = torch.ones_like(z, dtype=torch.bool)
+        if top_k > 0 and top_k < z.shape[-1]:
+            kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+            keep &= z >= kth
+        if top_p < 1.0:
+            z = z.masked_fill(~keep, float("-inf"))
+            sorted_z, order = torch.sort(z, dim=-1, descending=True)
+            probs = torch.softmax(sorted_z, dim=-1)
+            # a token is in the nucleus when the probability above it is below top_p (the first always)
+            before = probs.cumsum(-1) - probs
+            nucleus = torch.zeros_like(keep).scatter(-1, order, before < top_p)
+            keep &= nucleus
+        return keep.scatter(-1, tokens.unsqueeze(-1), True)
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                         with_entropy: bool = True, top_k: int = 0,
+                         top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(token) under the sampling distribution, in fp32, and the entropy per position.
+
+    The sampling distribution is softmax(logits / temperature), renormalised over the tokens top-k
+    and top-p keep when they are on (`sampled_support`): the distribution the engine sampled from
+    and reports log-probs of, so that the learner's pi/pi_old and the engine's log-probs agree.
     logits [..., V] predict `tokens` [...]. Both come from one log-distribution; the entropy is a
     statistic, computed without gradient (None when `with_entropy` is false).
     """
-    logp = log_softmax_t(logits, temperature)
+    if top_k > 0 or top_p < 1.0:
+        z = logits.float() / temperature
+        support = sampled_support(z, tokens, top_k, top_p)
+        logp = torch.log_softmax(z.masked_fill(~support, float("-inf")), dim=-1)
+    else:
+        support, logp = None, log_softmax_t(logits, temperature)
     chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return chosen, None
     with torch.no_grad():
+        if support is not None:  # 0 * -inf off the support would be NaN: those terms are 0
+            return chosen, -(logp.exp() * logp.masked_fill(~support, 0.0)).sum(-1)
         return chosen, entropy_from_logprobs(logp)
 
 
@@ -163,6 +199,15 @@ def place_scores(scores: list[list[float]], positions: list[list[int]], shape: t
         for s, t in zip(row_scores, row_pos, strict=True):
             out[i, t] += s
     return out
+
+
+def add_at_last_action(values: torch.Tensor, mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`values` [B, T] with delta[i] added at row i's last action token (rows without one unchanged)."""
+    mask = mask.bool()
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask, positions, -1).max(1).values  # -1: no action
+    onehot = (positions[None, :] == last[:, None]) & mask
+    return values + onehot.to(values.dtype) * delta[:, None]
 
 
 def token_rewards(
@@ -287,23 +332,72 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     cliprange: float,
     dual_clip: float | None = None,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token-level PPO-clip loss (Schulman et al. 2017, eq. 7), optionally dual-clipped.
+    """Token-level PPO-clip loss (Schulman et al. 2017, eq. 7), optionally clip-higher and dual-clipped.
 
-    loss = max(-A r, -A clip(r, 1 - eps, 1 + eps)); with dual_clip c (Ye et al. 2020) the
-    loss of a negative advantage is also capped at -c A, so a huge ratio cannot blow it up.
-    Returns (loss [B, T], clipped [B, T] bool, ratio [B, T]).
+    loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), with eps_low = `cliprange` and
+    eps_high = `cliprange_high` (DAPO's clip-higher, Yu et al. 2025: a larger upper bound lets
+    unlikely tokens gain probability, against entropy collapse; None: the same as eps_low). With
+    dual_clip c (Ye et al. 2020) the loss of a negative advantage is also capped at -c A, so a huge
+    ratio cannot blow it up. Returns (loss [B, T], clipped [B, T] bool, ratio [B, T]).
     """
+    high = cliprange if cliprange_high is None else cliprange_high
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     loss_unclipped = -advantages * ratio
-    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
     loss = torch.maximum(loss_unclipped, loss_clipped)
     clipped = loss_clipped > loss_unclipped
     if dual_clip is not None:
         capped = torch.minimum(loss, -dual_clip * advantages)
         loss = torch.where(advantages < 0, capped, loss)
     return loss, clipped, ratio
+
+
+def gspo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_low: float,
+    cliprange_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GSPO's clipped loss with a sequence-level importance ratio (Zheng et al. 2025, eqs. 5-7).
+
+    s_i = exp(mean over sequence i's action tokens of (log pi - log pi_old)): the length-normalised
+    ratio of the whole response, clipped per sequence to [1 - eps_low, 1 + eps_high] (the paper's
+    ranges are tiny, 3e-4 and 4e-4, as a sequence ratio moves far less than a token's). In the
+    GSPO-token form, s_i,t = sg(s_i) * pi(y_t) / sg(pi(y_t)) equals s_i in value and passes each
+    token's gradient; the loss max(-A s, -A clip(s)) is the same at every token of a sequence, so a
+    sequence-mean aggregation gives the paper's objective. Returns (loss, clipped, ratio), [B, T].
+    """
+    mask = mask.bool()
+    seq_log_ratio = masked_mean(logp - old_logp, mask, dim=1)  # [B]
+    token_ratio = torch.exp(seq_log_ratio.detach()[:, None] + logp - logp.detach())
+    loss_unclipped = -advantages * token_ratio
+    loss_clipped = -advantages * torch.clamp(token_ratio, 1.0 - cliprange_low, 1.0 + cliprange_high)
+    loss = torch.maximum(loss_unclipped, loss_clipped)
+    return loss, loss_clipped > loss_unclipped, token_ratio.detach()
+
+
+def cispo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    cliprange_low: float | None,
+    cliprange_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CISPO's loss (MiniMax-M1, 2025, eq. 4): -sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * log pi.
+
+    The importance weight is clipped and its gradient stopped, and it multiplies the REINFORCE
+    term, so no token's gradient is dropped the way PPO's clipping drops it (MiniMax-M1 sets no lower
+    bound: eps_low None). Returns (loss, truncated, ratio), [B, T].
+    """
+    ratio = torch.exp(logp - old_logp).detach()
+    low = None if cliprange_low is None else 1.0 - cliprange_low
+    weight = torch.clamp(ratio, min=low, max=1.0 + cliprange_high)
+    return -weight * advantages * logp, weight != ratio, ratio
 
 
 def clipped_value_loss(
@@ -338,6 +432,58 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     var_r = masked_var(returns, mask, unbiased=False)
     var_err = masked_var(returns - values, mask, unbiased=False)
     return torch.where(var_r > 0, 1 - var_err / var_r, torch.zeros_like(var_r))
+
+
+# ---------------------------------------------------------------------------------------
+# Rollout correction: the gap between the engine's and the learner's probabilities
+# ---------------------------------------------------------------------------------------
+
+
+def rollout_correction_weights(
+    old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, mode: str, low: float, high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Importance weights [B, T] for the policy loss, correcting for sampling with the engine's pi_engine
+    rather than the learner's pi_old (truncated importance sampling, Ionides 2008; for LLM RL Yao et
+    al. 2025, "Your efficient RL framework secretly brings you off-policy RL training").
+
+    r = pi_old / pi_engine per token; a sequence's ratio is the product over its action tokens.
+      tis:     min(r, high) per token
+      mis:     1 where low <= r <= high, else 0 (masked out, as IcePop, Ling team 2025)
+      seq_tis: min(r_seq, high) for every token of the sequence
+      seq_mis: 1 for the whole sequence where low <= r_seq <= high, else 0
+    Returns (weights, the ratio each weight was made from [B, T], touched [B, T] bool: truncated or masked).
+    """
+    mask = mask.bool()
+    log_r = torch.where(mask, old_logp - engine_logp, torch.zeros_like(old_logp))
+    if mode in ("seq_tis", "seq_mis"):
+        # product over the sequence, in log space; clamped so that exp() stays finite
+        log_r = log_r.sum(1, keepdim=True).clamp(-30.0, 30.0).expand_as(log_r)
+    r = torch.exp(log_r)
+    if mode in ("tis", "seq_tis"):
+        weights = torch.clamp(r, max=high)
+        touched = r > high
+    elif mode in ("mis", "seq_mis"):
+        keep = (r >= low) & (r <= high)
+        weights, touched = keep.to(r.dtype), ~keep
+    else:
+        raise ValueError(f"rollout_correction must be tis, mis, seq_tis or seq_mis, got {mode!r}")
+    return torch.where(mask, weights, torch.ones_like(weights)), r, touched & mask
+
+
+# ---------------------------------------------------------------------------------------
+# Reward shaping
+# ---------------------------------------------------------------------------------------
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of responses of `lengths` tokens.
+
+    0 up to max_len - buffer_len tokens; then falling linearly to -factor at max_len:
+    factor * ((max_len - buffer_len) - length) / buffer_len.
+    """
+    start = max_len - buffer_len
+    over = (lengths.float() - start).clamp(min=0.0) / buffer_len
+    return -factor * over.clamp(max=1.0)
 
 
 # ---------------------------------------------------------------------------------------

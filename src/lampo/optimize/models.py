@@ -82,7 +82,7 @@ def attn_implementation_for(name_or_path: str, model_cfg: ModelConfig) -> str | 
 
 def _attn_kwargs(attn_implementation: str | None) -> dict:
     # null keeps transformers' choice; eager can be the faster kernel for short bf16 sequences on
-    # a CPU (docs/performance.md)
+    # a CPU (docs/performance-log.md)
     return {"attn_implementation": attn_implementation} if attn_implementation else {}
 
 

@@ -4,46 +4,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """One learning-rate schedule: its kind, its warm-up share of the run and the floor its decay ends at."""
-
-    kind: str
-    warmup_ratio: float
-    floor: float = 0.0
-    """The factor (share of the peak learning rate) that linear and cosine decay end at."""
-
-
-def make_optimizer(param_groups: list[dict], lr: float, weight_decay: float, eps: float, schedule: str,
-                   warmup_ratio: float, total_steps: int):
-    """AdamW over `param_groups` and its LambdaLR schedule.
-
-    A group may carry its own "lr" and "weight_decay" (AdamW reads them) and its own "schedule"
-    (a `Schedule`); the other arguments are the defaults of groups that do not.
-    """
-    default = Schedule(schedule, warmup_ratio)
-    groups = [{k: v for k, v in g.items() if k != "schedule"} for g in param_groups]
-    schedules = [g.get("schedule", default) for g in param_groups]
+def make_optimizer(param_groups: list[dict], lr: float, weight_decay: float, eps: float) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; a group may carry its own "lr", "weight_decay" and "schedule"
+    (`make_scheduler` reads it; the optimiser keeps it with the group, through strategies and checkpoints)."""
     # fused AdamW is a single kernel per step on CPU and GPU (torch >= 2.4)
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, eps=eps, fused=True)
-    factors = [lr_schedule(s.kind, s.warmup_ratio, total_steps, s.floor) for s in schedules]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
-    return optimizer, scheduler
+    return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, eps=eps, fused=True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_ratio: float, total_steps: int):
+    """The LambdaLR schedule of `optimizer`: one factor per parameter group (each keeps its own rate),
+    from the group's "schedule" `(kind, warmup_ratio, floor)` when it has one, else from the arguments."""
+    factors = []
+    for group in optimizer.param_groups:
+        kind, warmup, floor = group.get("schedule") or (schedule, warmup_ratio, 0.0)
+        factors.append(lr_schedule(kind, warmup, total_steps, floor))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def policy_group(config: Any, params: list[nn.Parameter]) -> dict:
-    """The policy's parameter group: learning rate, weight decay and schedule from the config."""
+    """The policy's parameter group: learning rate, weight decay and schedule (with its floor) from the config."""
     opt = config.optim
     floor = opt.min_learning_rate / opt.learning_rate
     return {"params": params, "lr": opt.learning_rate, "weight_decay": opt.weight_decay,
-            "schedule": Schedule(opt.lr_scheduler_type, opt.warmup_ratio, floor)}
+            "schedule": (opt.lr_scheduler_type, opt.warmup_ratio, floor)}
 
 
 def critic_group(config: Any, params: list[nn.Parameter]) -> dict:
@@ -58,7 +47,7 @@ def critic_group(config: Any, params: list[nn.Parameter]) -> dict:
     decay = opt.weight_decay if opt.critic_weight_decay is None else opt.critic_weight_decay
     kind = opt.critic_lr_scheduler_type or opt.lr_scheduler_type
     warmup = opt.warmup_ratio if opt.critic_warmup_ratio is None else opt.critic_warmup_ratio
-    return {"params": params, "lr": lr, "weight_decay": decay, "schedule": Schedule(kind, warmup, floor)}
+    return {"params": params, "lr": lr, "weight_decay": decay, "schedule": (kind, warmup, floor)}
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

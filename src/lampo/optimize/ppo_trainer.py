@@ -25,9 +25,10 @@ from lampo.compat import trl
 from lampo.compat.value_head import save_value_head, split_value_head
 from lampo.config import LampoConfig
 from lampo.optimize import maths as M
-from lampo.optimize.batch import TrainBatch, build_train_batch
+from lampo.optimize.batch import Sampling, TrainBatch, build_train_batch
 from lampo.optimize.learner import Learner
 from lampo.optimize.models import is_peft_model, prepare_policy
+from lampo.optimize.ptx import load_ptx
 from lampo.rollout.batch import left_pad
 
 
@@ -67,8 +68,13 @@ class PPOTrainer:
         # Seed first: LoRA and value-head initialisation draw from torch's global generator.
         torch.manual_seed(config.train.seed)
         self.model = prepare_policy(model, config.model)
+        ptx = None
+        if config.data.ptx_dataset:
+            g = config.generation
+            ptx = load_ptx(config.data.ptx_dataset, tokenizer, config.data.max_prompt_len + g.max_new_tokens)
         self.learner = Learner(
-            config, self.model, ref_model=ref_model, value_model=value_model, num_training_steps=num_training_steps
+            config, self.model, ref_model=ref_model, value_model=value_model, num_training_steps=num_training_steps,
+            ptx=ptx,
         )
         if self.value_head_model is not None:
             self.value_head_model.pretrained_model = self.model  # the LoRA-wrapped policy, with use_peft
@@ -77,8 +83,9 @@ class PPOTrainer:
                 self.learner.value_head.load_state_dict(head.state_dict())
                 self.value_head_model.v_head = self.learner.value_head
         self.stop_token_id = _stop_token_id(tokenizer, config.generation.stop_token)
-        self.sampling_temperature = config.generation.temperature
-        """The temperature of the last `generate` call (the config's before any): `step` trains at it."""
+        g = config.generation
+        self.sampling = Sampling(g.temperature, g.top_k, g.top_p)
+        """How the last `generate` call sampled (the config's before any): `step` trains under it."""
         self.dataset = train_dataset if train_dataset is not None else dataset
         self.dataloader = None
         """With a dataset: its rows in shuffled batches of `batch_size` (TRL-classic's, lampo.compat.trl)."""
@@ -97,7 +104,7 @@ class PPOTrainer:
 
         Queries are left-padded into one batch (open-instruct detail 1). Responses are cut
         after the stop token. With `return_logprobs`, also the sampling log-probs of each
-        response token at the sampling temperature (log softmax(logits / T)).
+        response token under the sampling distribution (temperature, then top-k and top-p).
         Keywords: max_new_tokens, min_new_tokens, temperature, top_p, top_k, do_sample,
         repetition_penalty, and any other transformers generation keyword (`min_length`,
         `pad_token_id`, `eos_token_id`, ...); TRL's `return_prompt` (default False: the prompt is
@@ -107,8 +114,8 @@ class PPOTrainer:
         single = isinstance(query_tensors, torch.Tensor) and query_tensors.dim() == 1
         queries = [query_tensors] if single else list(query_tensors)
         call = trl.generate_call(self.config.generation, self.tokenizer.pad_token_id, self.stop_token_id, overrides)
-        # `step` recomputes log-probs at the temperature the responses were sampled at
-        self.sampling_temperature = call.temperature
+        # `step` recomputes log-probs under the distribution the responses came from
+        self.sampling = Sampling(call.temperature, call.top_k, call.top_p)
         chunk = call.chunk or max(len(queries), 1)
         responses, logprobs = [], []
         for start in range(0, len(queries), chunk):
@@ -146,7 +153,8 @@ class PPOTrainer:
             responses.append(row[:end].clone())
             if return_logprobs:
                 logits = torch.stack([step_logits[i] for step_logits in out.logits[:end]])
-                logprobs.append(M.logprobs_from_logits(logits, row[:end], call.temperature))
+                logprobs.append(M.logprobs_and_entropy(logits, row[:end], call.temperature, False,
+                                                       call.top_k, call.top_p)[0])
         return responses, logprobs
 
     # ------------------------------------------------------------------ optimisation
@@ -202,7 +210,10 @@ class PPOTrainer:
         return build_train_batch(
             ids, attention, action, [float(s) for s in scores], ends, stopped,
             non_stop_penalty=opt.penalty_reward_value if opt.non_stop_penalty else None,
-            group_size=self.config.generation.num_generations, temperature=self.sampling_temperature,
+            overlong=(self.config.generation.max_new_tokens, opt.overlong_buffer_len, opt.overlong_penalty_factor)
+            if opt.overlong_buffer_len else None,
+            turn_lengths=[[len(r)] if e else [] for r, e in zip(responses, ends, strict=True)],
+            group_size=self.config.generation.num_generations, sampling=self.sampling,
         )
 
     # ------------------------------------------------------------------ saving

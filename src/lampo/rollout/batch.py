@@ -63,6 +63,37 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def select(self, rows: Sequence[int]) -> RolloutBatch:
+        """The conversations `rows`, in that order (their padding kept)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        return RolloutBatch(
+            input_ids=self.input_ids[idx], attention_mask=self.attention_mask[idx], action_mask=self.action_mask[idx],
+            engine_logprobs=self.engine_logprobs[idx], turn_spans=[self.turn_spans[i] for i in rows],
+            finish_reasons=[self.finish_reasons[i] for i in rows], messages=[self.messages[i] for i in rows],
+            prompt_index=self.prompt_index[idx], policy_version=self.policy_version, skipped_rows=self.skipped_rows,
+            cut_at_max_prompt_len=self.cut_at_max_prompt_len,
+        )
+
+    @staticmethod
+    def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
+        """The batches' conversations one after the other, right-padded to the longest; counters summed."""
+        width = max(b.input_ids.shape[1] for b in batches)
+
+        def cat(name: str, fill) -> torch.Tensor:
+            parts = [getattr(b, name) for b in batches]
+            return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in parts])
+
+        return RolloutBatch(
+            input_ids=cat("input_ids", pad_id), attention_mask=cat("attention_mask", 0),
+            action_mask=cat("action_mask", False), engine_logprobs=cat("engine_logprobs", 0.0),
+            turn_spans=[s for b in batches for s in b.turn_spans],
+            finish_reasons=[r for b in batches for r in b.finish_reasons],
+            messages=[m for b in batches for m in b.messages],
+            prompt_index=torch.cat([b.prompt_index for b in batches]), policy_version=batches[0].policy_version,
+            skipped_rows=sum(b.skipped_rows for b in batches),
+            cut_at_max_prompt_len=sum(b.cut_at_max_prompt_len for b in batches),
+        )
+
     @property
     def stopped(self) -> torch.Tensor:
         """BoolTensor [B]: every assistant turn of the conversation ended with the stop token."""

@@ -42,7 +42,7 @@ class ChatFormat:
         self.end_of_turn, self.separator = None, ""
         self._probe_text: str | None = None
         if self.has_template:
-            text = self._render([("user", _PROBE_USER), ("assistant", _PROBE_ASSISTANT)], False)
+            text = self.render([("user", _PROBE_USER), ("assistant", _PROBE_ASSISTANT)], False)
             after = text[text.rfind(_PROBE_ASSISTANT) + len(_PROBE_ASSISTANT) :]
             marker = next((m for m in self.markers if after.startswith(m) and m in vocab), None)
             if marker is not None:
@@ -54,7 +54,8 @@ class ChatFormat:
         self.end_of_turn_id = vocab[self.end_of_turn]
 
     # --- rendering ---------------------------------------------------------------------------
-    def _render(self, turns: list[tuple[str, str]], generation_prompt: bool) -> str:
+    def render(self, turns: list[tuple[str, str]], generation_prompt: bool) -> str:
+        """The template's text of `turns` ((role, content) pairs), with the generation prompt or not."""
         if not self.has_template:
             raise ValueError(
                 "the tokenizer has no chat template, so plain-text cells cannot be templated; "
@@ -75,7 +76,7 @@ class ChatFormat:
         turns = list(row.history)
         if self.system_prompt and not any(r == "system" for r, _ in turns):
             turns.insert(0, ("system", self.system_prompt))
-        return self._render(turns + [("user", first)], True)
+        return self.render(turns + [("user", first)], True)
 
     def next_segment(self, cell: str) -> str:
         """Text appended (after the separator) for a later step: the cell verbatim, or its user turn.
@@ -87,9 +88,9 @@ class ChatFormat:
             return cell.removeprefix(self.separator) if self.separator else cell
         probe = [("user", _PROBE_USER), ("assistant", _PROBE_ASSISTANT)]
         if self._probe_text is None:
-            self._probe_text = self._render(probe, False)
+            self._probe_text = self.render(probe, False)
         before = self._probe_text
-        after = self._render(probe + [("user", cell)], True)
+        after = self.render(probe + [("user", cell)], True)
         if not after.startswith(before):
             raise ValueError("the chat template does not extend a conversation by appending text; "
                              "give chat-templated cells in the dataset instead of plain text")

@@ -37,7 +37,7 @@ class ModelShape:
 
     matmul_params: int
     """Parameters that take part in a matmul per token: the weight of every matmul layer
-    (`MATMUL_LAYERS`), the LM head included even when it is tied to the input embedding, the
+    (`matmul_layers`), the LM head included even when it is tied to the input embedding, the
     input embedding itself excluded (a look-up, no arithmetic)."""
     num_layers: int
     attn_dim: int
@@ -62,8 +62,9 @@ class ModelShape:
         for module in base.modules():
             if isinstance(module, layers) and id(module.weight) not in seen:
                 seen.add(id(module.weight))
-                # A tied LM head is still a matmul over the vocabulary: count it.
-                params += module.weight.numel()
+                # A tied LM head is still a matmul over the vocabulary: count it. Under ZeRO-3 a
+                # partitioned weight is empty here; `ds_numel` is DeepSpeed's record of its size.
+                params += getattr(module.weight, "ds_numel", module.weight.numel())
         if not seen and embeddings:
             names = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in layers)
             raise ValueError(f"the model has no matmul layers ({names}): ModelShape cannot count its matmuls; "

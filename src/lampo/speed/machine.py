@@ -104,7 +104,7 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
     By default glibc serves large blocks with mmap and unmaps them on free (the threshold adapts,
     up to 32 MiB) and trims the heap's free top, so every training step touches its activations'
     pages afresh: each 4 KiB page costs a fault and a zeroing. With these thresholds a step
-    re-uses the previous step's pages (docs/performance.md). tcmalloc or jemalloc preloaded with
+    re-uses the previous step's pages (docs/performance-log.md). tcmalloc or jemalloc preloaded with
     LD_PRELOAD do the same, as vLLM's and PyTorch's CPU guides recommend; this needs no launcher.
     Process-wide: anything else in the process gets it too, and its resident memory stays at its
     peak rather than shrinking between steps. A no-op (False) without glibc.

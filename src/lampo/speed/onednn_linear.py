@@ -2,7 +2,7 @@
 
 torch runs an fp32 `nn.Linear` on CPU through MKL's sgemm, which on some CPUs (AMD EPYC among
 them) picks slower paths than oneDNN for the shapes a training pass multiplies. This module runs
-the same products on oneDNN; the measurements are in docs/performance.md. The maths is the same
+the same products on oneDNN; the measurements are in docs/performance-log.md. The maths is the same
 matrix products: out = x W^T + b, dx = dy W, dW = dy^T x, db = sum(dy).
 
 Only the forward and input-gradient products go to oneDNN (`torch.ops.mkldnn._linear_pointwise`,
@@ -20,7 +20,7 @@ from torch import nn
 MIN_MACS = 1 << 24
 """Multiply-adds (rows x in x out) from which a product goes to oneDNN. Its call has a fixed cost
 over MKL's (tens of microseconds) that only larger products pay back; smaller ones, the tiny test
-models' layers among them, stay on MKL (docs/performance.md)."""
+models' layers among them, stay on MKL (docs/performance-log.md)."""
 
 
 def available() -> bool:

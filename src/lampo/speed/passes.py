@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lampo.optimize import maths as M
+from lampo.optimize.batch import Sampling
 from lampo.speed import shared_prefix as SP
 from lampo.speed.cost import ModelShape
 
@@ -59,12 +60,13 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def aligned_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
+def aligned_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, sampling: Sampling,
                      with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropy) [B, T] of the tokens, from the logits of a pass over the first columns:
     the logits at t - 1 predict token t, so entry t is the log-prob of token t and entry 0 is 0."""
     L = input_ids.shape[1]
-    lp, ent = M.logprobs_and_entropy(logits[:, : L - 1], input_ids[:, 1:], temperature, with_entropy)
+    lp, ent = M.logprobs_and_entropy(logits[:, : L - 1], input_ids[:, 1:], sampling.temperature, with_entropy,
+                                     sampling.top_k, sampling.top_p)
     pad = torch.nn.functional.pad
     return pad(lp, (1, 0)), (pad(ent, (1, 0)) if with_entropy else None)
 
@@ -107,7 +109,9 @@ class Passes:
         self.cfg = config
         self.share_prefix = config.speed.share_prefix
         self.autocast_dtype = autocast_dtype
-        self.temperature = config.generation.temperature
+        g = config.generation
+        self.sampling = Sampling(g.temperature, g.top_k, g.top_p)
+        """The config's sampling, for batches that do not say how they were sampled."""
         self._packing: tuple[ModelShape, str | None] | None = None  # read once, on the first shared pass
         self.cache_unsupported = False
         """Set once a model's KV cache turned out to be one the shared pass does not know."""
@@ -166,17 +170,17 @@ class Passes:
     def logprobs(self, model: nn.Module, mb: Any, *, with_entropy: bool = True, hidden: bool = False):
         """(log-probs [B, T], entropy [B, T] or None, last hidden states [B, fed, H] or None) of `mb`.
 
-        Entry t belongs to token t (computed from position t - 1, at the batch's sampling
-        temperature); hidden states are per computed position, for a value head (`values`).
+        Entry t belongs to token t (computed from position t - 1, under the batch's sampling
+        distribution); hidden states are per computed position, for a value head (`values`).
         """
-        temperature = self.temperature if mb.temperature is None else mb.temperature
+        sampling = self.sampling if mb.sampling is None else mb.sampling
         if not hidden and self.shares_prefix(mb.group_size):
             plan = SP.plan_prefixes(mb.input_ids, mb.attention_mask, mb.action_mask)
             if plan is not None and self._takes_cache.setdefault(id(model), takes_a_kv_cache(model)):
                 try:
                     pack_for = self._pack_for(model, plan)
                     with self.autocast(mb.input_ids.device.type):
-                        lp, ent = SP.shared_prefix_logprobs(model, plan, mb.input_ids.shape[1], temperature,
+                        lp, ent = SP.shared_prefix_logprobs(model, plan, mb.input_ids.shape[1], sampling,
                                                             with_entropy=with_entropy, pack_for=pack_for)
                     return lp, ent, None
                 except SP.UnsupportedModel as exc:
@@ -188,7 +192,7 @@ class Passes:
         with self.autocast(mb.input_ids.device.type):
             out = model(input_ids=mb.input_ids[:, :fed], attention_mask=mask, position_ids=position_ids(mask),
                         use_cache=False, output_hidden_states=hidden)
-        lp, ent = aligned_logprobs(out.logits, mb.input_ids, temperature, with_entropy)
+        lp, ent = aligned_logprobs(out.logits, mb.input_ids, sampling, with_entropy)
         return lp, ent, (out.hidden_states[-1] if hidden else None)
 
     def values(self, critic: nn.Module, mb: Any, hidden: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,7 @@ answers and later turns) runs on that cache. The result is exactly the plain for
 float rounding): attention over the prompt sees the same keys and values, and the backward of
 the indexing sums the G rows' gradients into the one prompt computation, as the G copies would
 have. With short prompts and long answers this removes a share of the training pass's tokens that
-grows with G (docs/performance.md).
+grows with G (docs/performance-log.md).
 
 Layout: the learner's batches are right-padded ([prompt][answer...][pad]); the prefix of a row is
 everything before its first action token. Distinct prefixes are left-padded into one batch so
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lampo.optimize import maths as M
+from lampo.optimize.batch import Sampling
 
 
 @dataclass
@@ -159,7 +160,7 @@ def scatter_suffix(values: torch.Tensor, plan: PrefixPlan, length: int) -> torch
     return out.scatter(1, cols, values)[:, :length]
 
 
-def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, temperature: float,
+def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, sampling: Sampling,
                            with_entropy: bool = True,
                            pack_for: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropy) of every suffix token, aligned with the [B, length] batch.
@@ -185,7 +186,8 @@ def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, temp
     # 2. every row's suffix on its prefix's keys and values, without the last column: a last
     #    token is only predicted, never an input (as in `passes.fed_columns`).
     S = plan.suffix_ids.shape[1]
-    first_lp, first_ent = M.logprobs_and_entropy(first_logits, plan.suffix_ids[:, 0], temperature, with_entropy)
+    t, k, p = sampling.temperature, sampling.top_k, sampling.top_p
+    first_lp, first_ent = M.logprobs_and_entropy(first_logits, plan.suffix_ids[:, 0], t, with_entropy, k, p)
     lps = [first_lp[:, None]]
     ents = [first_ent[:, None]] if with_entropy else []
     if S > 1:
@@ -196,7 +198,7 @@ def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, temp
                        past_key_values=cache, use_cache=True).logits
         # suffix token 0 is predicted by the prefix's last position, token j > 0 by suffix position
         # j - 1: [B, ...] log-prob tensors joined, rather than a copy of the [B, S, V] logits.
-        rest_lp, rest_ent = M.logprobs_and_entropy(logits, plan.suffix_ids[:, 1:], temperature, with_entropy)
+        rest_lp, rest_ent = M.logprobs_and_entropy(logits, plan.suffix_ids[:, 1:], t, with_entropy, k, p)
         lps.append(rest_lp)
         if with_entropy:
             ents.append(rest_ent)
