@@ -25,8 +25,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 RISE = 0.2
-"""The mean reward of the last 10 steps must beat the first 10 steps' by this much (it rose by
-0.5-0.55 in the runs measured; docs/compat.md)."""
+"""The mean reward of the last 10 steps must beat the first 10 steps' by this much. Measured over
+seeds 0, 1, 2 and the default 42 with these settings: trl_classic.py rose by 0.46-0.58 in 80 steps,
+lm_ppo_basic.py by 0.25-0.55 in 60 (both start near 0.35)."""
 
 
 def run_example(script: str, cwd: Path, *args: str) -> str:
@@ -49,26 +50,26 @@ def test_trl_classic_example_runs_as_written(family_model_path, tmp_path):
 def test_trl_classic_example_learns(family_model_path, tmp_path):
     from lampo import AutoModelForCausalLMWithValueHead
 
-    run_example("trl_classic.py", tmp_path, "--model", str(family_model_path("gpt2")), "--repeat", "96",
+    run_example("trl_classic.py", tmp_path, "--model", str(family_model_path("gpt2")), "--repeat", "128",
                 f"output_dir={tmp_path / 'run'}", "max_new_tokens=12", "learning_rate=3e-3", "batch_size=8",
                 "mini_batch_size=8", "ppo_epochs=4", "whiten_rewards=true", "lr_scheduler_type=constant", "kl_coef=0.01",
                 "progress=false")
     scores = [m["objective/scores"] for m in read_metrics(tmp_path / "run")]
-    assert len(scores) == 60  # 5 prompts x 96 in batches of 8
+    assert len(scores) == 80  # 5 prompts x 128 in batches of 8
     first, last = statistics.mean(scores[:10]), statistics.mean(scores[-10:])
     assert last >= first + RISE, (first, last, scores)
     table = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
-    assert {"query", "response", "reward"} <= set(table[0]) and len(table) == 480
+    assert {"query", "response", "reward"} <= set(table[0]) and len(table) == 640
     saved = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "my_ppo_model")
     fresh = AutoModelForCausalLMWithValueHead.from_pretrained(family_model_path("gpt2"))
     assert not torch.equal(saved.v_head.weight, fresh.v_head.weight)  # the trained head came back
 
 
 def test_lm_ppo_example_runs_and_learns(family_model_path, tmp_path):
-    out = run_example("lm_ppo_basic.py", tmp_path, "--model", str(family_model_path("gpt2")), "--steps", "40",
+    out = run_example("lm_ppo_basic.py", tmp_path, "--model", str(family_model_path("gpt2")), "--steps", "60",
                       "batch_size=8", "mini_batch_size=8", "lr=3e-3", "init_kl_coef=0.01", "adap_kl_ctrl=false",
                       "whiten_rewards=true")
     rewards = [json.loads(line)["reward"] for line in out.splitlines() if line.startswith("{")]
-    assert len(rewards) == 40
+    assert len(rewards) == 60
     first, last = statistics.mean(rewards[:10]), statistics.mean(rewards[-10:])
     assert last >= first + RISE, (first, last, rewards)

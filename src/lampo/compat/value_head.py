@@ -28,7 +28,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     def __init__(self, pretrained_model: nn.Module, v_head: nn.Linear | None = None):
         super().__init__()
         self.pretrained_model = pretrained_model
-        self.v_head = v_head if v_head is not None else init_value_head(pretrained_model.config.hidden_size)
+        self.v_head = v_head if v_head is not None else fresh_value_head(pretrained_model.config.hidden_size)
         self.config = pretrained_model.config
         self.is_peft_model = False
 
@@ -73,6 +73,19 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         self.pretrained_model.gradient_checkpointing_enable(**kwargs)
+
+
+HEAD_SEED = 0
+"""The seed of a fresh head's weights."""
+
+
+def fresh_value_head(hidden_size: int) -> nn.Linear:
+    """Lampo's critic head (`init_value_head`), drawn from its own seeded generator: a run does not
+    depend on what used the global generator before the model was loaded (transformers' loading
+    does, in an order that varies between processes), and the global generator is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(HEAD_SEED)
+        return init_value_head(hidden_size)
 
 
 def save_value_head(head: nn.Module, folder: str | Path) -> Path:
