@@ -1,4 +1,4 @@
-"""`lampo demo | train | reward-server | tiny-model | plot | config`."""
+"""`lampo demo | train | reward-server | tiny-model | plot | config | data-stats`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     plot = sub.add_parser("plot", help="draw reward, KL, entropy, loss and step time of a run into a PNG")
     plot.add_argument("run_dir")
     sub.add_parser("config", help="print the resolved config (--config F, overrides) or --docs", add_help=False)
+    sub.add_parser("data-stats", help="token lengths of a dataset: lampo data-stats DATASET --tokenizer NAME "
+                   "[--max-prompt-len N]", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
@@ -46,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from lampo.config import main as config_main
 
         return config_main(rest)
+    if args.command == "data-stats":
+        from lampo.data.stats import main as stats_main
+
+        return stats_main(rest)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.command == "demo":

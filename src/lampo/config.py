@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from lampo.compat.aliases import ALIASES, FILE_NAMES, NO_MEANING
+
 REWARD_TOKEN_ENV = "LAMPO_REWARD_TOKEN"
 """The environment variable that holds the reward server's token when the config does not."""
 
@@ -96,6 +98,10 @@ class DataConfig:
     """System message added when Lampo applies the chat template to plain-text cells."""
     max_prompt_len: int = 512
     """Longest prompt (tokens) given to the engine at any step."""
+    train_task_config: str | None = None
+    """A PaddleNLP task file (JSON list of data files, optional mixing weights) for the train split; replaces query_dataset's."""
+    eval_task_config: str | None = None
+    """A PaddleNLP task file for the test split (evaluation); replaces query_dataset's test split."""
     ptx_dataset: str | None = None
     """PPO-ptx's supervised data (prompt/response pairs, `messages` ending with the assistant, or PaddleNLP src/tgt), loaded like query_dataset; null: no ptx loss."""
     truncation: Literal["error", "left", "skip"] = "error"
@@ -192,14 +198,26 @@ class OptimConfig:
     """Policy learning rate."""
     critic_learning_rate: float | None = None
     """Value model learning rate; null uses `learning_rate`."""
+    min_learning_rate: float = 0.0
+    """Floor of the policy's schedule: linear and cosine decay end at this learning rate instead of 0."""
+    critic_min_learning_rate: float | None = None
+    """Floor of the critic's schedule; null: the same share of its learning rate as min_learning_rate is of learning_rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    critic_weight_decay: float | None = None
+    """The critic's AdamW weight decay (value head or value model); null uses `weight_decay`."""
     adam_eps: float = 1e-8
     """AdamW epsilon."""
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "linear"
     """Learning-rate schedule over the run (after warm-up)."""
+    critic_lr_scheduler_type: Literal["constant", "linear", "cosine"] | None = None
+    """The critic's learning-rate schedule; null uses `lr_scheduler_type`."""
     warmup_ratio: float = 0.0
     """Share of the run's steps spent warming the learning rate up from 0."""
+    critic_warmup_ratio: float | None = None
+    """Share of the run's steps spent warming the critic's learning rate up from 0; null uses `warmup_ratio`."""
+    forward_batch_size: int | None = None
+    """Conversations per micro-batch of the no-grad forward phase (old and reference log-probs, values); null: the training micro-batch."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
     kl_coef: float = 0.05
@@ -286,6 +304,10 @@ class TrainConfig:
     """Evaluate on the test split every this many steps (0: never)."""
     eval_batches: int = 1
     """Batches of the test split per evaluation."""
+    eval_batch_size: int | None = None
+    """Prompts per evaluation batch; null uses `batch_size`."""
+    do_train: bool = True
+    """Train; false evaluates the starting policy once (eval_batches batches of the test split) and exits."""
     log_samples_steps: int = 10
     """Write a few whole conversations to rollouts.jsonl every this many steps (0: never)."""
     save_step: int = 0
@@ -304,6 +326,16 @@ class TrainConfig:
     """Stop when a logged metric reaches a threshold (value >= threshold), e.g. {"objective/scores": 0.9}."""
     progress: bool = True
     """Show the live progress bar."""
+    push_to_hub: bool = False
+    """Upload the final model to the Hugging Face hub (huggingface_hub; token from `hf auth login` or HF_TOKEN)."""
+    hub_model_id: str | None = None
+    """Hub repository `owner/name` (a bare `name` goes under the token's user); null: the run name."""
+    hub_private: bool = True
+    """Create the hub repository private (an existing repository keeps its visibility)."""
+    hub_revision: str | None = None
+    """Branch of the hub repository to push to (created from main when missing); null: main."""
+    hub_push_checkpoints: bool = False
+    """With push_to_hub, also upload every checkpoint, to `checkpoint-<step>/` in the repository."""
 
 
 @dataclass
@@ -388,6 +420,8 @@ class LampoConfig:
     def __init__(self, values: dict[str, Any] | None = None, **flat: Any) -> None:
         merged: dict[str, Any] = dict(values or {})
         merged.update(flat)
+        given_as: dict[str, str] = {}  # Lampo key -> the alias it was written as (for error messages)
+        merged = _resolve_aliases(merged, given_as)
         sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         for key, value in merged.items():
             if key in SECTIONS:
@@ -395,19 +429,45 @@ class LampoConfig:
                     value = dataclasses.asdict(value)
                 if not isinstance(value, dict):
                     raise ConfigError(f"section '{key}' must be a mapping of keys, got {value!r}")
-                for sub_key, sub_value in value.items():
+                for sub_key, sub_value in _resolve_aliases(value, given_as).items():
                     if _KEY_TO_SECTION.get(sub_key) != key:
                         _raise_unknown(sub_key, sub_value, section=key)
+                    if sub_key in sections[key]:
+                        _raise_twice(sub_key, given_as)
                     sections[key][sub_key] = sub_value
                 continue
             owner = _KEY_TO_SECTION.get(key)
             if owner is None:
                 _raise_unknown(key, value)
+            if key in sections[owner]:
+                _raise_twice(key, given_as)
             sections[owner][key] = value
-        for name, section_cls in SECTIONS.items():
-            kwargs = {k: _coerce(k, v, _FIELD_TYPES[k]) for k, v in sections[name].items()}
-            setattr(self, name, section_cls(**kwargs))
-        self.validate()
+        try:
+            for name, section_cls in SECTIONS.items():
+                kwargs = {k: _coerce(k, v, _FIELD_TYPES[k]) for k, v in sections[name].items()}
+                setattr(self, name, section_cls(**kwargs))
+            self.validate()
+        except ConfigError as exc:
+            raise _as_written(exc, given_as) from None
+        self.explicit_keys: frozenset[str] = frozenset(k for keys in sections.values() for k in keys)
+        """The keys set by the caller rather than left at their defaults (a copy by `replace` keeps them)."""
+
+    # --- flat access, as TRL's PPOConfig (`config.model_name`, `config.batch_size`) -------------
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: sections and derived values come first.
+        key = ALIASES[name].key if name in ALIASES else name
+        section = _KEY_TO_SECTION.get(key)
+        if name.startswith("__") or section is None or section not in self.__dict__:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute or config key '{name}'")
+        return getattr(self.__dict__[section], key)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in SECTIONS and (name in _KEY_TO_SECTION or name in ALIASES):
+            # Setting a flat key here would bypass validation (and an alias would set nothing).
+            key = ALIASES[name].key if name in ALIASES else name
+            raise AttributeError(f"config key '{name}' cannot be assigned on the config: build a validated copy "
+                                 f"with config.replace({key}=...)")
+        super().__setattr__(name, value)
 
     # --- derived values (computed once, never set by users) --------------------------------
     @property
@@ -479,10 +539,13 @@ class LampoConfig:
         return flat
 
     def replace(self, **flat: Any) -> LampoConfig:
-        """A validated copy with some flat keys changed."""
+        """A validated copy with some flat keys changed (aliases accepted)."""
         values = self.to_dict()
-        values.update(flat)
-        return LampoConfig.from_dict(values)
+        changed = _resolve_aliases(flat, {})
+        values.update(changed)
+        copy = LampoConfig.from_dict(values)
+        copy.explicit_keys = self.explicit_keys | set(changed)
+        return copy
 
     # --- validation ----------------------------------------------------------------------
     def validate(self) -> None:
@@ -533,6 +596,17 @@ class LampoConfig:
         _check(0 <= p.lam <= 1, "lam", p.lam, "must be in [0, 1]")
         _check(0 <= p.warmup_ratio < 1, "warmup_ratio", p.warmup_ratio, "must be in [0, 1)")
         _check(p.weight_decay >= 0, "weight_decay", p.weight_decay, "must be >= 0")
+        _check(0 <= p.min_learning_rate <= p.learning_rate, "min_learning_rate", p.min_learning_rate,
+               f"must be in [0, learning_rate = {p.learning_rate}]")
+        _check(p.critic_min_learning_rate is None or 0 <= p.critic_min_learning_rate <= self.critic_learning_rate,
+               "critic_min_learning_rate", p.critic_min_learning_rate,
+               f"must be in [0, critic learning rate = {self.critic_learning_rate}] or null")
+        _check(p.critic_warmup_ratio is None or 0 <= p.critic_warmup_ratio < 1, "critic_warmup_ratio",
+               p.critic_warmup_ratio, "must be in [0, 1) or null")
+        _check(p.critic_weight_decay is None or p.critic_weight_decay >= 0, "critic_weight_decay",
+               p.critic_weight_decay, "must be >= 0 or null")
+        _check(p.forward_batch_size is None or p.forward_batch_size >= 1, "forward_batch_size",
+               p.forward_batch_size, "must be >= 1 or null")
         _check(p.max_grad_norm >= 0, "max_grad_norm", p.max_grad_norm, "must be >= 0 (0 disables)")
         _check(p.max_bad_steps >= 1, "max_bad_steps", p.max_bad_steps, "must be >= 1")
         _check(math.isfinite(p.penalty_reward_value), "penalty_reward_value", p.penalty_reward_value,
@@ -587,6 +661,10 @@ class LampoConfig:
         for key in ("eval_steps", "log_samples_steps", "save_step"):
             _check(getattr(t, key) >= 0, key, getattr(t, key), "must be >= 0 (0 disables)")
         _check(t.eval_batches >= 1, "eval_batches", t.eval_batches, "must be >= 1")
+        _check(t.eval_batch_size is None or t.eval_batch_size >= 1, "eval_batch_size", t.eval_batch_size,
+               "must be >= 1 or null")
+        _check(not (t.hub_model_id is not None and t.hub_model_id.count("/") > 1), "hub_model_id", t.hub_model_id,
+               "must be `owner/name` or `name`")
         _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit", t.save_total_limit,
                "must be >= 1 or null")
         self._validate_ray()
@@ -711,9 +789,59 @@ _KEY_TO_SECTION, _FIELD_TYPES = _field_types()
 
 def _raise_unknown(key: str, value: Any, section: str | None = None) -> typing.NoReturn:
     where = f" in section '{section}'" if section else ""
-    close = difflib.get_close_matches(str(key), list(_KEY_TO_SECTION) + list(SECTIONS), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else "; see docs/config.md for every key"
+    if key in FILE_NAMES:  # a PaddleNLP argument file's name, outside an argument file
+        raise ConfigError(f"unknown config key '{key}' (value {value!r}){where}: it is PaddleNLP's name for "
+                          f"'{FILE_NAMES[key][0]}', read in PaddleNLP argument files (.json) only; write "
+                          f"'{FILE_NAMES[key][0]}'")
+    if key in NO_MEANING:
+        raise ConfigError(f"unknown config key '{key}' (value {value!r}){where}: a PaddleNLP setting with no "
+                          f"effect in Lampo ({NO_MEANING[key]}); remove it")
+    # Other libraries' names are searched too, so a misspelt `max_dec_len` points at max_new_tokens.
+    candidates = list(_KEY_TO_SECTION) + list(SECTIONS) + list(ALIASES) + list(FILE_NAMES)
+    close = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.5)
+    if close and close[0] in FILE_NAMES:
+        hint = f"; did you mean '{FILE_NAMES[close[0]][0]}' (PaddleNLP's '{close[0]}')?"
+    elif close and close[0] in ALIASES:
+        alias = ALIASES[close[0]]
+        hint = f"; did you mean '{alias.key}' ({alias.source.split(',')[0]}'s '{close[0]}')?"
+    elif close:
+        hint = f"; did you mean '{close[0]}'?"
+    else:
+        hint = "; see docs/config.md for every key"
     raise ConfigError(f"unknown config key '{key}' (value {value!r}){where}{hint}")
+
+
+def _raise_twice(key: str, given_as: dict[str, str]) -> typing.NoReturn:
+    """A key given both flat and in its section (one of them perhaps under another library's name)."""
+    alias = given_as.get(key)
+    if alias:
+        raise ConfigError(f"config keys '{alias}' and '{key}' both set '{key}' (one flat, one in its section); keep one")
+    raise ConfigError(f"config key '{key}' is set twice (flat and in its section); keep one")
+
+
+def _resolve_aliases(values: dict[str, Any], given_as: dict[str, str]) -> dict[str, Any]:
+    """`values` with other libraries' key names (lampo.compat.aliases) replaced by Lampo's;
+    `given_as` records which Lampo key came from which alias."""
+    out: dict[str, Any] = {}
+    written: dict[str, str] = {}  # Lampo key -> the name it was written as here
+    for name, value in values.items():
+        alias = ALIASES.get(name)
+        key = alias.key if alias else name
+        if key in out:
+            raise ConfigError(f"config keys '{written[key]}' and '{name}' both set '{key}'; keep one")
+        out[key] = alias.convert(value) if alias and alias.convert else value
+        written[key] = name
+        if alias:
+            given_as[key] = name
+    return out
+
+
+def _as_written(exc: ConfigError, given_as: dict[str, str]) -> ConfigError:
+    """The error naming keys as the user wrote them: `'init_kl_coef' (Lampo's 'kl_coef')`."""
+    message = str(exc)
+    for key, alias in given_as.items():
+        message = message.replace(f"config key '{key}'", f"config key '{alias}' (Lampo's '{key}')")
+    return ConfigError(message)
 
 
 def _url_port(url: str) -> int | None:
@@ -836,6 +964,13 @@ def render_docs() -> str:
             tp = _type_name(_FIELD_TYPES[f.name]).replace("|", "\\|")
             lines.append(f"| `{f.name}` | {tp} | `{default!r}` | {docs.get(f.name, '')} |")
         lines.append("")
+    lines += ["## Other libraries' names", "",
+              "Accepted wherever a key is (Python, YAML, command line) and mapped onto Lampo's key at "
+              "construction; errors name the key as written. PaddleNLP argument files accept more "
+              "(docs/compat.md).", "", "| name | Lampo key | from | note |", "|---|---|---|---|"]
+    for name, alias in ALIASES.items():
+        lines.append(f"| `{name}` | `{alias.key}` | {alias.source} | {alias.meaning} |")
+    lines.append("")
     lines += ["## Derived values", "", "Computed once from the keys above; not settable.", ""]
     for attr, value in vars(LampoConfig).items():
         if isinstance(value, property) and value.__doc__:

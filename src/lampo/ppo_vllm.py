@@ -1,7 +1,8 @@
 """`accelerate launch -m lampo.ppo_vllm --config cfg.yaml [--key value ...]` (or `python -m ...`).
 
-The training application: reads the YAML config, applies command-line overrides, and runs
-the Trainer (rollout with vLLM or transformers, reward server, PPO/GRPO optimisation).
+The training application: reads the YAML config (or a PaddleNLP argument file, `.json`:
+lampo.compat.paddlenlp), applies command-line overrides, and runs the Trainer (rollout with vLLM
+or transformers, reward server, PPO/GRPO optimisation).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from lampo.config import ConfigError, load_config, read_yaml
+from lampo.config import ConfigError, load_config, parse_overrides, read_yaml
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m lampo.ppo_vllm", runner: str = "lampo.trainer") -> int:
@@ -18,14 +19,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m lampo.ppo_vllm", 
     parser = argparse.ArgumentParser(
         prog=prog, description="Train a policy with PPO/GRPO. Any config key can follow as --key value.",
     )
-    parser.add_argument("--config", help="YAML config file (see docs/config.md)")
+    parser.add_argument("--config", help="YAML config file (see docs/config.md), or a PaddleNLP argument "
+                        "file (.json, see docs/compat.md)")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.config is None and overrides and overrides[0].endswith(".json"):
+        args.config = overrides.pop(0)  # PaddleNLP's run_ppo.py takes its argument file first, unnamed
     try:
-        cfg = load_config(args.config, overrides)
+        if args.config and args.config.endswith(".json"):
+            from lampo.compat.paddlenlp import load_argument_file
+
+            cfg = load_argument_file(args.config, parse_overrides(overrides))
+            raw = cfg.to_dict()  # the reward model's settings, as the file's keys mean them
+        else:
+            cfg = load_config(args.config, overrides)
+            raw = read_yaml(args.config) if args.config else {}
     except ConfigError as exc:
         print(f"lampo: {exc}", file=sys.stderr)
         return 2
-    raw = read_yaml(args.config) if args.config else {}
     return importlib.import_module(runner).run(cfg, raw or {})
 
 

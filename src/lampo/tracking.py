@@ -306,6 +306,54 @@ class Tracker:
                                _conversation_text(sample))
             self._wandb_run.log({"rollouts": table}, step=step)
 
+    def log_table(self, step: int, rows: list[dict[str, Any]], key: str = "samples") -> None:
+        """Rows of named columns (e.g. query, response, reward): appended to rollouts.jsonl as
+        `{"step": N, **row}`, shown as a Markdown table in TensorBoard's text tab and logged as a
+        W&B Table under `key` (columns: step, then the rows' keys)."""
+        if not self.enabled or not rows:
+            return
+        self._check_open()
+        step = _to_step(step)
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        with open(self.rollouts_path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"step": step, **row}, default=_json_default, ensure_ascii=False) + "\n"
+                            for row in rows))
+        if self._tb is not None:
+            self._tb.add_text(key, render_table_markdown(columns, rows), step)
+            self._tb.flush()
+        if self._wandb_run is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", *columns])
+            for row in rows:
+                table.add_data(step, *[_cell(row.get(c)) for c in columns])
+            self._wandb_run.log({key: table}, step=step)
+
+    def log_histogram(self, step: int, name: str, values: list[float]) -> None:
+        """A distribution (e.g. token lengths): a TensorBoard histogram and a W&B histogram under `name`."""
+        if not self.enabled or not values:
+            return
+        self._check_open()
+        if self._tb is not None:
+            import numpy as np
+
+            self._tb.add_histogram(name, np.asarray(values, dtype=np.float64), _to_step(step))
+            self._tb.flush()
+        if self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.log({name: wandb.Histogram(values)}, step=_to_step(step))
+
+    @property
+    def run_url(self) -> str | None:
+        """The W&B run's page (None without W&B, or offline)."""
+        return getattr(self._wandb_run, "url", None) if self._wandb_run is not None else None
+
+    def record_config(self, values: dict[str, Any]) -> None:
+        """Facts learnt during the run (e.g. the hub repository's URL) added to the W&B run's config."""
+        if self.enabled and self._wandb_run is not None:
+            self._wandb_run.config.update(values, allow_val_change=True)
+
     def print(self, message: str) -> None:
         """Print a message on the main process without breaking the live progress bar."""
         if self.enabled:
@@ -482,6 +530,24 @@ def render_samples_markdown(samples: Iterable[dict[str, Any]]) -> str:
     return "\n\n".join(parts)
 
 
+def render_table_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """A Markdown table (TensorBoard's text tab renders it); cells on one line, pipes escaped."""
+    def cell(value: Any) -> str:
+        text = value if isinstance(value, str) else json.dumps(value, default=_json_default, ensure_ascii=False)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> Any:
+    # W&B table cells: numbers and strings as they are, anything else as JSON text
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return json.dumps(value, default=_json_default, ensure_ascii=False)
+
+
 def _score_of(sample: dict[str, Any]) -> Any:
     for key in ("score", "scores", "reward"):
         if key in sample:
@@ -563,4 +629,5 @@ __all__ = [
     "is_known_metric",
     "read_metrics",
     "render_samples_markdown",
+    "render_table_markdown",
 ]

@@ -188,7 +188,7 @@ class Trainer:
         self.test_rows = splits.get("test", [])
         self.sampler = PromptSampler(splits["train"], rows_per_step, cfg.train.seed, self.rank, sampler_world)
         self.resume_from = ckpt.resolve_checkpoint(cfg.train.output_dir, cfg.train.resume_from_checkpoint)
-        self.start_step, self.policy_version = 0, 0
+        self.start_step, self.policy_version, self.steps_done = 0, 0, 0
         self.pending: list[Produced] = []
         """Batches already rolled out for the steps after `start_step`, from a checkpoint."""
 
@@ -197,6 +197,16 @@ class Trainer:
                                resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
             self.tracker.print(f"resumed from {self.resume_from} at step {self.start_step}")
+        elif self.is_main:  # the dataset's token lengths, once per run (open-instruct's dataset visualisation)
+            from lampo.data.stats import log_dataset_lengths
+
+            log_dataset_lengths(self.tracker, self.sampler.rows, self.tokenizer, self.cfg.data,
+                                self.cfg.train.output_dir, self.cfg.train.seed)
+        self.hub = None
+        if self.cfg.train.push_to_hub and self.is_main:  # the repository first: a refused push fails before training
+            from lampo.hub import HubPusher
+
+            self.hub = HubPusher(self.cfg, self.tracker)
 
     # ------------------------------------------------------------------ models
     def _check_reward_vocab(self, policy) -> None:
@@ -297,6 +307,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
         cfg = self.cfg
+        if not cfg.train.do_train:  # evaluation only (PaddleNLP's do_train: 0)
+            return self.evaluate_only()
         start = time.perf_counter()
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.max_staleness),
                                                          thread_name_prefix="lampo-actor")
@@ -344,6 +356,7 @@ class Trainer:
 
                 # 7. log, evaluate, checkpoint
                 step += 1
+                self.steps_done = step
                 stats.update(self._step_metrics(produced, train_batch, step, time.perf_counter() - t_step, start))
                 stats.update(perf.step_mfu(stats, self.step_flops(train_batch), self.peak_flops))
                 stats = self._reduce(stats)
@@ -361,7 +374,7 @@ class Trainer:
                 if self.stop_requested:
                     self.tracker.print(f"{self.stop_requested} received: saving a checkpoint after step {step}")
                 if cfg.train.save_step and step % cfg.train.save_step == 0 or self.stop_requested:
-                    self.save_checkpoint(step, inflight)
+                    self._push_checkpoint(self.save_checkpoint(step, inflight), step)
                 if self.stop_requested:
                     raise RunStopped(self._stopped_message(step))
                 if stop:
@@ -575,7 +588,7 @@ class Trainer:
 
         if not self.test_rows:
             return {}
-        per = self.cfg.optim.batch_size
+        per = self.cfg.train.eval_batch_size or self.cfg.optim.batch_size
         scores, lengths, stops, replies = [], [], [], []
         for k in range(self.cfg.train.eval_batches):
             rows = self.test_rows[k * per : (k + 1) * per]
@@ -595,6 +608,17 @@ class Trainer:
         if getattr(self.scorer, "verifiable", False):
             out["eval/verifiable_correct_rate"] = _correct_rate(replies)
         return out
+
+    def evaluate_only(self) -> dict[str, float]:
+        """`do_train: false`: one evaluation of the starting policy, logged at the current step."""
+        try:
+            stats = self.evaluate()
+            if not stats:
+                raise RunStopped("do_train is false but the test split is empty: there is nothing to evaluate")
+            self.tracker.log(self.start_step, stats)
+            return stats
+        finally:
+            self.tracker.close()
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, inflight: dict[int, concurrent.futures.Future]) -> Path | None:
@@ -644,6 +668,25 @@ class Trainer:
             if is_peft_model(self.learner.unwrapped_policy()) and self.cfg.train.save_merged:
                 self.tokenizer.save_pretrained(out / "merged")
         self.tracker.print(f"final model saved in {out}")
+        self._push_final(out)
+
+    def _push_final(self, out: Path) -> None:
+        """With push_to_hub, upload the final model; the model is on disk whatever happens."""
+        if self.hub is not None:
+            try:
+                url = self.hub.push_model(out, self.steps_done)
+            except Exception as exc:  # the hub's HTTP errors; the model is safe on disk
+                raise RunStopped(f"the model is saved in {out}, but pushing it to the hub failed: {exc}") from exc
+            self.tracker.print(f"final model pushed to {url}")
+
+    def _push_checkpoint(self, path: Path | None, step: int) -> None:
+        """With hub_push_checkpoints, upload the checkpoint just saved; a failure does not stop training."""
+        if path is None or self.hub is None or not self.cfg.train.hub_push_checkpoints:
+            return
+        try:
+            self.hub.push_checkpoint(path, step)
+        except Exception as exc:  # the hub's HTTP errors: the checkpoint is safe on disk
+            log.warning("pushing %s to the hub failed (training goes on): %s", path, exc)
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -20,7 +21,12 @@ def load_prompt_dataset(data_cfg: Any, seed: int = 0) -> dict[str, list[PromptRo
 
     Splits are read by the names `dataset_train_split` and `dataset_test_split`; without a test
     split, `test_split_ratio` of the train rows (chosen with `seed`) become the test split.
+    PaddleNLP task files (`train_task_config`, `eval_task_config`) replace the split they name.
     """
+    train_task = getattr(data_cfg, "train_task_config", None)
+    eval_task = getattr(data_cfg, "eval_task_config", None)
+    if train_task or eval_task:
+        return _load_task_splits(data_cfg, seed, train_task, eval_task)
     source = data_cfg.query_dataset
     splits = load_splits(source)
     train_name, test_name = data_cfg.dataset_train_split, data_cfg.dataset_test_split
@@ -41,6 +47,25 @@ def load_prompt_dataset(data_cfg: Any, seed: int = 0) -> dict[str, list[PromptRo
     test = parse_rows(test_records, test_columns, split=test_name)
     if not train:
         raise DataFormatError(f"query_dataset '{source}': split '{train_name}' has no rows")
+    return {"train": train, "test": test}
+
+
+def _load_task_splits(data_cfg: Any, seed: int, train_task: str | None, eval_task: str | None):
+    """The splits when PaddleNLP task files name the data (lampo.data.task_config): the train split
+    from `train_task_config` (else query_dataset's), the test split from `eval_task_config` (else
+    query_dataset's, or carved from the task rows as for a dataset without one)."""
+    from lampo.data.task_config import load_task_rows
+
+    if train_task:
+        train = load_task_rows(train_task, "train_task_config", "train")
+        if not eval_task:
+            train, test = carve_test_split(train, data_cfg.test_split_ratio, seed)
+    else:
+        # the test split comes from eval_task_config: none is carved from query_dataset's rows
+        base = load_prompt_dataset(dataclasses.replace(data_cfg, eval_task_config=None, test_split_ratio=0.0), seed)
+        train = base["train"]
+    if eval_task:
+        test = load_task_rows(eval_task, "eval_task_config", "test")
     return {"train": train, "test": test}
 
 

@@ -32,7 +32,7 @@ from lampo.optimize.models import (
     init_value_head,
     reference_mode,
 )
-from lampo.optimize.optimizers import make_optimizer, make_scheduler, trainable
+from lampo.optimize.optimizers import critic_group, make_optimizer, make_scheduler, policy_group, trainable
 from lampo.speed.passes import Passes
 
 log = logging.getLogger(__name__)
@@ -106,14 +106,14 @@ class Learner:
         self.kl_ctl = (M.AdaptiveKLController(opt.kl_coef, opt.kl_target, opt.kl_horizon) if opt.adaptive_kl
                        else M.FixedKLController(opt.kl_coef))
         steps = num_training_steps or config.num_steps
-        groups = [{"params": trainable(policy), "lr": opt.learning_rate}]
+        groups = [policy_group(config, trainable(policy))]
         if self.value_head is not None:
-            groups.append({"params": list(self.value_head.parameters()), "lr": config.critic_learning_rate})
+            groups.append(critic_group(config, list(self.value_head.parameters())))
         optimizer = make_optimizer(groups, opt.learning_rate, opt.weight_decay, opt.adam_eps)
         critic_optimizer = None
         if self.value_model is not None:
-            critic_optimizer = make_optimizer([{"params": trainable(self.value_model)}], config.critic_learning_rate,
-                                              opt.weight_decay, opt.adam_eps)
+            critic_optimizer = make_optimizer([critic_group(config, trainable(self.value_model))],
+                                              config.critic_learning_rate, opt.weight_decay, opt.adam_eps)
         prepared = self.strategy.prepare(TrainedModels(self.policy, self.value_model, self.value_head, self.ref_model,
                                                        optimizer, critic_optimizer), config)
         self.policy, self.value_model, self.value_head = prepared.policy, prepared.value_model, prepared.value_head
@@ -174,7 +174,8 @@ class Learner:
         ref = torch.zeros(B, T) if self.uses_reference else None
         values = torch.zeros(B, T) if self.cfg.uses_critic else None
         self.policy.eval()
-        for idx, mb in self._micro_batches(batch):
+        # no gradients: the micro-batch may differ from training's (forward_batch_size)
+        for idx, mb in self._micro_batches(batch, self.opt_cfg.forward_batch_size):
             L = mb.input_ids.shape[1]
             lp, v, r = self.strategy.forward(self._no_grad_pass, mb, old is not None, values is not None)
             if lp is not None:
@@ -207,7 +208,7 @@ class Learner:
         """The policy's log-probs [B, T] of the batch's tokens, without gradients."""
         out = torch.zeros(batch.input_ids.shape)
         self.policy.eval()
-        for idx, mb in self._micro_batches(batch):
+        for idx, mb in self._micro_batches(batch, self.opt_cfg.forward_batch_size):
             lp = self.strategy.forward(lambda m: self.passes.logprobs(self.policy, m, with_entropy=False)[0], mb)
             out[idx, : mb.input_ids.shape[1]] = lp
         return out
@@ -217,11 +218,11 @@ class Learner:
         hold NaN); every rank skips the step, or none does."""
         return self.strategy.all_true(fw_is_finite(fw))
 
-    def _micro_batches(self, batch: TrainBatch):
-        """(row indices, rows) of `batch` in micro-batches, in order."""
-        B = len(batch)
-        for start in range(0, B, self.micro_batch_size):
-            idx = torch.arange(start, min(start + self.micro_batch_size, B))
+    def _micro_batches(self, batch: TrainBatch, rows: int | None = None):
+        """(row indices, rows) of `batch` in micro-batches of `rows` (default: the training micro-batch), in order."""
+        B, rows = len(batch), rows or self.micro_batch_size
+        for start in range(0, B, rows):
+            idx = torch.arange(start, min(start + rows, B))
             yield idx, batch.select(idx)
 
     @contextlib.contextmanager

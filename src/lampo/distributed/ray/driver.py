@@ -174,6 +174,7 @@ class RayTrainer(Trainer):
         if self.cfg.model.use_peft and self.cfg.train.save_merged:
             self.tokenizer.save_pretrained(out / "merged")
         self.tracker.print(f"final model saved in {out}")
+        self._push_final(out)
 
     def close(self) -> None:
         import ray
