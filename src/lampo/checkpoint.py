@@ -509,8 +509,9 @@ def load_state_file(file: Path, *, weights_only: bool = True) -> Any:
         if weights_only and "weights_only" in str(exc):
             raise CheckpointError(
                 f"{file} holds Python objects besides tensors, numbers, strings, lists and dicts, which torch's "
-                f"safe loader refuses: unpickling them could run code. Lampo does not write such files, so this one "
-                f"was made by other code or tampered with; it was not loaded ({_refusal(exc)})"
+                f"safe loader refuses: unpickling them could run code, so it was not loaded ({_refusal(exc)}). "
+                "Lampo writes no such file (before checkpoint format 2 an async run's batch in flight was one: "
+                "such a checkpoint cannot be resumed safely); this one was made by other code or tampered with"
             ) from exc
         raise CheckpointError(f"checkpoint state file {file} is unreadable: {type(exc).__name__}: {exc}") from exc
 

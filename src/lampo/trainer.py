@@ -83,6 +83,32 @@ class Produced:
     data_stats: dict[str, float] = field(default_factory=dict)
     """Dynamic sampling's counters (data/filtered_groups, data/resample_rounds)."""
 
+    def to_state(self) -> dict:
+        """Tensors, lists, strings and numbers only (a checkpoint's async batch in flight): torch's
+        safe loader reads it back, where a pickled Produced would be code run at load."""
+        return {"batch": self.batch.to_state(),
+                "scores": [[float(x) for x in s] if isinstance(s, list) else float(s) for s in self.scores],
+                "step": int(self.step),
+                **{name: {k: float(v) for k, v in getattr(self, name).items()}
+                   for name in ("times", "reward_stats", "data_stats")}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Produced:
+        scores = state.get("scores")
+        if not isinstance(scores, list) or not all(
+                isinstance(s, float) or isinstance(s, list) and all(isinstance(x, float) for x in s) for s in scores):
+            raise ValueError("the pending batch's scores are missing or not floats (or lists of floats)")
+        stats = {}
+        for name in ("times", "reward_stats", "data_stats"):
+            value = state.get(name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, float)
+                                                      for k, v in value.items()):
+                raise ValueError(f"the pending batch's '{name}' is missing or not a dict of floats")
+            stats[name] = value
+        if not isinstance(state.get("step"), int):
+            raise ValueError("the pending batch's step is missing or not an int")
+        return cls(RolloutBatch.from_state(state.get("batch") or {}), scores, state["step"], **stats)
+
 
 class PromptSampler:
     """Deterministic data order: pass e over the prompts uses permutation(seed + e).
@@ -219,7 +245,9 @@ class Trainer:
             check_same_vocab(policy, reward_net)
 
     def _restore(self, path: Path) -> None:
-        states, trainer_state = ckpt.load_checkpoint(path, weights_only=False)
+        # torch's safe loader only (ckpt.load_checkpoint's default): a checkpoint holds tensors and
+        # plain values, so a planted file cannot run code when a run resumes from it
+        states, trainer_state = ckpt.load_checkpoint(path)
         saved_world = trainer_state.get("processes")  # absent: saved before it was recorded
         if saved_world is not None and saved_world != self.world:
             raise ckpt.CheckpointError(
@@ -230,14 +258,17 @@ class Trainer:
         self.learner.load_shards(path)
         own = states
         if saved_world is not None and saved_world > 1:  # each rank's own RNG state and pending batch
-            own = torch.load(ckpt.shard_path(path, RANK_STATES) / f"{self.rank}.pt", map_location="cpu",
-                             weights_only=False)
+            own = ckpt.load_state_file(ckpt.shard_path(path, RANK_STATES) / f"{self.rank}.pt")
         ckpt.set_rng_state(own["rng"])
         self.start_step = int(trainer_state["step"])
         self.policy_version = int(trainer_state["policy_version"])
         pending = own.get("pending") or {}
         if pending.get("produced") is not None:
-            self.pending = pending["produced"]
+            try:
+                self.pending = Produced.from_state(pending["produced"])
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise ckpt.CheckpointError(f"checkpoint {path}: the async batch in flight cannot be read back: "
+                                           f"{exc}") from exc
 
     # ------------------------------------------------------------------ phases 1-2: the actor
     def produce(self, step: int, rows: list[PromptRow] | None = None) -> Produced:
@@ -565,6 +596,7 @@ class Trainer:
         produced = None
         if pending is not None and pending.done() and pending.exception() is None:
             produced = pending.result()
+        pending_state = produced.to_state() if produced is not None else None
         out = self.cfg.train.output_dir
         # Rank 0 stages the temporary directory; every rank writes what only it holds (ZeRO's
         # optimiser partitions, its RNG state and pending batch); then rank 0 adds the models
@@ -573,7 +605,7 @@ class Trainer:
         shards = self.learner.save_shards(staged)
         if self.world > 1:
             (staged / RANK_STATES).mkdir(exist_ok=True)
-            torch.save({"rng": ckpt.rng_state(), "pending": {"produced": produced}},
+            torch.save({"rng": ckpt.rng_state(), "pending": {"produced": pending_state}},
                        staged / RANK_STATES / f"{self.rank}.pt")
             shards.append(RANK_STATES)
         self.strategy.barrier()
@@ -588,7 +620,7 @@ class Trainer:
                     out, step,
                     models=models,
                     states={"learner": self.learner.state_dict(), "rng": ckpt.rng_state(),
-                            "pending": {"produced": produced}},
+                            "pending": {"produced": pending_state}},
                     trainer_state={"step": step, "policy_version": self.policy_version,
                                    "episode": step * self.cfg.rollout_batch_size * self.world,
                                    "data_pass": epoch, "data_position": position, "seed": self.cfg.train.seed,
