@@ -55,7 +55,7 @@ from lampo.optimize.models import (
 from lampo.optimize.ptx import load_ptx
 from lampo.rollout.batch import RolloutBatch
 from lampo.rollout.engines import make_engine
-from lampo.rollout.multistep import rollout
+from lampo.rollout.multistep import check_prompt_lengths, rollout
 from lampo.rollout.weight_sync import engine_weights
 from lampo.speed.machine import machine_peak
 from lampo.tracking import MetricWindow, PhaseTimer, Tracker
@@ -165,12 +165,7 @@ class Trainer:
         _seed_everything(cfg.train.seed + self.rank)
         speed.apply_machine_settings(cfg.speed)
 
-        # The reward server must answer before minutes go into loading models.
-        from lampo.reward import make_scorer
-
-        self.scorer = make_scorer(cfg.reward, raw_config if raw_config is not None else cfg.to_dict())
-        self.scorer.check_available()
-
+        # The data and the reward server are checked before minutes go into loading models.
         from transformers import AutoTokenizer
 
         tok_path = cfg.model.tokenizer_name_or_path or cfg.model.model_name_or_path
@@ -178,8 +173,16 @@ class Trainer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         splits = load_prompt_dataset(cfg.data, seed=cfg.train.seed)
+        # truncation: error: a prompt over max_prompt_len stops the run now, not at the step that meets it
+        check_prompt_lengths(self.tokenizer, splits["train"], cfg.data, cfg.data.dataset_train_split)
+        check_prompt_lengths(self.tokenizer, splits["test"], cfg.data, cfg.data.dataset_test_split)
         self.test_rows = splits.get("test", [])
         self.sampler = PromptSampler(splits["train"], cfg.optim.batch_size, cfg.train.seed, self.rank, self.world)
+
+        from lampo.reward import make_scorer
+
+        self.scorer = make_scorer(cfg.reward, raw_config if raw_config is not None else cfg.to_dict())
+        self.scorer.check_available()
 
         self.resume_from = ckpt.resolve_checkpoint(cfg.train.output_dir, cfg.train.resume_from_checkpoint)
         policy, value_model, ref_model = self._load_models(self.resume_from)
