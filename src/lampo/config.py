@@ -270,7 +270,7 @@ class OptimConfig:
     ptx_batch_size: int | None = None
     """Supervised examples mixed into each minibatch; null: mini_batch_size."""
     max_bad_steps: int = 3
-    """Consecutive steps with a non-finite loss or gradient (skipped) before training stops with an error."""
+    """Consecutive steps with a non-finite loss or gradient (skipped), or an update that left a weight non-finite (undone), before training stops with an error (exit code 4)."""
 
 
 @dataclass
