@@ -301,6 +301,8 @@ class TrainConfig:
     """Keep at most this many checkpoints (oldest deleted once a new one is complete)."""
     resume_from_checkpoint: str | None = None
     """`auto` (latest in output_dir), a checkpoint path, or null."""
+    overwrite_output_dir: bool = False
+    """Let a fresh run (resume_from_checkpoint: null) start in an output_dir that holds another run: that run's metrics, samples, TensorBoard and W&B files, checkpoints and final model are deleted first. False: such a run is refused."""
     save_merged: bool = False
     """With use_peft, also save the merged full model at the end."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -580,6 +582,9 @@ class LampoConfig:
         _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit", t.save_total_limit,
                "must be >= 1 or null")
         self._check_early_stop()
+        _check(not (t.overwrite_output_dir and t.resume_from_checkpoint), "overwrite_output_dir",
+               t.overwrite_output_dir, f"deletes the checkpoints resume_from_checkpoint = {t.resume_from_checkpoint!r} "
+               "would resume from; set only one of them")
         for tracker in t.report_to:
             _check(tracker in ("tensorboard", "wandb"), "report_to", t.report_to,
                    "may only contain 'tensorboard' and 'wandb'")

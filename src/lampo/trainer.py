@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -38,13 +39,14 @@ import torch
 from lampo import checkpoint as ckpt
 from lampo import perf, speed
 from lampo.config import ConfigError, LampoConfig
-from lampo.data.formats import PromptRow
+from lampo.data.formats import DataFormatError, PromptRow
 from lampo.data.loading import load_prompt_dataset
 from lampo.distributed.strategy import Strategy
+from lampo.files import fsync_tree, install_folder
 from lampo.optimize import maths as M
 from lampo.optimize.advantages import compute_advantages
 from lampo.optimize.batch import TrainBatch, build_train_batch
-from lampo.optimize.learner import Learner, check_fp16_device
+from lampo.optimize.learner import Learner, TrainingDiverged, check_fp16_device
 from lampo.optimize.models import (
     ValueModel,
     attn_implementation_for,
@@ -55,10 +57,19 @@ from lampo.optimize.models import (
 from lampo.optimize.ptx import load_ptx
 from lampo.rollout.batch import RolloutBatch
 from lampo.rollout.engines import make_engine
-from lampo.rollout.multistep import check_prompt_lengths, rollout
+from lampo.rollout.multistep import PromptTooLongError, check_prompt_lengths, rollout
 from lampo.rollout.weight_sync import engine_weights
 from lampo.speed.machine import machine_peak
-from lampo.tracking import MetricWindow, PhaseTimer, Tracker
+from lampo.tracking import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    ROLLOUTS_FILE,
+    TENSORBOARD_DIR,
+    WANDB_ID_FILE,
+    MetricWindow,
+    PhaseTimer,
+    Tracker,
+)
 
 log = logging.getLogger("lampo")
 
@@ -162,6 +173,13 @@ class Trainer:
         check_fp16_device(cfg, "cuda" if self.world > 1 and torch.cuda.is_available() else "cpu")
         self.num_steps = cfg.steps_for(self.world)
         self.stop_requested: str | None = None
+        self.checkpoint_refused: str | None = None
+        """Why the last checkpoint asked for was not written (bad weights), or None."""
+        self.weights_doubt: str | None = None
+        """Why the current weights are not fit for a checkpoint although finite (see `learn`), or None."""
+        # A fresh run in another run's output_dir would mix both runs' metrics: refused, or that
+        # run's files removed (overwrite_output_dir), before anything is loaded.
+        self.from_scratch_note = self._prepare_output_dir()
         _seed_everything(cfg.train.seed + self.rank)
         speed.apply_machine_settings(cfg.speed)
 
@@ -185,6 +203,11 @@ class Trainer:
         self.scorer.check_available()
 
         self.resume_from = ckpt.resolve_checkpoint(cfg.train.output_dir, cfg.train.resume_from_checkpoint)
+        if self.resume_from is None and cfg.train.resume_from_checkpoint == "auto":
+            # a run killed before its first checkpoint: its files describe steps that will be trained again
+            if self.is_main:
+                clear_run_files(Path(cfg.train.output_dir))
+            self.strategy.barrier()
         policy, value_model, ref_model = self._load_models(self.resume_from)
         ptx = None
         if cfg.data.ptx_dataset:
@@ -213,6 +236,33 @@ class Trainer:
                                resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
             self.tracker.print(f"resumed from {self.resume_from} at step {self.start_step}")
+        elif cfg.train.resume_from_checkpoint == "auto":
+            self.tracker.print(f"resume_from_checkpoint: auto found no checkpoint in {cfg.train.output_dir}: "
+                               f"starting from scratch{self.from_scratch_note}")
+
+    def _prepare_output_dir(self) -> str:
+        """Refuse a fresh run in an output_dir that holds another run, or clear it (overwrite_output_dir);
+        returns a note for the start-from-scratch message of `auto`."""
+        t = self.cfg.train
+        out = Path(t.output_dir)
+        found = run_files(out)
+        if not found:
+            return ""
+        listed = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
+        if t.resume_from_checkpoint is None and not t.overwrite_output_dir:
+            raise ConfigError(
+                f"output_dir '{out}' holds another run ({listed}): a fresh run there would mix its metrics with that "
+                "run's. Resume that run with --resume_from_checkpoint auto, choose another output_dir, or set "
+                "overwrite_output_dir: true to delete that run's files first"
+            )
+        if t.resume_from_checkpoint is None:
+            if self.is_main:
+                clear_run_files(out)
+                log.warning("overwrite_output_dir: deleted the previous run's files in %s (%s)", out, listed)
+            self.strategy.barrier()
+            return ""
+        # auto without a checkpoint clears them once it knows (a damaged-only output_dir stops instead)
+        return f" (the run there stopped before its first checkpoint: its {listed} are deleted)"
 
     # ------------------------------------------------------------------ models
     def _load_models(self, resume: Path | None):
@@ -406,22 +456,43 @@ class Trainer:
             unlogged = window.reduce()
             if unlogged:  # the trained steps since the last logged one
                 self.tracker.log(step, unlogged)
-            self.save_checkpoint(step, None)
+            saved = self.save_checkpoint(step, None) is not None or not self.checkpoint_refused
             if self.stop_requested:  # the stop cancelled this reward phase: nothing was trained on it
                 raise RunStopped(self._stopped_message(step)) from None
+            where = (f"a checkpoint is in {cfg.train.output_dir}" if saved
+                     else f"no checkpoint was written ({self.checkpoint_refused}). {self._last_good()}")
             raise RunStopped(
-                f"{exc}\nThe run stopped after {step} trained steps, none of them on a made-up reward; a checkpoint "
-                f"is in {cfg.train.output_dir}. Restart the reward server, then resume with "
-                "--resume_from_checkpoint auto"
+                f"{exc}\nThe run stopped after {step} trained steps, none of them on a made-up reward; {where}. "
+                "Restart the reward server, then resume with --resume_from_checkpoint auto"
             ) from exc.__cause__
+        except TrainingDiverged as exc:
+            unlogged = window.reduce()
+            if unlogged:  # the steps since the last logged one: optim/skipped_steps shows the run going bad
+                self.tracker.log(step, unlogged)
+            raise TrainingDiverged(
+                f"training diverged at step {step + 1}: {exc}\nNo checkpoint is written of weights that went bad. "
+                f"{self._last_good()}"
+            ) from exc
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
             self.tracker.close()
         return last_stats
 
     def _stopped_message(self, step: int) -> str:
+        if self.checkpoint_refused:
+            return (f"stopped by {self.stop_requested} after step {step}; no checkpoint was written "
+                    f"({self.checkpoint_refused}). {self._last_good()}")
         return (f"stopped by {self.stop_requested} after step {step}; checkpoint saved in "
                 f"{self.cfg.train.output_dir}. Resume with the same command plus --resume_from_checkpoint auto")
+
+    def _last_good(self) -> str:
+        """Where the last good weights are, for the messages of a run whose weights went bad."""
+        latest = ckpt.find_latest_checkpoint(self.cfg.train.output_dir)
+        if latest is None:
+            return ("This run wrote no checkpoint: the last good weights are the ones it started from "
+                    f"({self.cfg.model.model_name_or_path}).")
+        return (f"The last good weights are those of the last checkpoint, {latest}: resume from it with "
+                f"--resume_from_checkpoint {latest} (with a lower learning_rate, or after fixing the cause).")
 
     def _nothing_to_train(self, step: int, produced: Produced) -> dict[str, float]:
         """A step whose batch holds no conversation (every row skipped or filtered) is not trained;
@@ -469,8 +540,11 @@ class Trainer:
         with timer("forward"):  # 3. old log-probs, reference log-probs, values
             fw = self.learner.forward(batch)
         if not self.learner.forward_is_finite(fw):
+            # finite weights can still be wrecked (an update that moved them by 1e30): no checkpoint of them
+            self.weights_doubt = "the last step's log-probs were not finite on these weights"
             return self.learner.skip_step("old or reference log-probs are not finite (the weights may hold NaN)",
                                           timer.times)
+        self.weights_doubt = None
         with timer("advantages"):  # 4. rewards with KL, then GAE or a group estimator
             adv = compute_advantages(batch, fw, self.learner.kl_ctl.value, self.cfg)
         with timer("optimize"):  # 5. ppo_epochs over minibatches
@@ -596,6 +670,13 @@ class Trainer:
     def save_checkpoint(self, step: int, pending: concurrent.futures.Future | None) -> Path | None:
         """Everything needed to continue exactly; in async mode that includes the batch already
         generated for the next step (its weights no longer exist after this step's update)."""
+        # Never a checkpoint of bad weights: `auto` would resume from it. The same answer on every
+        # rank (their weights are the same; under DeepSpeed its own checks stand in).
+        bad = self.learner.non_finite_weight()
+        self.checkpoint_refused = (f"weight {bad} is not finite" if bad else self.weights_doubt)
+        if self.checkpoint_refused:
+            self.tracker.print(f"checkpoint-{step} not written: {self.checkpoint_refused}. {self._last_good()}")
+            return None
         produced = None
         if pending is not None and pending.done() and pending.exception() is None:
             produced = pending.result()
@@ -635,20 +716,55 @@ class Trainer:
         return path
 
     def save_final(self) -> None:
-        """The final policy in output_dir (full model, or the adapter and optionally merged weights)."""
+        """The final policy in output_dir (full model, or the adapter and optionally merged weights).
+
+        Written into a temporary folder beside it, fsynced, then moved into output_dir with
+        config.json (adapter_config.json) last (`files.install_folder`): a crash leaves the old
+        final model, none, or the new one whole, never a config.json beside other weights.
+        """
         self.strategy.barrier()
         out = Path(self.cfg.train.output_dir)
         policy = self.learner.unwrapped_policy()
+        bad = self.learner.non_finite_weight()
+        if bad is not None and bad.startswith("policy."):
+            raise TrainingDiverged(f"the final policy holds a non-finite weight ({bad}); it was not saved. "
+                                   f"{self._last_good()}")
         with self.learner.full_weights(policy):  # ZeRO-3: gathered on every rank, saved by rank 0
             if self.is_main:
-                policy.save_pretrained(out)
-                self.tokenizer.save_pretrained(out)
-                if is_peft_model(policy) and self.cfg.train.save_merged:
-                    merged = copy.deepcopy(policy).merge_and_unload()
-                    merged.save_pretrained(out / "merged")
-                    self.tokenizer.save_pretrained(out / "merged")
+                self._write_final(out, policy)
         self.strategy.barrier()
         self.tracker.print(f"final model saved in {out}")
+
+    def _write_final(self, out: Path, policy) -> None:
+        merged = copy.deepcopy(policy).merge_and_unload() if is_peft_model(policy) and self.cfg.train.save_merged else None
+        need = ckpt.estimate_bytes([m for m in (policy, merged) if m is not None], [])
+        for old in out.glob(f"{FINAL_TMP_PREFIX}*"):  # left by a save that crashed
+            shutil.rmtree(old, ignore_errors=True)
+        staged = out / f"{FINAL_TMP_PREFIX}{os.getpid()}"
+        what = f"the final model into {out}"
+        try:
+            ckpt.check_space(out, need, what)
+            staged.mkdir(parents=True)
+            policy.save_pretrained(staged)
+            self.tokenizer.save_pretrained(staged)
+            if merged is not None:
+                merged.save_pretrained(staged / "merged")
+                self.tokenizer.save_pretrained(staged / "merged")
+            fsync_tree(staged)
+            written = {p.name for p in staged.iterdir()}
+            stale = [p.name for p in final_model_files(out) if p.name not in written]
+            install_folder(staged, out, last=("config.json", "adapter_config.json"), stale=stale)
+        except BaseException as exc:
+            shutil.rmtree(staged, ignore_errors=True)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, ckpt.CheckpointError)):
+                raise
+            cause = (ckpt.no_space_message(out, need, what, exc) if ckpt.out_of_space(exc, out, need)
+                     else f"could not write {what}: {type(exc).__name__}: {exc}")
+            latest = ckpt.find_latest_checkpoint(out)
+            raise ckpt.CheckpointWriteError(
+                f"{cause}; the previous final model in {out}, if any, is untouched"
+                + (f", and {latest} holds the trained weights" if latest else "")
+            ) from exc
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:
@@ -677,6 +793,48 @@ class RewardFailure(RuntimeError):
 
 class NothingToTrain(RuntimeError):
     """A whole pass over the dataset gave no conversation to train on."""
+
+
+FINAL_TMP_PREFIX = ".tmp-final-"
+"""Temporary folder of `Trainer.save_final` in output_dir."""
+
+FINAL_MODEL_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_config.json",
+    "adapter_model.safetensors", "adapter_model.bin", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
+    "merges.txt", "merged",
+)
+"""What `save_pretrained` of a model (transformers, PEFT) and its tokenizer write: the final model's files."""
+
+
+def final_model_files(out: Path) -> list[Path]:
+    return sorted({p for pattern in FINAL_MODEL_FILES for p in out.glob(pattern)})
+
+
+def run_files(out: Path) -> list[Path]:
+    """What marks `out` as another run's output_dir: its metrics or samples, checkpoints, a final model."""
+    if not out.is_dir():
+        return []
+    logs = [out / name for name in (METRICS_FILE, ROLLOUTS_FILE) if (out / name).is_file() and (out / name).stat().st_size]
+    checkpoints = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+    model = [out / name for name in ("config.json", "adapter_config.json") if (out / name).is_file()]
+    return logs + checkpoints + model
+
+
+def clear_run_files(out: Path) -> None:
+    """Delete what a run writes into `out`: metrics, samples, config.yaml, TensorBoard and W&B files,
+    checkpoints (and their temporary folders), the final model. Other files are left alone."""
+    if not out.is_dir():
+        return
+    doomed = [out / name for name in (METRICS_FILE, ROLLOUTS_FILE, CONFIG_FILE, TENSORBOARD_DIR, WANDB_ID_FILE, "wandb")]
+    doomed += [p for pattern in ("checkpoint-*", f"{ckpt.TMP_PREFIX}*", f"{FINAL_TMP_PREFIX}*") for p in out.glob(pattern)]
+    doomed += final_model_files(out)
+    for path in doomed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 RANK_STATES = "ranks"
@@ -740,25 +898,43 @@ def run(cfg: LampoConfig, raw_config: dict | None = None) -> int:
         strategy.close()  # destroys the process group before the interpreter exits
 
 
+EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_REWARD, EXIT_DIVERGED, EXIT_DATA, EXIT_CHECKPOINT = 0, 1, 2, 3, 4, 5, 6
+"""The application's exit codes (README, docs/reliability.md): 0 finished, or stopped by a signal after
+a checkpoint; 1 an unexpected error (a bug: the traceback is printed); 2 configuration or start-up
+(a bad key or value, an unreachable reward server, an unusable checkpoint or output_dir); 3 the
+reward failed after its retries (checkpoint saved); 4 training diverged; 5 the data (a bad row, a
+prompt over max_prompt_len, a whole pass with nothing to train); 6 a checkpoint or the final model
+could not be written; 130 a second SIGINT."""
+
+
 def _train(cfg: LampoConfig, raw_config: dict | None, strategy: Strategy) -> int:
     from lampo.reward import RewardUnavailable
+
+    def fail(exc: BaseException, code: int) -> int:
+        print(f"lampo: {exc}", file=sys.stderr)
+        return code
 
     try:
         trainer = Trainer(cfg, raw_config, strategy)
     except (ConfigError, RewardUnavailable) as exc:  # fp16 on a CPU, a DeepSpeed JSON at odds with the config
-        print(f"lampo: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, EXIT_CONFIG)
+    except ckpt.CheckpointError as exc:  # the checkpoint to resume from is damaged, forged or another layout's
+        return fail(exc, EXIT_CONFIG)
+    except (DataFormatError, PromptTooLongError) as exc:
+        return fail(exc, EXIT_DATA)
     try:
         trainer.train()
     except RunStopped as exc:
-        print(f"lampo: {exc}", file=sys.stderr)
-        return 0 if trainer.stop_requested else 3
-    except NothingToTrain as exc:
-        print(f"lampo: {exc}", file=sys.stderr)
-        return 5
+        return fail(exc, EXIT_OK if trainer.stop_requested else EXIT_REWARD)
+    except (NothingToTrain, DataFormatError, PromptTooLongError) as exc:
+        return fail(exc, EXIT_DATA)
+    except TrainingDiverged as exc:
+        return fail(exc, EXIT_DIVERGED)
+    except ckpt.CheckpointWriteError as exc:
+        return fail(exc, EXIT_CHECKPOINT)
     finally:
         trainer.close()
-    return 0
+    return EXIT_OK
 
 
 __all__ = ["PromptSampler", "Produced", "RunStopped", "Trainer", "run"]
