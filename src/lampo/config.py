@@ -300,7 +300,7 @@ class TrainConfig:
     save_total_limit: int | None = None
     """Keep at most this many checkpoints (oldest deleted once a new one is complete)."""
     resume_from_checkpoint: str | None = None
-    """`auto` (latest in output_dir), a checkpoint path, or null."""
+    """`auto` (the latest undamaged checkpoint in output_dir; with none, start from scratch, deleting the metrics and samples of the run that left none), a checkpoint path, or null."""
     overwrite_output_dir: bool = False
     """Let a fresh run (resume_from_checkpoint: null) start in an output_dir that holds another run: that run's metrics, samples, TensorBoard and W&B files, checkpoints and final model are deleted first. False: such a run is refused."""
     save_merged: bool = False

@@ -179,7 +179,7 @@ class Trainer:
         """Why the current weights are not fit for a checkpoint although finite (see `learn`), or None."""
         # A fresh run in another run's output_dir would mix both runs' metrics: refused, or that
         # run's files removed (overwrite_output_dir), before anything is loaded.
-        self.from_scratch_note = self._prepare_output_dir()
+        self._prepare_output_dir()
         _seed_everything(cfg.train.seed + self.rank)
         speed.apply_machine_settings(cfg.speed)
 
@@ -203,11 +203,11 @@ class Trainer:
         self.scorer.check_available()
 
         self.resume_from = ckpt.resolve_checkpoint(cfg.train.output_dir, cfg.train.resume_from_checkpoint)
+        cleared: list[str] = []
         if self.resume_from is None and cfg.train.resume_from_checkpoint == "auto":
-            # a run killed before its first checkpoint: its files describe steps that will be trained again
-            if self.is_main:
-                clear_run_files(Path(cfg.train.output_dir))
-            self.strategy.barrier()
+            # a run killed before its first checkpoint: its metrics describe steps that are trained again
+            cleared = self.strategy.broadcast_object(
+                clear_run_files(Path(cfg.train.output_dir), logs_only=True) if self.is_main else None)
         policy, value_model, ref_model = self._load_models(self.resume_from)
         ptx = None
         if cfg.data.ptx_dataset:
@@ -237,32 +237,31 @@ class Trainer:
         if self.resume_from is not None:
             self.tracker.print(f"resumed from {self.resume_from} at step {self.start_step}")
         elif cfg.train.resume_from_checkpoint == "auto":
+            note = (f" (the run there left no checkpoint; its {', '.join(cleared)} were deleted)" if cleared else "")
             self.tracker.print(f"resume_from_checkpoint: auto found no checkpoint in {cfg.train.output_dir}: "
-                               f"starting from scratch{self.from_scratch_note}")
+                               f"starting from scratch{note}")
 
-    def _prepare_output_dir(self) -> str:
-        """Refuse a fresh run in an output_dir that holds another run, or clear it (overwrite_output_dir);
-        returns a note for the start-from-scratch message of `auto`."""
+    def _prepare_output_dir(self) -> None:
+        """Refuse a fresh run in an output_dir that holds another run, or clear it (overwrite_output_dir).
+        Rank 0 looks and decides for every rank."""
         t = self.cfg.train
+        if t.resume_from_checkpoint is not None:
+            return
         out = Path(t.output_dir)
-        found = run_files(out)
+        found = self.strategy.broadcast_object([p.name for p in run_files(out)] if self.is_main else None)
         if not found:
-            return ""
-        listed = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
-        if t.resume_from_checkpoint is None and not t.overwrite_output_dir:
+            return
+        listed = ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
+        if not t.overwrite_output_dir:
             raise ConfigError(
                 f"output_dir '{out}' holds another run ({listed}): a fresh run there would mix its metrics with that "
                 "run's. Resume that run with --resume_from_checkpoint auto, choose another output_dir, or set "
                 "overwrite_output_dir: true to delete that run's files first"
             )
-        if t.resume_from_checkpoint is None:
-            if self.is_main:
-                clear_run_files(out)
-                log.warning("overwrite_output_dir: deleted the previous run's files in %s (%s)", out, listed)
-            self.strategy.barrier()
-            return ""
-        # auto without a checkpoint clears them once it knows (a damaged-only output_dir stops instead)
-        return f" (the run there stopped before its first checkpoint: its {listed} are deleted)"
+        if self.is_main:
+            clear_run_files(out)
+            log.warning("overwrite_output_dir: deleted the previous run's files in %s (%s)", out, listed)
+        self.strategy.barrier()
 
     # ------------------------------------------------------------------ models
     def _load_models(self, resume: Path | None):
@@ -725,10 +724,6 @@ class Trainer:
         self.strategy.barrier()
         out = Path(self.cfg.train.output_dir)
         policy = self.learner.unwrapped_policy()
-        bad = self.learner.non_finite_weight()
-        if bad is not None and bad.startswith("policy."):
-            raise TrainingDiverged(f"the final policy holds a non-finite weight ({bad}); it was not saved. "
-                                   f"{self._last_good()}")
         with self.learner.full_weights(policy):  # ZeRO-3: gathered on every rank, saved by rank 0
             if self.is_main:
                 self._write_final(out, policy)
@@ -822,19 +817,27 @@ def run_files(out: Path) -> list[Path]:
     return logs + checkpoints + model
 
 
-def clear_run_files(out: Path) -> None:
+def clear_run_files(out: Path, logs_only: bool = False) -> list[str]:
     """Delete what a run writes into `out`: metrics, samples, config.yaml, TensorBoard and W&B files,
-    checkpoints (and their temporary folders), the final model. Other files are left alone."""
+    and unless `logs_only`, checkpoints (and their temporary folders) and the final model. Other
+    files are left alone. Returns the names deleted."""
     if not out.is_dir():
-        return
+        return []
     doomed = [out / name for name in (METRICS_FILE, ROLLOUTS_FILE, CONFIG_FILE, TENSORBOARD_DIR, WANDB_ID_FILE, "wandb")]
-    doomed += [p for pattern in ("checkpoint-*", f"{ckpt.TMP_PREFIX}*", f"{FINAL_TMP_PREFIX}*") for p in out.glob(pattern)]
-    doomed += final_model_files(out)
+    if not logs_only:
+        doomed += [p for pattern in ("checkpoint-*", f"{ckpt.TMP_PREFIX}*", f"{FINAL_TMP_PREFIX}*")
+                   for p in out.glob(pattern)]
+        doomed += final_model_files(out)
+    deleted = []
     for path in doomed:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+        else:
+            continue
+        deleted.append(path.name)
+    return deleted
 
 
 RANK_STATES = "ranks"

@@ -92,7 +92,7 @@ def test_a_fresh_run_in_a_used_output_dir_is_refused_or_overwritten_and_auto_say
     trainer.close()
     out = capsys.readouterr().out
     assert f"resume_from_checkpoint: auto found no checkpoint in {run}: starting from scratch (the run there " \
-           "stopped before its first checkpoint: its metrics.jsonl are deleted)" in out
+           "left no checkpoint; its metrics.jsonl were deleted)" in out
     assert not (run / "metrics.jsonl").exists()
 
 
