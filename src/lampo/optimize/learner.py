@@ -130,7 +130,7 @@ class Learner:
         # A copy of the trainable weights (policy, then critic) as they were before the current step,
         # taken at the start of `optimise` into the same buffers every step: one copy of the trainable
         # parameters, on their device. An update that leaves a weight non-finite is undone from it
-        # (`_end_minibatch`). Asynchronous runs also train on batches sampled with exactly these policy
+        # (in `optimise`). Asynchronous runs also train on batches sampled with exactly these policy
         # weights, which lets the engine's log-probs be compared on them (`val/engine_logprob_diff`)
         # apart from the policy's change since (`rollout/kl_staleness`).
         # Not under DeepSpeed: its partitioned parameters are not the learner's to copy or swap, and
