@@ -7,12 +7,22 @@ atomic (POSIX `rename(2)`), so a crash at any moment leaves either the previous 
 or the new one whole; `find_latest_checkpoint` also requires the marker, so a directory that was
 copied in half by hand is not taken for a checkpoint either.
 
+The manifest also records the size of every file in the checkpoint. `find_latest_checkpoint`
+(and so `resume_from_checkpoint: auto`) checks them, and passes over a checkpoint whose files were
+damaged after it was written (truncated, deleted) to the one before it, with a warning that
+names the damage. Reading checks that every name the manifest lists is a plain name inside the
+checkpoint, and `load_checkpoint` reads states with torch's safe loader only (`weights_only`):
+tensors, numbers, strings, lists and dicts, never arbitrary Python objects, so a planted state
+file cannot run code. Still, resume only checkpoints you made or trust: a model folder holds
+what `from_pretrained` reads (safetensors weights, JSON configs).
+
 Layout of one checkpoint::
 
     checkpoint-<step>/
-      checkpoint.json        manifest and completeness marker (written last)
+      checkpoint.json        manifest, completeness marker (written last) and each file's size
       trainer_state.json     global step, episode, data order and position, policy version ...
-      <state>.pt             one torch.save file per entry of `states` (optimizers, schedulers, RNG ...)
+      <state>.pt             one torch.save file per entry of `states` (optimizers, schedulers, RNG ...):
+                             tensors, numbers, strings, lists, dicts only (what weights_only reads)
       <model>/               one folder per entry of `models`:
                                `save_pretrained` output (transformers: full weights; PEFT: the adapter)
                                or `model.safetensors` with the state_dict of a plain nn.Module
@@ -46,11 +56,12 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -62,7 +73,10 @@ MANIFEST = "checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
 MODULE_WEIGHTS = "model.safetensors"
 TMP_PREFIX = ".tmp-checkpoint-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the manifest records every file's size (`files`). Format 1 checkpoints still load, unverified."""
+
+log = logging.getLogger(__name__)
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -71,6 +85,11 @@ _RESERVED = {MANIFEST, TRAINER_STATE, "checkpoint", "trainer_state"}
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the path and what to do."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint (or the final model) could not be written: the disk is full, a write failed.
+    Nothing half-written is left where a loader would take it; the earlier checkpoints are untouched."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,6 +141,7 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = Path(staged) if staged is not None else None
+    need = estimate_bytes(list(models.values()), list(states.values()))
     try:
         if tmp is None:
             tmp = stage_checkpoint(output_dir, step)
@@ -129,6 +149,7 @@ def save_checkpoint(
             if not (tmp / name).exists():
                 raise CheckpointError(f"shard entry {name!r} is missing from {tmp}: every process must write "
                                       "its part before save_checkpoint")
+        check_space(output_dir, need, f"checkpoint {final}")
         kinds: dict[str, str] = {}
         for name, model in models.items():
             kinds[name] = _save_model(model, tmp / name)
@@ -142,6 +163,7 @@ def save_checkpoint(
             "models": kinds,
             "states": sorted(states),
             "shards": sorted(shards),
+            "files": file_sizes(tmp),
             "complete": True,
         }
         # The marker goes last: a directory without it is never a checkpoint.
@@ -153,15 +175,15 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (KeyboardInterrupt, SystemExit, CheckpointError)):
             raise
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointError(
-                f"no space left to write checkpoint {final} ({exc}); the partial checkpoint was removed "
-                f"and the previous checkpoints in {output_dir} are untouched. Free disk space or lower "
-                "save_total_limit, then resume with resume_from_checkpoint: auto"
+        untouched = (f"the partial checkpoint was removed and the previous checkpoints in {output_dir} are "
+                     "untouched")
+        if out_of_space(exc, output_dir, need):
+            raise CheckpointWriteError(
+                f"{no_space_message(output_dir, need, f'checkpoint {final}', exc)}; {untouched}. Free disk space "
+                "or lower save_total_limit, then resume with --resume_from_checkpoint auto"
             ) from exc
-        raise CheckpointError(
-            f"could not write checkpoint {final}: {type(exc).__name__}: {exc}; the partial checkpoint was "
-            f"removed and the previous checkpoints in {output_dir} are untouched"
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final}: {type(exc).__name__}: {exc}; {untouched}"
         ) from exc
 
     if save_total_limit is not None:
@@ -181,6 +203,100 @@ def stage_checkpoint(output_dir: str | Path, step: int) -> Path:
     tmp = output_dir / f"{TMP_PREFIX}{step}-{os.getpid()}"
     tmp.mkdir()
     return tmp
+
+
+def file_sizes(root: Path) -> dict[str, int]:
+    """Size in bytes of every file below `root`, by its '/'-separated path relative to `root`."""
+    sizes = {}
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            file = Path(dirpath) / name
+            sizes[file.relative_to(root).as_posix()] = file.stat().st_size
+    return dict(sorted(sizes.items()))
+
+
+def estimate_bytes(models: list[Any], states: list[Any]) -> int:
+    """About how many bytes saving `models` and `states` writes: their tensors' bytes (a PEFT model
+    saves its trainable adapter only). Configs, tokenizers and file headers add a little."""
+    seen: set[int] = set()
+
+    def tensor_bytes(obj: Any) -> int:
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type == "meta":
+                return 0
+            key = obj.untyped_storage().data_ptr()
+            if key in seen and key != 0:
+                return 0
+            seen.add(key)
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(tensor_bytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(tensor_bytes(v) for v in obj)
+        return 0
+
+    total = 0
+    for model in models:
+        while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        if isinstance(model, torch.nn.Module):
+            if hasattr(model, "peft_config"):
+                total += tensor_bytes([p for p in model.parameters() if p.requires_grad])
+            else:
+                total += tensor_bytes(list(model.state_dict().values()))
+    return total + tensor_bytes(list(states))
+
+
+def check_space(path: Path, need: int, what: str) -> None:
+    """Refuse before writing `what` (about `need` bytes) into `path` when its filesystem has less free."""
+    free = _free_bytes(path)
+    if free is not None and need > free:
+        raise CheckpointWriteError(f"{no_space_message(path, need, what)}; nothing was written")
+
+
+def out_of_space(exc: BaseException, path: Path, need: int) -> bool:
+    """Whether `exc` (from writing about `need` bytes into `path`) means the disk is full.
+
+    torch.save reports a failed write as "enforce fail at inline_container.cc" without the
+    errno, so besides ENOSPC/EDQUOT anywhere in the exception's chain, a failure while the
+    filesystem has less room than the write needed counts too.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(exc) for text in ("No space left", "os error 28", "Disk quota exceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    free = _free_bytes(path)
+    return free is not None and need > free
+
+
+def no_space_message(path: Path, need: int, what: str, exc: BaseException | None = None) -> str:
+    free = _free_bytes(path)
+    cause = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+    return (f"no space left on the device of {path} to write {what}: it needs about {_size(need)} and "
+            f"{_size(free) if free is not None else 'an unknown amount'} is free{cause}")
+
+
+def _free_bytes(path: Path) -> int | None:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{int(n)} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
 
 
 def _check_names(models: dict[str, Any], states: dict[str, Any]) -> None:
@@ -306,17 +422,51 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None (temporary and unmarked dirs are ignored)."""
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    """The complete, undamaged checkpoint with the highest step, or None (temporary and unmarked
+    dirs are ignored). A damaged one (`verify_checkpoint`) is passed over with a warning."""
+    for path in reversed(list_checkpoints(output_dir)):
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path
+        log.warning("checkpoint %s is damaged (%s): passing over it to the checkpoint before it", path,
+                    "; ".join(problems))
+    return None
+
+
+def verify_checkpoint(path: str | Path) -> list[str]:
+    """What is wrong with a complete checkpoint's files: each file its manifest lists must be there
+    with the size it was written with, and every listed name must be inside the checkpoint.
+    Empty: nothing found (format 1 checkpoints recorded no sizes and are not checked)."""
+    path = Path(path)
+    try:
+        manifest = _read_manifest(path)
+    except CheckpointError as exc:
+        return [str(exc)]
+    problems = []
+    for rel, size in (manifest.get("files") or {}).items():
+        try:
+            actual = (path / rel).stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{rel} is missing")
+            continue
+        if actual != size:
+            problems.append(f"{rel} has {actual} bytes where {size} were written")
+    return problems
 
 
 def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
-    """The `resume_from_checkpoint` config value as a path: null -> None, `auto` -> latest or None."""
+    """The `resume_from_checkpoint` config value as a path: null -> None, `auto` -> the latest
+    undamaged one, or None when there is no checkpoint at all."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "auto":
-        return find_latest_checkpoint(output_dir)
+        latest = find_latest_checkpoint(output_dir)
+        if latest is None and list_checkpoints(output_dir):
+            raise CheckpointError(
+                f"every checkpoint in {output_dir} is damaged (the warnings above name the files); resume one "
+                "by its path after repairing it, or start afresh in another output_dir"
+            )
+        return latest
     path = Path(resume_from_checkpoint)
     if not is_complete(path):
         latest = find_latest_checkpoint(output_dir)
@@ -324,6 +474,11 @@ def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | Non
         raise CheckpointError(
             f"resume_from_checkpoint '{path}' is not a complete checkpoint (no {MANIFEST} marker){hint}"
         )
+    problems = verify_checkpoint(path)
+    if problems:
+        latest = find_latest_checkpoint(output_dir)
+        hint = f"; the latest undamaged one in {output_dir} is {latest}" if latest else ""
+        raise CheckpointError(f"resume_from_checkpoint '{path}' is damaged: {'; '.join(problems)}{hint}")
     return path
 
 
@@ -331,27 +486,41 @@ def load_checkpoint(path: str | Path, *, weights_only: bool = True) -> tuple[dic
     """Read `(states, trainer_state)` from a complete checkpoint; models load from `model_path`.
 
     weights_only=True (torch's safe unpickler) reads tensors, numbers, strings and containers,
-    which covers optimizer/scheduler state dicts and `rng_state()`. Pass False only for a
-    checkpoint you trust that holds other Python objects.
+    which covers everything Lampo saves: optimiser and scheduler state dicts, `rng_state()`, the
+    async batch in flight. weights_only=False unpickles arbitrary objects, which can run any
+    code a checkpoint's author chose: pass it only for a checkpoint you wrote yourself with
+    other objects in it. Lampo itself never does.
     """
     path = Path(path)
     manifest = _read_manifest(path)
     states: dict[str, Any] = {}
     for name in manifest["states"]:
-        file = path / f"{name}.pt"
-        try:
-            states[name] = torch.load(file, map_location="cpu", weights_only=weights_only)
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"checkpoint {path} lists state '{name}' but {file} is missing") from exc
-        except Exception as exc:
-            if weights_only and "weights_only" in str(exc):
-                raise CheckpointError(
-                    f"state '{name}' in {path} holds objects torch's safe loader refuses ({exc}); if you "
-                    "trust this checkpoint, call load_checkpoint(path, weights_only=False)"
-                ) from exc
-            raise
+        states[name] = load_state_file(path / f"{name}.pt", weights_only=weights_only)
     trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     return states, trainer_state
+
+
+def load_state_file(file: Path, *, weights_only: bool = True) -> Any:
+    """One state file of a checkpoint, read with torch's safe loader; errors name the file."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint state file {file} is missing") from exc
+    except Exception as exc:
+        if weights_only and "weights_only" in str(exc):
+            raise CheckpointError(
+                f"{file} holds Python objects besides tensors, numbers, strings, lists and dicts, which torch's "
+                f"safe loader refuses: unpickling them could run code, so it was not loaded ({_refusal(exc)}). "
+                "Lampo writes no such file (before checkpoint format 2 an async run's batch in flight was one: "
+                "such a checkpoint cannot be resumed safely); this one was made by other code or tampered with"
+            ) from exc
+        raise CheckpointError(f"checkpoint state file {file} is unreadable: {type(exc).__name__}: {exc}") from exc
+
+
+def _refusal(exc: Exception) -> str:
+    """The line of torch's safe-loader error that names what it refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
 
 
 def model_path(ckpt: str | Path, name: str) -> Path:
@@ -391,12 +560,31 @@ def load_module_state_dict(ckpt: str | Path, name: str) -> dict[str, torch.Tenso
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint, every name in it checked to stay inside `path`."""
     if not is_complete(path):
         raise CheckpointError(
             f"{path} is not a complete checkpoint (missing or unreadable {MANIFEST}); "
             "use find_latest_checkpoint(output_dir) to pick the latest complete one"
         )
-    return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    # The loaders join these names to the checkpoint's path: a name such as '../x' would read a
+    # file outside it. Lampo never writes one (`_check_names`).
+    entries = [("models", n) for n in manifest.get("models", {})] + [
+        (kind, n) for kind in ("states", "shards") for n in manifest.get(kind, [])]
+    for kind, name in entries:
+        if not isinstance(name, str) or not _NAME_RE.match(name) or name in _RESERVED:
+            raise CheckpointError(
+                f"{path / MANIFEST} lists {kind} entry {name!r}, which is not a plain name inside the checkpoint: "
+                "Lampo did not write this manifest. Do not resume a checkpoint you did not make or do not trust"
+            )
+    for rel in manifest.get("files") or {}:
+        parts = PurePosixPath(rel).parts if isinstance(rel, str) else ("..",)
+        if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+            raise CheckpointError(
+                f"{path / MANIFEST} lists file {rel!r}, which is outside the checkpoint: Lampo did not write "
+                "this manifest. Do not resume a checkpoint you did not make or do not trust"
+            )
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------

@@ -39,6 +39,13 @@ GSPO_CLIP = (3e-4, 4e-4)
 ratio moves far less than a token's, so the range is tiny."""
 
 
+MAX_LEARNING_RATE = 1.0
+"""Largest accepted learning rate (AdamW; see `LampoConfig.validate`)."""
+
+MIN_TEMPERATURE = 1e-3
+"""Smallest accepted sampling temperature (the logits are divided by it)."""
+
+
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key and what to do."""
 
@@ -281,7 +288,7 @@ class OptimConfig:
     ptx_batch_size: int | None = None
     """Supervised examples mixed into each minibatch; null: mini_batch_size."""
     max_bad_steps: int = 3
-    """Consecutive steps with a non-finite loss or gradient (skipped) before training stops with an error."""
+    """Consecutive steps with a non-finite loss or gradient (skipped), or an update that left a weight non-finite (undone), before training stops with an error (exit code 4)."""
 
 
 @dataclass
@@ -315,7 +322,9 @@ class TrainConfig:
     save_total_limit: int | None = None
     """Keep at most this many checkpoints (oldest deleted once a new one is complete)."""
     resume_from_checkpoint: str | None = None
-    """`auto` (latest in output_dir), a checkpoint path, or null."""
+    """`auto` (the latest undamaged checkpoint in output_dir; with none, start from scratch, deleting the metrics and samples of the run that left none), a checkpoint path, or null."""
+    overwrite_output_dir: bool = False
+    """Let a fresh run (resume_from_checkpoint: null) start in an output_dir that holds another run: that run's metrics, samples, TensorBoard and W&B files, checkpoints and final model are deleted first. False: such a run is refused."""
     save_merged: bool = False
     """With use_peft, also save the merged full model at the end."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -551,9 +560,17 @@ class LampoConfig:
     def validate(self) -> None:
         """Range and consistency checks; every error names the key and the value."""
         m, d, g, r, p, t = self.model, self.data, self.generation, self.reward, self.optim, self.train
-        _check(p.learning_rate > 0, "learning_rate", p.learning_rate, "must be > 0")
-        _check(p.critic_learning_rate is None or p.critic_learning_rate > 0, "critic_learning_rate",
-               p.critic_learning_rate, "must be > 0 or null")
+        self._check_finite()
+        # AdamW moves each weight by about the learning rate per step whatever the gradient's scale
+        # (the update is m / sqrt(v)): above 1 the first update wrecks a model's weights.
+        _check(0 < p.learning_rate <= MAX_LEARNING_RATE, "learning_rate", p.learning_rate,
+               f"must be > 0 and at most {MAX_LEARNING_RATE:g}: AdamW moves every weight by about the learning rate each "
+               "step, so a larger one wrecks the model at the first update (typical: 1e-6 to 1e-3)")
+        _check(p.critic_learning_rate is None or 0 < p.critic_learning_rate <= MAX_LEARNING_RATE,
+               "critic_learning_rate", p.critic_learning_rate,
+               f"must be > 0 and at most {MAX_LEARNING_RATE:g}, or null (AdamW: see learning_rate)")
+        _check(0 < p.adam_eps <= 1, "adam_eps", p.adam_eps,
+               "must be in (0, 1]: AdamW divides by sqrt(v) + adam_eps (typical: 1e-8)")
         for key in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
             _check(getattr(p, key) >= 1, key, getattr(p, key), "must be >= 1")
         _check(g.num_generations >= 1, "num_generations", g.num_generations, "must be >= 1")
@@ -607,11 +624,18 @@ class LampoConfig:
                p.critic_weight_decay, "must be >= 0 or null")
         _check(p.forward_batch_size is None or p.forward_batch_size >= 1, "forward_batch_size",
                p.forward_batch_size, "must be >= 1 or null")
+        for key, lr in (("learning_rate", p.learning_rate), ("critic_learning_rate", self.critic_learning_rate)):
+            # AdamW's decoupled decay multiplies each weight by 1 - lr * weight_decay every step
+            _check(lr * p.weight_decay < 1, "weight_decay", p.weight_decay,
+                   f"times {key} = {lr:g} must be < 1: AdamW multiplies every weight by 1 - lr * weight_decay "
+                   "each step, which would zero or flip them")
         _check(p.max_grad_norm >= 0, "max_grad_norm", p.max_grad_norm, "must be >= 0 (0 disables)")
         _check(p.max_bad_steps >= 1, "max_bad_steps", p.max_bad_steps, "must be >= 1")
         _check(math.isfinite(p.penalty_reward_value), "penalty_reward_value", p.penalty_reward_value,
                "must be a finite number")
-        _check(g.temperature > 0, "temperature", g.temperature, "must be > 0 (use a small value for near-greedy)")
+        _check(g.temperature >= MIN_TEMPERATURE, "temperature", g.temperature,
+               f"must be >= {MIN_TEMPERATURE:g}: the logits are divided by it, and a smaller value overflows them "
+               "(use 0.01 for near-greedy sampling)")
         _check(0 < g.top_p <= 1, "top_p", g.top_p, "must be in (0, 1]")
         _check(g.top_k >= 0, "top_k", g.top_k, "must be >= 0 (0 disables)")
         _check(g.repetition_penalty > 0, "repetition_penalty", g.repetition_penalty, "must be > 0")
@@ -650,7 +674,9 @@ class LampoConfig:
                 "in reward_model only (reward_port: null), or make the two equal"
             )
         _check(r.reward_max_batch_size >= 1, "reward_max_batch_size", r.reward_max_batch_size, "must be >= 1")
-        _check(r.reward_max_wait_ms >= 0, "reward_max_wait_ms", r.reward_max_wait_ms, "must be >= 0")
+        _check(0 <= r.reward_max_wait_ms < r.reward_timeout * 1000, "reward_max_wait_ms", r.reward_max_wait_ms,
+               f"must be >= 0 and below reward_timeout = {r.reward_timeout:g} s: a request alone on the server "
+               "waits this long for company before it is scored, so a longer wait times every such request out")
         _check(r.reward_max_request_bytes >= 1024, "reward_max_request_bytes", r.reward_max_request_bytes,
                "must be >= 1024")
         _check(t.total_episodes is None or t.total_episodes >= 1, "total_episodes", t.total_episodes,
@@ -668,9 +694,37 @@ class LampoConfig:
         _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit", t.save_total_limit,
                "must be >= 1 or null")
         self._validate_ray()
+        self._check_early_stop()
+        _check(not (t.overwrite_output_dir and t.resume_from_checkpoint), "overwrite_output_dir",
+               t.overwrite_output_dir, f"deletes the checkpoints resume_from_checkpoint = {t.resume_from_checkpoint!r} "
+               "would resume from; set only one of them")
         for tracker in t.report_to:
             _check(tracker in ("tensorboard", "wandb"), "report_to", t.report_to,
                    "may only contain 'tensorboard' and 'wandb'")
+
+    def _check_finite(self) -> None:
+        """Every float key is a finite number: `.inf` and `.nan` parse as YAML floats, and pass most
+        range checks (inf > 0) while breaking what they feed (a NaN weight, a wait without end)."""
+        for name in SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, name)).items():
+                if isinstance(value, float):
+                    _check(math.isfinite(value), key, value, "must be a finite number")
+        for metric, threshold in (self.train.early_stop or {}).items():
+            _check(math.isfinite(threshold), "early_stop", self.train.early_stop,
+                   f"the threshold of '{metric}' must be a finite number")
+
+    def _check_early_stop(self) -> None:
+        """early_stop names metrics the trainer logs: a misspelt one would never stop the run."""
+        from lampo.tracking import EVAL_PREFIX, METRIC_NAMES, is_known_metric
+
+        for metric in self.train.early_stop or {}:
+            if not is_known_metric(metric):
+                close = difflib.get_close_matches(str(metric), METRIC_NAMES, n=1, cutoff=0.5)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(
+                    f"config key 'early_stop' names metric '{metric}', which the trainer never logs{hint}; "
+                    f"use a name from docs/metrics.md or one under '{EVAL_PREFIX}'"
+                )
 
     @property
     def num_steps(self) -> int:
@@ -713,13 +767,42 @@ PPOConfig = LampoConfig
 # ---------------------------------------------------------------------------------------
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in a YAML file gives one key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML keeps the
+    last value silently, so an edit lower in a long file would quietly override one above it."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        if isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys given here override it
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(
+                            f"key '{key}' is given twice, on line {seen[key]} and on line {line}; keep one of them"
+                        )
+                    seen[key] = line
+                except TypeError:  # an unhashable key: construct_mapping's own error says so
+                    break
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A config file as a raw dict (keys not yet checked); errors name the file."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"config file '{path}': {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
     if not isinstance(loaded, dict):

@@ -8,6 +8,8 @@ one or the new one whole.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -58,3 +60,47 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def install_folder(staged: Path, dest: Path, last: Iterable[str], stale: Iterable[str] = ()) -> None:
+    """Move every entry of `staged` (a complete, fsynced folder beside `dest`, on its filesystem)
+    into `dest`, replacing the entries of the same name; the `last` names go in last.
+
+    `dest` is shared with other files (a run's output_dir), so it cannot be renamed as a whole.
+    The entries that make a folder loadable (`last`: config.json for transformers) are removed
+    from `dest` first and installed last, so a crash at any moment leaves the old set whole
+    (before the first removal), no `last` file at all (in between: nothing a loader takes for a
+    whole model), or the new set whole: never a config.json beside weights that are not its own.
+    `stale`: other names in `dest` to remove with the old set (files the new set does not replace).
+    """
+    staged, dest = Path(staged), Path(dest)
+    last = [name for name in last if (staged / name).exists()]
+    for name in [*last, *stale]:
+        _remove(dest / name)
+    fsync_dir(dest)
+    for entry in sorted(staged.iterdir()):
+        if entry.name not in last:
+            _replace(entry, dest / entry.name)
+    fsync_dir(dest)
+    for name in last:
+        _replace(staged / name, dest / name)
+    fsync_dir(dest)
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    if src.is_dir() and dst.exists():
+        # rename(2) cannot replace a non-empty folder: move the old one aside, then drop it
+        old = dst.with_name(f".old-{dst.name}-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

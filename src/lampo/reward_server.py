@@ -25,6 +25,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -117,8 +118,9 @@ def resolve_settings(args: argparse.Namespace, raw: dict[str, Any]) -> ServerSet
             setattr(settings, flag, value)
     if settings.max_batch_size < 1:
         raise StartupError(f"--max-batch-size = {settings.max_batch_size} is invalid: must be >= 1")
-    if settings.max_wait_ms < 0:
-        raise StartupError(f"--max-wait-ms = {settings.max_wait_ms} is invalid: must be >= 0")
+    if not (math.isfinite(settings.max_wait_ms) and settings.max_wait_ms >= 0):
+        # inf would hold a request alone on the server for ever, waiting for company
+        raise StartupError(f"--max-wait-ms = {settings.max_wait_ms} is invalid: must be a finite number >= 0")
     if not 0 < settings.port < 65536:
         raise StartupError(f"--port = {settings.port} is invalid: must be a TCP port (1-65535)")
     if not is_loopback(settings.host) and not settings.token:

@@ -25,10 +25,12 @@ import dataclasses
 import logging
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +41,13 @@ import torch
 from lampo import checkpoint as ckpt
 from lampo import perf, speed
 from lampo.config import ConfigError, LampoConfig
-from lampo.data.formats import PromptRow
+from lampo.data.formats import DataFormatError, PromptRow
 from lampo.data.loading import load_prompt_dataset
 from lampo.distributed.strategy import Strategy
+from lampo.files import fsync_tree, install_folder
 from lampo.optimize import maths as M
 from lampo.optimize.batch import TrainBatch, build_train_batch
-from lampo.optimize.learner import Learner, check_fp16_device
+from lampo.optimize.learner import Learner, TrainingDiverged, check_fp16_device
 from lampo.optimize.models import (
     ValueModel,
     attn_implementation_for,
@@ -55,10 +58,19 @@ from lampo.optimize.models import (
 from lampo.optimize.ptx import load_ptx
 from lampo.rollout.batch import RolloutBatch
 from lampo.rollout.engines import make_engine
-from lampo.rollout.multistep import rollout
+from lampo.rollout.multistep import PromptTooLongError, check_prompt_lengths, rollout
 from lampo.rollout.weight_sync import engine_weights
 from lampo.speed.machine import machine_peak
-from lampo.tracking import MetricWindow, PhaseTimer, Tracker
+from lampo.tracking import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    ROLLOUTS_FILE,
+    TENSORBOARD_DIR,
+    WANDB_ID_FILE,
+    MetricWindow,
+    PhaseTimer,
+    Tracker,
+)
 
 log = logging.getLogger("lampo")
 
@@ -89,6 +101,32 @@ class Produced:
     reward_stats: dict[str, float] = field(default_factory=dict)
     data_stats: dict[str, float] = field(default_factory=dict)
     """Dynamic sampling's counters (data/filtered_groups, data/resample_rounds)."""
+
+    def to_state(self) -> dict:
+        """Tensors, lists, strings and numbers only (a checkpoint's async batch in flight): torch's
+        safe loader reads it back, where a pickled Produced would be code run at load."""
+        return {"batch": self.batch.to_state(),
+                "scores": [[float(x) for x in s] if isinstance(s, list) else float(s) for s in self.scores],
+                "step": int(self.step),
+                **{name: {k: float(v) for k, v in getattr(self, name).items()}
+                   for name in ("times", "reward_stats", "data_stats")}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Produced:
+        scores = state.get("scores")
+        if not isinstance(scores, list) or not all(
+                isinstance(s, float) or isinstance(s, list) and all(isinstance(x, float) for x in s) for s in scores):
+            raise ValueError("the pending batch's scores are missing or not floats (or lists of floats)")
+        stats = {}
+        for name in ("times", "reward_stats", "data_stats"):
+            value = state.get(name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, float)
+                                                      for k, v in value.items()):
+                raise ValueError(f"the pending batch's '{name}' is missing or not a dict of floats")
+            stats[name] = value
+        if not isinstance(state.get("step"), int):
+            raise ValueError("the pending batch's step is missing or not an int")
+        return cls(RolloutBatch.from_state(state.get("batch") or {}), scores, state["step"], **stats)
 
 
 class PromptSampler:
@@ -135,10 +173,10 @@ class Trainer:
         # The run's processes and how its gradients are made (lampo.distributed); all rank
         # handling below goes through it.
         strategy = strategy if strategy is not None else Strategy()
-        self._set_up_run(cfg, raw_config, strategy, strategy.world, cfg.optim.batch_size, strategy.world)
         # The single-process learner trains where the models load (CPU); accelerate and DeepSpeed
         # move them to the GPU when there is one.
-        check_fp16_device(cfg, "cuda" if self.world > 1 and torch.cuda.is_available() else "cpu")
+        check_fp16_device(cfg, "cuda" if strategy.world > 1 and torch.cuda.is_available() else "cpu")
+        self._set_up_run(cfg, raw_config, strategy, strategy.world, cfg.optim.batch_size, strategy.world)
         policy, value_model, ref_model = load_models(cfg, self.resume_from)
         ptx = None
         if cfg.data.ptx_dataset:
@@ -169,6 +207,11 @@ class Trainer:
         self.is_main = self.rank == 0
         self.num_steps = cfg.steps_for(self.world)
         self.stop_requested: str | None = None
+        self.checkpoint_refused: str | None = None
+        """Why the last checkpoint asked for was not written (bad weights), or None."""
+        # A fresh run in another run's output_dir would mix both runs' metrics: refused, or that
+        # run's files removed (overwrite_output_dir), before anything is loaded.
+        self._prepare_output_dir()
         _seed_everything(cfg.train.seed + self.rank)
         speed.apply_machine_settings(cfg.speed)
         # At most this many policy updates between the weights that sampled a batch and the update
@@ -178,16 +221,26 @@ class Trainer:
         # rollout is running, so each batch comes from exactly one policy version.
         self.sync_waits_for_rollouts = True
 
-        # The reward server must answer before minutes go into loading models.
+        # The data and the reward server are checked before minutes go into loading models.
+        self.tokenizer = load_tokenizer(cfg)
+        splits = load_prompt_dataset(cfg.data, seed=cfg.train.seed)
+        # truncation: error: a prompt over max_prompt_len stops the run now, not at the step that meets it
+        check_prompt_lengths(self.tokenizer, splits["train"], cfg.data, cfg.data.dataset_train_split)
+        check_prompt_lengths(self.tokenizer, splits["test"], cfg.data, cfg.data.dataset_test_split)
+        self.test_rows = splits.get("test", [])
+        self.sampler = PromptSampler(splits["train"], rows_per_step, cfg.train.seed, self.rank, sampler_world)
+
         from lampo.reward import make_scorer
 
         self.scorer = make_scorer(cfg.reward, raw_config if raw_config is not None else cfg.to_dict())
         self.scorer.check_available()
-        self.tokenizer = load_tokenizer(cfg)
-        splits = load_prompt_dataset(cfg.data, seed=cfg.train.seed)
-        self.test_rows = splits.get("test", [])
-        self.sampler = PromptSampler(splits["train"], rows_per_step, cfg.train.seed, self.rank, sampler_world)
+
         self.resume_from = ckpt.resolve_checkpoint(cfg.train.output_dir, cfg.train.resume_from_checkpoint)
+        self.cleared: list[str] = []
+        if self.resume_from is None and cfg.train.resume_from_checkpoint == "auto":
+            # a run killed before its first checkpoint: its metrics describe steps that are trained again
+            self.cleared = self.strategy.broadcast_object(
+                clear_run_files(Path(cfg.train.output_dir), logs_only=True) if self.is_main else None)
         self.start_step, self.policy_version, self.steps_done = 0, 0, 0
         self.pending: list[Produced] = []
         """Batches already rolled out for the steps after `start_step`, from a checkpoint."""
@@ -197,16 +250,44 @@ class Trainer:
                                resume_step=self.start_step if self.resume_from else None)
         if self.resume_from is not None:
             self.tracker.print(f"resumed from {self.resume_from} at step {self.start_step}")
-        elif self.is_main:  # the dataset's token lengths, once per run (open-instruct's dataset visualisation)
-            from lampo.data.stats import log_dataset_lengths
+        else:
+            if self.cfg.train.resume_from_checkpoint == "auto":
+                note = (f" (the run there left no checkpoint; its {', '.join(self.cleared)} were deleted)"
+                        if self.cleared else "")
+                self.tracker.print(f"resume_from_checkpoint: auto found no checkpoint in {self.cfg.train.output_dir}: "
+                                   f"starting from scratch{note}")
+            if self.is_main:  # the dataset's token lengths, once per run (open-instruct's dataset visualisation)
+                from lampo.data.stats import log_dataset_lengths
 
-            log_dataset_lengths(self.tracker, self.sampler.rows, self.tokenizer, self.cfg.data,
-                                self.cfg.train.output_dir, self.cfg.train.seed)
+                log_dataset_lengths(self.tracker, self.sampler.rows, self.tokenizer, self.cfg.data,
+                                    self.cfg.train.output_dir, self.cfg.train.seed)
         self.hub = None
         if self.cfg.train.push_to_hub and self.is_main:  # the repository first: a refused push fails before training
             from lampo.hub import HubPusher
 
             self.hub = HubPusher(self.cfg, self.tracker)
+
+    def _prepare_output_dir(self) -> None:
+        """Refuse a fresh run in an output_dir that holds another run, or clear it (overwrite_output_dir).
+        Rank 0 looks and decides for every rank."""
+        t = self.cfg.train
+        if t.resume_from_checkpoint is not None:
+            return
+        out = Path(t.output_dir)
+        found = self.strategy.broadcast_object([p.name for p in run_files(out)] if self.is_main else None)
+        if not found:
+            return
+        listed = ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
+        if not t.overwrite_output_dir:
+            raise ConfigError(
+                f"output_dir '{out}' holds another run ({listed}): a fresh run there would mix its metrics with that "
+                "run's. Resume that run with --resume_from_checkpoint auto, choose another output_dir, or set "
+                "overwrite_output_dir: true to delete that run's files first"
+            )
+        if self.is_main:
+            clear_run_files(out)
+            log.warning("overwrite_output_dir: deleted the previous run's files in %s (%s)", out, listed)
+        self.strategy.barrier()
 
     # ------------------------------------------------------------------ models
     def _check_reward_vocab(self, policy) -> None:
@@ -218,15 +299,16 @@ class Trainer:
             check_same_vocab(policy, reward_net)
 
     def _restore(self, path: Path) -> None:
-        states, trainer_state = ckpt.load_checkpoint(path, weights_only=False)
+        # torch's safe loader only (ckpt.load_checkpoint's default): a checkpoint holds tensors and
+        # plain values, so a planted file cannot run code when a run resumes from it
+        states, trainer_state = ckpt.load_checkpoint(path)
         saved_world = self._check_saved_world(path, trainer_state)
         self.learner.load_state_dict(states["learner"])
         self.learner.load_shards(path)
         own = states
         if saved_world > 1:  # each rank's own RNG state and pending batch
-            own = torch.load(ckpt.shard_path(path, RANK_STATES) / f"{self.rank}.pt", map_location="cpu",
-                             weights_only=False)
-        self._restore_progress(trainer_state, own)
+            own = ckpt.load_state_file(ckpt.shard_path(path, RANK_STATES) / f"{self.rank}.pt")
+        self._restore_progress(path, trainer_state, own)
 
     def _check_saved_world(self, path: Path, trainer_state: dict) -> int:
         saved_world = trainer_state.get("processes", 1)  # absent: saved before it was recorded
@@ -237,14 +319,18 @@ class Trainer:
             )
         return saved_world
 
-    def _restore_progress(self, trainer_state: dict, own: dict) -> None:
+    def _restore_progress(self, path: Path, trainer_state: dict, own: dict) -> None:
         """The step, the policy version, this process's RNG and the batches rolled out ahead."""
         ckpt.set_rng_state(own["rng"])
         self.start_step = int(trainer_state["step"])
         self.policy_version = int(trainer_state["policy_version"])
         pending = own.get("pending") or {}
         if pending.get("produced") is not None:
-            self.pending = [pending["produced"], *pending.get("queue", [])]
+            try:
+                self.pending = [Produced.from_state(p) for p in [pending["produced"], *pending.get("queue", [])]]
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise ckpt.CheckpointError(f"checkpoint {path}: a batch rolled out ahead cannot be read back: "
+                                           f"{exc}") from exc
 
     # ------------------------------------------------------------------ phases 1-2: the actor
     def produce(self, step: int, rows: list[PromptRow] | None = None) -> Produced:
@@ -387,14 +473,23 @@ class Trainer:
                 self.tracker.log(step, unlogged)
             if isinstance(exc, WorkerLost):
                 raise RunStopped(self._worker_lost(exc, step, inflight)) from exc
-            self.save_checkpoint(step, {})
+            saved = self.save_checkpoint(step, {}) is not None or not self.checkpoint_refused
             if self.stop_requested:  # the stop cancelled this reward phase: nothing was trained on it
                 raise RunStopped(self._stopped_message(step)) from None
+            where = (f"a checkpoint is in {cfg.train.output_dir}" if saved
+                     else f"no checkpoint was written ({self.checkpoint_refused}). {self._last_good()}")
             raise RunStopped(
-                f"{exc}\nThe run stopped after {step} trained steps, none of them on a made-up reward; a checkpoint "
-                f"is in {cfg.train.output_dir}. Restart the reward server, then resume with "
-                "--resume_from_checkpoint auto"
+                f"{exc}\nThe run stopped after {step} trained steps, none of them on a made-up reward; {where}. "
+                "Restart the reward server, then resume with --resume_from_checkpoint auto"
             ) from exc.__cause__
+        except TrainingDiverged as exc:
+            unlogged = window.reduce()
+            if unlogged:  # the steps since the last logged one: optim/skipped_steps shows the run going bad
+                self.tracker.log(step, unlogged)
+            raise TrainingDiverged(
+                f"training diverged at step {step + 1}: {exc}\nNo checkpoint is written of weights that went bad. "
+                f"{self._last_good()}"
+            ) from exc
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
             self.tracker.close()
@@ -435,8 +530,20 @@ class Trainer:
         return f"{exc}\nThe run stopped after {step} trained steps; {where}. Resume with --resume_from_checkpoint auto"
 
     def _stopped_message(self, step: int) -> str:
+        if self.checkpoint_refused:
+            return (f"stopped by {self.stop_requested} after step {step}; no checkpoint was written "
+                    f"({self.checkpoint_refused}). {self._last_good()}")
         return (f"stopped by {self.stop_requested} after step {step}; checkpoint saved in "
                 f"{self.cfg.train.output_dir}. Resume with the same command plus --resume_from_checkpoint auto")
+
+    def _last_good(self) -> str:
+        """Where the last good weights are, for the messages of a run whose weights went bad."""
+        latest = ckpt.find_latest_checkpoint(self.cfg.train.output_dir)
+        if latest is None:
+            return ("This run wrote no checkpoint: the last good weights are the ones it started from "
+                    f"({self.cfg.model.model_name_or_path}).")
+        return (f"The last good weights are those of the last checkpoint, {latest}: resume from it with "
+                f"--resume_from_checkpoint {latest} (with a lower learning_rate, or after fixing the cause).")
 
     def _nothing_to_train(self, step: int, produced: Produced) -> dict[str, float]:
         """A step whose batch holds no conversation (every row skipped or filtered) is not trained;
@@ -624,22 +731,26 @@ class Trainer:
     def save_checkpoint(self, step: int, inflight: dict[int, concurrent.futures.Future]) -> Path | None:
         """Everything needed to continue exactly; with batches rolled out ahead (asynchronous mode)
         that includes them: the weights that sampled them no longer exist after this step's update."""
-        produced, queue = None, []
-        for done in self._batches_ahead(step, inflight):
-            if produced is None:
-                produced = done
-            else:
-                queue.append(done)
-        pending = {"produced": produced, "queue": queue}
+        # Never a checkpoint of bad weights: `auto` would resume from it. The same answer on every
+        # rank (their weights are the same; under DeepSpeed its own checks stand in).
+        self.checkpoint_refused = self.learner.checkpoint_doubt()
+        if self.checkpoint_refused:
+            self.tracker.print(f"checkpoint-{step} not written: {self.checkpoint_refused}. {self._last_good()}")
+            return None
         # Rank 0 stages the temporary directory; every rank writes what only it holds (ZeRO's
         # optimiser partitions, its RNG state and pending batch); then rank 0 adds the models
         # and the shared state and renames it into place (checkpoint.py: atomic).
         staged = self.strategy.broadcast_object(
             ckpt.stage_checkpoint(self.cfg.train.output_dir, step) if self.is_main else None)
-        own = {"rng": ckpt.rng_state(), "pending": pending}
+        own = {"rng": ckpt.rng_state(), "pending": self._pending_state(step, inflight)}
         return save_learner_checkpoint(self.learner, self.cfg, staged, step, states=own,
                                        trainer_state=self._trainer_state(step),
                                        rank_state=own if self.world > 1 else None)
+
+    def _pending_state(self, step: int, inflight: dict[int, concurrent.futures.Future]) -> dict[str, Any]:
+        """The batches rolled out ahead, as tensors and plain values (`Produced.to_state`)."""
+        ahead = [p.to_state() for p in self._batches_ahead(step, inflight)]
+        return {"produced": ahead[0] if ahead else None, "queue": ahead[1:]}
 
     def _trainer_state(self, step: int) -> dict[str, Any]:
         """The checkpoint's trainer_state.json: where the run is."""
@@ -660,13 +771,11 @@ class Trainer:
         return out
 
     def save_final(self) -> None:
-        """The final policy in output_dir (full model, or the adapter and optionally merged weights)."""
+        """The final policy in output_dir (full model, or the adapter and optionally merged weights;
+        written whole or not at all: `save_final_model`)."""
         out = Path(self.cfg.train.output_dir)
-        save_final_model(self.learner, out, save_merged=self.cfg.train.save_merged, is_main=self.is_main)
-        if self.is_main:
-            self.tokenizer.save_pretrained(out)
-            if is_peft_model(self.learner.unwrapped_policy()) and self.cfg.train.save_merged:
-                self.tokenizer.save_pretrained(out / "merged")
+        save_final_model(self.learner, out, self.tokenizer, save_merged=self.cfg.train.save_merged,
+                         is_main=self.is_main)
         self.tracker.print(f"final model saved in {out}")
         self._push_final(out)
 
@@ -717,6 +826,56 @@ class NothingToTrain(RuntimeError):
     """A whole pass over the dataset gave no conversation to train on."""
 
 
+FINAL_TMP_PREFIX = ".tmp-final-"
+"""Temporary folder of `Trainer.save_final` in output_dir."""
+
+FINAL_MODEL_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_config.json",
+    "adapter_model.safetensors", "adapter_model.bin", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
+    "merges.txt", "merged",
+)
+"""What `save_pretrained` of a model (transformers, PEFT) and its tokenizer write: the final model's files."""
+
+
+def final_model_files(out: Path) -> list[Path]:
+    return sorted({p for pattern in FINAL_MODEL_FILES for p in out.glob(pattern)})
+
+
+def run_files(out: Path) -> list[Path]:
+    """What marks `out` as another run's output_dir: its metrics or samples, checkpoints, a final model."""
+    if not out.is_dir():
+        return []
+    logs = [out / name for name in (METRICS_FILE, ROLLOUTS_FILE) if (out / name).is_file() and (out / name).stat().st_size]
+    checkpoints = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+    model = [out / name for name in ("config.json", "adapter_config.json") if (out / name).is_file()]
+    return logs + checkpoints + model
+
+
+def clear_run_files(out: Path, logs_only: bool = False) -> list[str]:
+    """Delete what a run writes into `out`: metrics, samples, config.yaml, TensorBoard and W&B files,
+    and unless `logs_only`, checkpoints (and their temporary folders) and the final model. Other
+    files are left alone. Returns the names deleted."""
+    if not out.is_dir():
+        return []
+    doomed = [out / name for name in (METRICS_FILE, ROLLOUTS_FILE, CONFIG_FILE, TENSORBOARD_DIR, WANDB_ID_FILE, "wandb")]
+    if not logs_only:
+        doomed += [p for pattern in ("checkpoint-*", f"{ckpt.TMP_PREFIX}*", f"{FINAL_TMP_PREFIX}*")
+                   for p in out.glob(pattern)]
+        doomed += final_model_files(out)
+    deleted = []
+    for path in doomed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        deleted.append(path.name)
+    return deleted
+
+
 RANK_STATES = "ranks"
 """Checkpoint entry with each rank's own RNG state and pending batch (`<rank>.pt`), with several processes."""
 
@@ -753,17 +912,52 @@ def save_learner_checkpoint(learner: Learner, cfg: LampoConfig, staged: Path, st
     return path
 
 
-def save_final_model(learner: Learner, out: Path, *, save_merged: bool, is_main: bool) -> None:
-    """The trained policy in `out` (with LoRA: the adapter, and the merged model in out/merged with
-    `save_merged`); every rank calls it (ZeRO-3 gathers the weights), rank 0 writes."""
+def save_final_model(learner: Learner, out: Path, tokenizer, *, save_merged: bool, is_main: bool) -> None:
+    """The trained policy and its tokenizer in `out` (with LoRA: the adapter, and the merged model in
+    out/merged with `save_merged`). Every rank calls it (ZeRO-3 gathers the weights); rank 0 writes.
+
+    Written into a temporary folder beside it, fsynced, then moved into `out` with config.json
+    (adapter_config.json) last (`files.install_folder`): a crash leaves the old final model, none,
+    or the new one whole, never a config.json beside other weights.
+    """
     learner.strategy.barrier()
     policy = learner.unwrapped_policy()
-    with learner.full_weights(policy):
+    with learner.full_weights(policy):  # ZeRO-3: gathered on every rank, saved by rank 0
         if is_main:
-            policy.save_pretrained(out)
-            if is_peft_model(policy) and save_merged:
-                copy.deepcopy(policy).merge_and_unload().save_pretrained(out / "merged")
+            _write_final(out, policy, tokenizer, save_merged)
     learner.strategy.barrier()
+
+
+def _write_final(out: Path, policy, tokenizer, save_merged: bool) -> None:
+    merged = copy.deepcopy(policy).merge_and_unload() if is_peft_model(policy) and save_merged else None
+    need = ckpt.estimate_bytes([m for m in (policy, merged) if m is not None], [])
+    for old in out.glob(f"{FINAL_TMP_PREFIX}*"):  # left by a save that crashed
+        shutil.rmtree(old, ignore_errors=True)
+    staged = out / f"{FINAL_TMP_PREFIX}{os.getpid()}"
+    what = f"the final model into {out}"
+    try:
+        ckpt.check_space(out, need, what)
+        staged.mkdir(parents=True)
+        policy.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        if merged is not None:
+            merged.save_pretrained(staged / "merged")
+            tokenizer.save_pretrained(staged / "merged")
+        fsync_tree(staged)
+        written = {p.name for p in staged.iterdir()}
+        stale = [p.name for p in final_model_files(out) if p.name not in written]
+        install_folder(staged, out, last=("config.json", "adapter_config.json"), stale=stale)
+    except BaseException as exc:
+        shutil.rmtree(staged, ignore_errors=True)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, ckpt.CheckpointError)):
+            raise
+        cause = (ckpt.no_space_message(out, need, what, exc) if ckpt.out_of_space(exc, out, need)
+                 else f"could not write {what}: {type(exc).__name__}: {exc}")
+        latest = ckpt.find_latest_checkpoint(out)
+        raise ckpt.CheckpointWriteError(
+            f"{cause}; the previous final model in {out}, if any, is untouched"
+            + (f", and {latest} holds the trained weights" if latest else "")
+        ) from exc
 
 
 def load_tokenizer(cfg: LampoConfig):
@@ -865,31 +1059,51 @@ def run(cfg: LampoConfig, raw_config: dict | None = None) -> int:
         print(f"lampo: {exc}", file=sys.stderr)
         return 2
     try:
-        return _train(cfg, raw_config, strategy)
+        return run_trainer(lambda: Trainer(cfg, raw_config, strategy))
     finally:
         strategy.close()  # destroys the process group before the interpreter exits
 
 
-def _train(cfg: LampoConfig, raw_config: dict | None, strategy: Strategy) -> int:
+EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_REWARD, EXIT_DIVERGED, EXIT_DATA, EXIT_CHECKPOINT = 0, 1, 2, 3, 4, 5, 6
+"""The application's exit codes (README, docs/reliability.md): 0 finished, or stopped by a signal after
+a checkpoint; 1 an unexpected error (a bug: the traceback is printed); 2 configuration or start-up
+(a bad key or value, an unreachable reward server, an unusable checkpoint or output_dir); 3 the
+reward failed after its retries (checkpoint saved), or under lampo.ppo_ray a learner or every
+rollout worker was lost (the message names the checkpoint to resume from); 4 training diverged; 5 the data (a bad row, a
+prompt over max_prompt_len, a whole pass with nothing to train); 6 a checkpoint or the final model
+could not be written; 130 a second SIGINT."""
+
+
+def run_trainer(make_trainer: Callable[[], Trainer]) -> int:
+    """Build a trainer, train, close it; the exit code (EXIT_*), with one line on stderr for a failure."""
     from lampo.reward import RewardUnavailable
 
-    try:
-        trainer = Trainer(cfg, raw_config, strategy)
-    except (ConfigError, RewardUnavailable) as exc:  # fp16 on a CPU, a DeepSpeed JSON at odds with the config
+    def fail(exc: BaseException, code: int) -> int:
         print(f"lampo: {exc}", file=sys.stderr)
-        return 2
+        return code
+
+    try:
+        trainer = make_trainer()
+    except (ConfigError, RewardUnavailable) as exc:  # fp16 on a CPU, a DeepSpeed JSON at odds with the config
+        return fail(exc, EXIT_CONFIG)
+    except ckpt.CheckpointError as exc:  # the checkpoint to resume from is damaged, forged or another layout's
+        return fail(exc, EXIT_CONFIG)
+    except (DataFormatError, PromptTooLongError) as exc:
+        return fail(exc, EXIT_DATA)
     try:
         trainer.train()
     except RunStopped as exc:
-        print(f"lampo: {exc}", file=sys.stderr)
-        return 0 if trainer.stop_requested else 3
-    except NothingToTrain as exc:
-        print(f"lampo: {exc}", file=sys.stderr)
-        return 5
+        return fail(exc, EXIT_OK if trainer.stop_requested else EXIT_REWARD)
+    except (NothingToTrain, DataFormatError, PromptTooLongError) as exc:
+        return fail(exc, EXIT_DATA)
+    except TrainingDiverged as exc:
+        return fail(exc, EXIT_DIVERGED)
+    except ckpt.CheckpointWriteError as exc:
+        return fail(exc, EXIT_CHECKPOINT)
     finally:
         trainer.close()
-    return 0
+    return EXIT_OK
 
 
 __all__ = ["PromptSampler", "Produced", "RunStopped", "Trainer", "WorkerLost", "build_engine", "load_models",
-           "load_tokenizer", "run"]
+           "load_tokenizer", "run", "run_trainer"]

@@ -195,7 +195,7 @@ def main() -> None:
         path = Path(strategy.broadcast_object(str(path) if rank == 0 else None))
         resumed = learner(args.model, cfg, make(), policy_dir=str(path / "policy"),
                           value_dir=str(path / "value_model"))
-        resumed.load_state_dict(ckpt.load_checkpoint(path, weights_only=False)[0]["learner"])
+        resumed.load_state_dict(ckpt.load_checkpoint(path)[0]["learner"])
         resumed.load_shards(path)
         fresh = learner(args.model, cfg, make(), policy_dir=str(path / "policy"), value_dir=str(path / "value_model"))
         for ln_ in (first, resumed, fresh):

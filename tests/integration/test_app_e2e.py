@@ -451,7 +451,7 @@ def test_sigterm_while_retrying_a_dead_reward_server_stops_within_seconds(tmp_pa
     assert "stopped by SIGTERM after step" in stderr and "--resume_from_checkpoint auto" in stderr
     from lampo.checkpoint import find_latest_checkpoint, load_checkpoint
 
-    states, state = load_checkpoint(find_latest_checkpoint(tmp_path / "run"), weights_only=False)
+    states, state = load_checkpoint(find_latest_checkpoint(tmp_path / "run"))
     trained = [r["step"] for r in metrics(tmp_path / "run") if "objective/scores" in r]
     assert state["step"] == trained[-1]  # every trained step, and no step trained on a cancelled reward
     assert states["pending"]["produced"] is None  # no rollout without its rewards either

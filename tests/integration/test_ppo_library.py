@@ -184,6 +184,35 @@ def test_non_finite_loss_skips_the_update_and_stops_after_max_bad_steps(model, t
     monkeypatch.setattr(M, "clipped_policy_loss", real)
 
 
+def test_an_update_that_leaves_a_weight_non_finite_is_undone_whole_and_counts_as_a_bad_step(model, tok):
+    # two minibatches a step; the second update of a step writes inf into a weight (as an absurd
+    # learning rate or an optimiser overflow would, from a finite gradient)
+    trainer = PPOTrainer(base_config(max_bad_steps=2, mini_batch_size=4), model, tok)
+    queries = [prompt_ids(tok)] * 8
+    responses = trainer.generate(queries)
+    optimizer, calls = trainer.learner.optimizer, []
+    real_step = optimizer.step
+
+    def poisoned_step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            with torch.no_grad():
+                next(trainer.model.parameters()).view(-1)[0] = float("inf")
+        return out
+
+    optimizer.step = poisoned_step
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    stats = trainer.step(queries, responses, [0.5] * 8)
+    assert len(calls) == 2  # the first update went through, the second left an inf
+    for k, v in trainer.model.state_dict().items():  # both undone: the weights from before the step
+        assert torch.equal(v, before[k]), k
+    assert stats["optim/skipped_steps"] == 2.0 and "loss/policy_avg" not in stats
+    with pytest.raises(TrainingDiverged, match="2 steps in a row had a non-finite loss, gradient or updated weight"):
+        trainer.step(queries, responses, [0.5] * 8)
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())  # undone again before stopping
+
+
 def test_empty_responses_and_all_masked_minibatches_give_finite_stats(model, tok):
     trainer = PPOTrainer(base_config(mini_batch_size=2, batch_size=4), model, tok)
     queries = [prompt_ids(tok)] * 4

@@ -329,3 +329,103 @@ def test_a_missing_shard_entry_fails_the_save_and_leaves_nothing(tmp_path):
 
 def is_checkpoint_dir(path: Path) -> bool:
     return path in list_checkpoints(path.parent)
+
+
+def _forge_manifest(path: Path, **entries) -> None:
+    manifest = json.loads((path / "checkpoint.json").read_text())
+    manifest.update(entries)
+    (path / "checkpoint.json").write_text(json.dumps(manifest))
+
+
+def test_names_in_a_manifest_that_leave_the_checkpoint_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "run", 1, states={"s": {"x": torch.ones(1)}})
+    torch.save({"secret": torch.zeros(1)}, tmp_path / "run" / "outside.pt")
+    _forge_manifest(path, states=["s", "../outside"])
+    with pytest.raises(CheckpointError, match=r"lists states entry '../outside', which is not a plain name inside"):
+        load_checkpoint(path)
+    _forge_manifest(path, states=["s"], models={"../../elsewhere": "pretrained"})
+    with pytest.raises(CheckpointError, match=r"lists models entry '../../elsewhere'"):
+        model_path(path, "../../elsewhere")
+    _forge_manifest(path, models={}, shards=["/etc"])
+    with pytest.raises(CheckpointError, match=r"lists shards entry '/etc'"):
+        ck.shard_path(path, "/etc")
+
+
+def test_a_checkpoint_with_its_marker_but_damaged_files_is_passed_over_with_a_warning(tmp_path, caplog):
+    first, second = _save(tmp_path, 1), _save(tmp_path, 2)
+    manifest = json.loads((second / "checkpoint.json").read_text())
+    assert manifest["files"]["optimizer.pt"] == (second / "optimizer.pt").stat().st_size > 0
+    assert "checkpoint.json" not in manifest["files"] and "value_head/model.safetensors" in manifest["files"]
+    with open(second / "optimizer.pt", "r+b") as f:  # a disk or a copy that lost the file's end
+        f.truncate(10)
+    with caplog.at_level("WARNING"):
+        assert find_latest_checkpoint(tmp_path) == first
+        assert resolve_checkpoint(tmp_path, "auto") == first
+    assert f"checkpoint {second} is damaged (optimizer.pt has 10 bytes where" in caplog.text
+    with pytest.raises(CheckpointError, match=r"checkpoint-2' is damaged: optimizer.pt has 10 bytes.*undamaged one "
+                                              r".* is .*checkpoint-1"):
+        resolve_checkpoint(tmp_path, str(second))
+    (first / "value_head" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged"):
+        resolve_checkpoint(tmp_path, "auto")
+    assert "value_head/model.safetensors is missing" in caplog.text
+
+
+def _free_space(monkeypatch, *free_bytes):
+    """shutil.disk_usage reporting `free_bytes` in turn (the last one from then on)."""
+    import shutil
+
+    real, answers = shutil.disk_usage, list(free_bytes)
+
+    def disk_usage(path):
+        usage = real(path)
+        return type(usage)(usage.total, usage.used, answers.pop(0) if len(answers) > 1 else answers[0])
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+
+
+def test_a_full_disk_while_writing_says_so_with_the_path_and_the_size_needed(tmp_path, monkeypatch):
+    first = _save(tmp_path, 1)
+
+    def save_on_a_full_disk(obj, f, *a, **k):
+        # what torch.save does when write(2) fails with ENOSPC: half a file, and an error without the errno
+        Path(f).write_bytes(b"PK" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(ck.torch, "save", save_on_a_full_disk)
+    _free_space(monkeypatch, 10**9, 100)  # room at the start; then the writes filled the disk
+    with pytest.raises(CheckpointError, match=rf"no space left on the device of {tmp_path} to write checkpoint "
+                                              rf"{tmp_path}/checkpoint-2: it needs about 390.6 KiB and 100 bytes "
+                                              r"is free .*enforce fail at inline_container.*untouched") as err:
+        save_checkpoint(tmp_path, 2, states={"big": {"x": torch.zeros(100_000)}})  # 400,000 bytes
+    assert isinstance(err.value, ck.CheckpointWriteError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"] and find_latest_checkpoint(tmp_path) == first
+
+    # an OSError from a write names the size too
+    monkeypatch.setattr(ck.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    _free_space(monkeypatch, 10**9)
+    with pytest.raises(CheckpointError, match=r"no space left .* it needs about 390.6 KiB"):
+        save_checkpoint(tmp_path, 2, states={"big": {"x": torch.zeros(100_000)}})
+
+
+def test_a_checkpoint_larger_than_the_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    _free_space(monkeypatch, 1000)
+    head = torch.nn.Linear(100, 100)  # 40,400 bytes of weights
+    with pytest.raises(ck.CheckpointWriteError, match=r"it needs about 39.5 KiB and 1000 bytes is free; nothing "
+                                                      r"was written"):
+        save_checkpoint(tmp_path, 1, models={"head": head})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_state_file_that_would_run_code_when_unpickled_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path, 1, states={"pending": {"produced": None}})
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"produced": Payload()}, path / "pending.pt")
+    with pytest.raises(CheckpointError, match=r"pending.pt holds Python objects .* it was not loaded"):
+        load_checkpoint(path)
+    assert not marker.exists()

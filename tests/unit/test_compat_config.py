@@ -121,11 +121,12 @@ def test_critic_group_has_its_own_settings_and_falls_back_to_the_policys():
 
 def test_one_optimizer_schedules_each_group_on_its_own():
     # a value head shares the policy's optimiser: each group keeps its own schedule and decay
-    cfg = LampoConfig(learning_rate=1.0, min_learning_rate=0.5, lr_scheduler_type="linear",
-                      critic_learning_rate=2.0, critic_lr_scheduler_type="constant", critic_weight_decay=0.0,
+    # (learning rates of at most 1: the config refuses larger ones)
+    cfg = LampoConfig(learning_rate=0.1, min_learning_rate=0.05, lr_scheduler_type="linear",
+                      critic_learning_rate=0.2, critic_lr_scheduler_type="constant", critic_weight_decay=0.0,
                       weight_decay=0.1)
     w1, w2 = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
-    opt = make_optimizer([policy_group(cfg, [w1]), critic_group(cfg, [w2])], 1.0, 0.1, 1e-8)
+    opt = make_optimizer([policy_group(cfg, [w1]), critic_group(cfg, [w2])], 0.1, 0.1, 1e-8)
     sched = make_scheduler(opt, "linear", 0.0, 4)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     lrs = []
@@ -133,8 +134,8 @@ def test_one_optimizer_schedules_each_group_on_its_own():
         lrs.append([g["lr"] for g in opt.param_groups])
         opt.step()
         sched.step()
-    # policy: 1 -> 0.5 linearly over 4 steps (0.5 + 0.5 * (1 - s/4)); critic: constant 2
-    assert [pytest.approx(a) for a, _ in lrs] == [1.0, 0.875, 0.75, 0.625] and all(b == 2.0 for _, b in lrs)
+    # policy: 0.1 -> 0.05 linearly over 4 steps (0.05 + 0.05 * (1 - s/4)); critic: constant 0.2
+    assert [pytest.approx(a) for a, _ in lrs] == [0.1, 0.0875, 0.075, 0.0625] and all(b == 0.2 for _, b in lrs)
     # a group without its own schedule follows the arguments (no floor)
     plain = make_optimizer([{"params": [torch.nn.Parameter(torch.ones(1))]}], 1.0, 0.0, 1e-8)
     assert make_scheduler(plain, "linear", 0.0, 4).lr_lambdas[0](2) == 0.5

@@ -127,3 +127,71 @@ def test_config_reference_page_is_generated_from_the_docstrings():
     assert "Beta: weight of the KL penalty" in docs  # a docstring, not a hand-written line
     committed = (ROOT / "docs" / "config.md").read_text()
     assert committed == docs, "docs/config.md is stale: run `make docs` (python -m lampo.config --docs)"
+
+
+def _float_keys() -> list[str]:
+    from lampo.config import _FIELD_TYPES
+
+    return [key for key, tp in _FIELD_TYPES.items() if "float" in str(tp) and key != "early_stop"]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_every_float_key_refuses_a_non_finite_value_naming_the_key(bad):
+    keys = _float_keys()
+    assert {"learning_rate", "reward_max_wait_ms", "adam_eps", "temperature", "peak_flops", "kl_coef"} <= set(keys)
+    for key in keys:
+        with pytest.raises(ConfigError, match=rf"config key '{key}' = .* is invalid"):
+            LampoConfig(**{key: bad})
+    # as YAML writes them (`.inf`), from a file and from the command line
+    with pytest.raises(ConfigError, match=r"'learning_rate' = inf is invalid: must be a finite number"):
+        load_config(None, ["--learning_rate", ".inf"])
+    with pytest.raises(ConfigError, match=r"'early_stop' .* the threshold of 'objective/scores' must be a finite"):
+        LampoConfig(early_stop={"objective/scores": bad})
+
+
+def test_absurd_learning_rates_and_optimiser_settings_are_refused_with_the_reason():
+    for key in ("learning_rate", "critic_learning_rate"):
+        with pytest.raises(ConfigError, match=rf"'{key}' = 1e\+30 is invalid: must be > 0 and at most 1"):
+            LampoConfig(**{key: 1e30})
+        with pytest.raises(ConfigError, match=rf"'{key}' = 0.0 is invalid"):
+            LampoConfig(**{key: 0.0})
+    assert LampoConfig(learning_rate=1.0).optim.learning_rate == 1.0  # the bound itself is allowed
+    with pytest.raises(ConfigError, match=r"'adam_eps' = 0.0 is invalid: must be in \(0, 1\]"):
+        LampoConfig(adam_eps=0.0)
+    with pytest.raises(ConfigError, match=r"'weight_decay' = 2.0 .* times learning_rate = 0.9 must be < 1"):
+        LampoConfig(learning_rate=0.9, weight_decay=2.0)
+    with pytest.raises(ConfigError, match=r"'temperature' = 1e-09 is invalid: must be >= 0.001"):
+        LampoConfig(temperature=1e-9)
+    # a lone request waits reward_max_wait_ms for company: never as long as its timeout
+    with pytest.raises(ConfigError, match=r"'reward_max_wait_ms' = 60000.0 .* below reward_timeout = 60 s"):
+        LampoConfig(reward_max_wait_ms=60000.0)
+
+
+def test_a_key_given_twice_in_a_yaml_file_names_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("learning_rate: 1e-5\nbatch_size: 8\noptim:\n  kl_coef: 0.1\n  kl_coef: 0.2\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml': key 'kl_coef' is given twice, on line 4 and on line 5"):
+        load_config(path)
+    path.write_text("learning_rate: 1e-5\nbatch_size: 8\nlearning_rate: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"key 'learning_rate' is given twice, on line 1 and on line 3"):
+        load_config(path)
+    # YAML's merge key is not a duplicate: keys given beside it override the merged ones
+    path.write_text("base: &b {kl_coef: 0.1}\noptim:\n  <<: *b\n  kl_coef: 0.2\n")
+    from lampo.config import read_yaml
+
+    assert read_yaml(path)["optim"] == {"kl_coef": 0.2}
+
+
+def test_early_stop_must_name_a_logged_metric_with_the_nearest_as_a_hint():
+    with pytest.raises(ConfigError, match=r"'early_stop' names metric 'objective/score', which the trainer never "
+                                          r"logs \(did you mean 'objective/scores'\?\)"):
+        LampoConfig(early_stop={"objective/score": 0.9})
+    assert LampoConfig(early_stop={"eval/scores": 0.5, "episode": 100.0}).train.early_stop["eval/scores"] == 0.5
+
+
+def test_the_reward_server_refuses_an_endless_micro_batch_wait(monkeypatch):
+    from lampo.reward_server import StartupError, parse_args, resolve_settings
+
+    monkeypatch.delenv("LAMPO_REWARD_TOKEN", raising=False)
+    with pytest.raises(StartupError, match=r"--max-wait-ms = inf is invalid: must be a finite number"):
+        resolve_settings(parse_args(["--model", "m.M", "--max-wait-ms", "inf"]), {})

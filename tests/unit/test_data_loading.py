@@ -108,7 +108,8 @@ def test_errors_name_the_source_and_the_split(tmp_path):
     with pytest.raises(DataFormatError, match=r"no split 'training' \(found \['train'\]\)"):
         load_prompt_dataset(DataConfig(query_dataset=str(path), dataset_train_split="training"), seed=0)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "text1": ""}, {"text": "b", "text1": "", "text2": "c"}])
-    with pytest.raises(DataFormatError, match=r"row \d, column 'text2': filled after the empty cell 'text1'"):
+    with pytest.raises(DataFormatError, match=r"bad.jsonl, line 2 \(train split\), column 'text2': filled after the "
+                                              r"empty cell 'text1'"):
         load_prompt_dataset(DataConfig(query_dataset=str(bad), test_split_ratio=0.0), seed=0)
 
 
@@ -116,3 +117,47 @@ def test_a_missing_relative_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataFormatError, match="'examples/data/multistep' does not exist.*current directory"):
         load_prompt_dataset(DataConfig(query_dataset="examples/data/multistep"), seed=0)
+
+
+def test_an_empty_file_or_split_is_an_error_naming_the_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataFormatError, match=r"split 'train' \(.*empty.jsonl\) has no rows"):
+        load_prompt_dataset(DataConfig(query_dataset=str(tmp_path / "empty.jsonl")), seed=0)
+    write_jsonl(tmp_path / "d" / "train.jsonl", ROWS)
+    (tmp_path / "d" / "test.jsonl").write_text("\n\n")
+    with pytest.raises(DataFormatError, match=r"split 'test' \(.*d/test.jsonl\) has no rows"):
+        load_prompt_dataset(DataConfig(query_dataset=str(tmp_path / "d")), seed=0)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataFormatError, match=r"split 'train' \(.*empty.csv\) has no rows"):
+        load_prompt_dataset(DataConfig(query_dataset=str(tmp_path / "empty.csv")), seed=0)
+
+
+def test_a_line_that_is_not_json_is_an_error_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"\n{"text": "c"}\n')
+    with pytest.raises(DataFormatError, match=r"p.jsonl, line 3: not valid JSON \(Expecting ',' delimiter at column "
+                                              r"13\)"):
+        load_prompt_dataset(DataConfig(query_dataset=str(path)), seed=0)
+    path.write_text('{"text": "a"}\n["text", "b"]\n')
+    with pytest.raises(DataFormatError, match=r"p.jsonl, line 2: expected a JSON object of columns, found list"):
+        load_prompt_dataset(DataConfig(query_dataset=str(path)), seed=0)
+    array = tmp_path / "p.json"  # a JSON array of objects: its elements' lines
+    array.write_text('[\n  {"text": "a"},\n  {"text": "b",\n   "text1": 3}\n]\n')
+    with pytest.raises(DataFormatError, match=r"p.json, line 3 \(train split\), column 'text1': expected a string"):
+        load_prompt_dataset(DataConfig(query_dataset=str(array), test_split_ratio=0.0), seed=0)
+    array.write_text('[{"text": "a"},\n {"text": "b"} {"text": "c"}]')
+    with pytest.raises(DataFormatError, match=r"p.json, line 2: not valid JSON \(expected ',' or ']'"):
+        load_prompt_dataset(DataConfig(query_dataset=str(array)), seed=0)
+
+
+def test_errors_name_the_file_line_even_after_the_test_split_is_carved_off(tmp_path):
+    rows = [{"text": f"q{i}", "text1": f"f{i}"} for i in range(40)]
+    rows[31] = {"text": "q31", "text1": "", "text2": "late"}  # file line 32
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    for ratio in (0.0, 0.2, 0.5):  # whichever split line 32 lands in, and at whatever row
+        with pytest.raises(DataFormatError, match=r"p.jsonl, line 32 \((train|test) split\), column 'text2'"):
+            load_prompt_dataset(DataConfig(query_dataset=str(path), test_split_ratio=ratio), seed=0)
+    # rows keep their origin: a CSV's lines count the header and a quoted cell over two lines
+    (tmp_path / "p.csv").write_text('text,text1\n"two\nlines",x\n\nthird,y\n')
+    train = load_prompt_dataset(DataConfig(query_dataset=str(tmp_path / "p.csv"), test_split_ratio=0.0), seed=0)["train"]
+    assert [r.origin for r in train] == [f"{tmp_path}/p.csv, line 2", f"{tmp_path}/p.csv, line 5"]

@@ -36,3 +36,25 @@ def test_example_scores_the_design_doc_example():
     assert check_scores(scores, [["Hi", "Hello"], ["Yo", "Hey"]]) == [0.4, 1 / 3]
     model.unload()
     assert not model.is_loaded
+
+
+def test_every_test_docs_reliability_cites_exists():
+    # docs/reliability.md shows each guarantee with its test: a renamed or removed test must not
+    # leave the page citing one that no longer runs
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    cited = re.findall(r"`(tests/[\w/]+\.py)::(\w+)", text)
+    cited += [(file, name) for file, name in _continued(text)]
+    assert len(cited) >= 30
+    for file, name in cited:
+        source = (ROOT / file).read_text()
+        assert re.search(rf"^(async )?def {name}\(", source, re.M), f"{file}::{name} is cited but does not exist"
+
+
+def _continued(text: str):
+    """`::name` citations that continue the file of the citation before them on the same line."""
+    for line in text.splitlines():
+        file = None
+        for m in re.finditer(r"`(?:(tests/[\w/]+\.py))?::(\w+)", line):
+            file = m.group(1) or file
+            if m.group(1) is None and file:
+                yield file, m.group(2)

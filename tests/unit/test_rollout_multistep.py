@@ -308,3 +308,24 @@ def test_engine_logprob_diff_is_the_mean_over_action_tokens():
     # |-1 - (-1.5)| = 0.5 and |-2 - (-2.1)| = 0.1 on the two actions; position 3 (not an action) is ignored.
     gap = M.engine_logprob_gap(torch.tensor([[9.0, -1.5, -2.1, 9.0]]), engine_logprobs, action_mask)
     assert abs(gap.item() - 0.3) < 1e-6
+
+
+def test_prompts_over_max_prompt_len_are_found_at_load_naming_file_line_length_and_key(tok):
+    from lampo.rollout.multistep import check_prompt_lengths
+
+    rows = [PromptRow(0, ("hi",), origin="data/p.jsonl, line 1"),
+            PromptRow(1, ("word " * 60,), origin="data/p.jsonl, line 7"),
+            PromptRow(2, ("word " * 30,), origin="data/p.jsonl, line 9")]
+    length = len(enc(tok, tok.apply_chat_template([{"role": "user", "content": "word " * 60}], tokenize=False,
+                                                  add_generation_prompt=True)))
+    _, data = cfgs(max_prompt_len=20)
+    with pytest.raises(PromptTooLongError, match=rf"query_dataset data/p.jsonl, line 7 \(train split\): the step-0 "
+                                                 rf"prompt has {length} tokens, more than max_prompt_len = 20 "
+                                                 r"\(truncation: error\); 1 more rows of the train split"):
+        check_prompt_lengths(tok, rows, data, "train")
+    # the same prompt the rollout builds: the system prompt counts
+    _, data = cfgs(max_prompt_len=length, system_prompt="Be brief and kind. " * 5)
+    with pytest.raises(PromptTooLongError, match="line 7"):
+        check_prompt_lengths(tok, rows, data, "train")
+    for ok in (cfgs(max_prompt_len=length)[1], cfgs(max_prompt_len=20, truncation="left")[1]):
+        check_prompt_lengths(tok, rows, ok, "train")  # fits, or cut by the rollout

@@ -37,12 +37,19 @@ class PromptRow:
     history: fixed `(role, content)` turns before `steps[0]` (a system message, the PaddleNLP
         `tgt` history, the earlier turns of `messages`), templated by the rollout.
     format: the dataset format the row came from.
+    origin: where the row came from, for messages: `<file>, line <n>` or `<source>, split '<name>',
+        row <n>` (1-based); empty for rows made in code.
     """
 
     index: int
     steps: tuple[str, ...]
     history: tuple[tuple[str, str], ...] = ()
     format: Format = "multistep"
+    origin: str = ""
+
+    def where(self, split: str) -> str:
+        """The row for a message: its file and line (and split), or its index in the split."""
+        return f"{self.origin} ({split} split)" if self.origin else f"{split} row {self.index}"
 
 
 def detect_format(columns: Iterable[str]) -> Format:
@@ -78,45 +85,49 @@ def text_columns(columns: Iterable[str]) -> list[str]:
     return [col for _, col in numbered]
 
 
-def parse_rows(records: Iterable[Mapping[str, Any]], columns: list[str], split: str = "train") -> list[PromptRow]:
-    """Read the records of one split into `PromptRow`s, checking every row."""
+def parse_rows(records: Iterable[Mapping[str, Any]], columns: list[str], split: str = "train",
+               origins: list[str] | None = None) -> list[PromptRow]:
+    """Read the records of one split into `PromptRow`s, checking every row. `origins`: where each
+    record came from (`<file>, line <n>`), named by the errors and kept on the rows."""
     fmt = detect_format(columns)
     cols = text_columns(columns) if fmt == "multistep" else []
     out = []
     for i, rec in enumerate(records):
+        origin = origins[i] if origins is not None else ""
         if fmt == "multistep":
-            out.append(_multistep_row(i, rec, cols, split))
+            row = _multistep_row(i, rec, cols, split, origin)
         elif fmt == "paddlenlp":
-            out.append(_paddle_row(i, rec, split))
+            row = _paddle_row(i, rec, split, origin)
         else:
-            out.append(_messages_row(i, rec, split))
+            row = _messages_row(i, rec, split, origin)
+        out.append(row)
     return out
 
 
-def _where(split: str, i: int, col: str) -> str:
-    return f"{split} row {i}, column '{col}'"
+def _where(split: str, i: int, col: str, origin: str = "") -> str:
+    return f"{PromptRow(i, (), origin=origin).where(split)}, column '{col}'"
 
 
-def _multistep_row(i: int, rec: Mapping[str, Any], cols: list[str], split: str) -> PromptRow:
+def _multistep_row(i: int, rec: Mapping[str, Any], cols: list[str], split: str, origin: str = "") -> PromptRow:
     steps: list[str] = []
     ended_at = None
     for col in cols:
         cell = rec.get(col)
         if cell is not None and not isinstance(cell, str):
-            raise DataFormatError(f"{_where(split, i, col)}: expected a string, found {type(cell).__name__} {cell!r:.80}")
+            raise DataFormatError(f"{_where(split, i, col, origin)}: expected a string, found {type(cell).__name__} {cell!r:.80}")
         empty = cell is None or not cell.strip()
         if empty:
             if col == "text":
-                raise DataFormatError(f"{_where(split, i, col)}: the first step is empty; every row needs a prompt")
+                raise DataFormatError(f"{_where(split, i, col, origin)}: the first step is empty; every row needs a prompt")
             ended_at = ended_at or col
             continue
         if ended_at is not None:
             raise DataFormatError(
-                f"{_where(split, i, col)}: filled after the empty cell '{ended_at}'; a conversation ends at its "
+                f"{_where(split, i, col, origin)}: filled after the empty cell '{ended_at}'; a conversation ends at its "
                 "first empty cell, so move the later turns left or remove them"
             )
         steps.append(cell)
-    return PromptRow(index=i, steps=tuple(steps), format="multistep")
+    return PromptRow(index=i, steps=tuple(steps), format="multistep", origin=origin)
 
 
 def _str_list(value: Any, where: str, what: str) -> list[str]:
@@ -130,25 +141,25 @@ def _str_list(value: Any, where: str, what: str) -> list[str]:
     return list(value)
 
 
-def _paddle_row(i: int, rec: Mapping[str, Any], split: str) -> PromptRow:
-    src = _str_list(rec.get("src"), _where(split, i, "src"), "user turns")
+def _paddle_row(i: int, rec: Mapping[str, Any], split: str, origin: str = "") -> PromptRow:
+    src = _str_list(rec.get("src"), _where(split, i, "src", origin), "user turns")
     tgt_raw = rec.get("tgt")
-    tgt = [] if tgt_raw is None else _str_list(tgt_raw, _where(split, i, "tgt"), "assistant turns")
+    tgt = [] if tgt_raw is None else _str_list(tgt_raw, _where(split, i, "tgt", origin), "assistant turns")
     if not src:
-        raise DataFormatError(f"{_where(split, i, 'src')}: empty; PaddleNLP rows need at least one user turn")
+        raise DataFormatError(f"{_where(split, i, 'src', origin)}: empty; PaddleNLP rows need at least one user turn")
     if len(tgt) != len(src) - 1:
         raise DataFormatError(
-            f"{_where(split, i, 'tgt')}: has {len(tgt)} turns but 'src' has {len(src)}; the PaddleNLP protocol "
+            f"{_where(split, i, 'tgt', origin)}: has {len(tgt)} turns but 'src' has {len(src)}; the PaddleNLP protocol "
             "needs len(tgt) == len(src) - 1 (the last assistant turn is the one generated)"
         )
     history: list[tuple[str, str]] = []
     for user, assistant in zip(src[:-1], tgt, strict=True):
         history += [("user", user), ("assistant", assistant)]
-    return PromptRow(index=i, steps=(src[-1],), history=tuple(history), format="paddlenlp")
+    return PromptRow(index=i, steps=(src[-1],), history=tuple(history), format="paddlenlp", origin=origin)
 
 
-def _messages_row(i: int, rec: Mapping[str, Any], split: str) -> PromptRow:
-    where = _where(split, i, "messages")
+def _messages_row(i: int, rec: Mapping[str, Any], split: str, origin: str = "") -> PromptRow:
+    where = _where(split, i, "messages", origin)
     msgs = rec.get("messages")
     if not isinstance(msgs, (list, tuple)) or not msgs:
         raise DataFormatError(f"{where}: expected a non-empty list of role/content dicts, found {msgs!r:.80}")
@@ -168,4 +179,4 @@ def _messages_row(i: int, rec: Mapping[str, Any], split: str) -> PromptRow:
         turns.append((role, m["content"]))
     if turns[-1][0] != "user":
         raise DataFormatError(f"{where}: the last message has role '{turns[-1][0]}'; it must be the user turn to answer")
-    return PromptRow(index=i, steps=(turns[-1][1],), history=tuple(turns[:-1]), format="messages")
+    return PromptRow(index=i, steps=(turns[-1][1],), history=tuple(turns[:-1]), format="messages", origin=origin)

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss, gradient or updated weight."""
 
 
 def check_fp16_device(config: LampoConfig, device_type: str) -> None:
@@ -127,15 +127,22 @@ class Learner:
         self.generator = torch.Generator().manual_seed(config.train.seed if seed is None else seed)
         self.ptx = ptx
         """PPO-ptx's supervised examples (`data.ptx`): tokens, and the tokens they train (`action_mask`)."""
-        # Asynchronous runs train on batches sampled with the weights before the last update: keeping
-        # them (the trainable parameters) lets the engine's log-probs be compared on the same weights
-        # (`val/engine_logprob_diff`) apart from the policy's change since (`rollout/kl_staleness`).
-        # (not under DeepSpeed: its partitioned parameters are not the learner's to swap)
-        self.keep_sampling_weights = keep_sampling_weights and not self.strategy.saves_weights
-        self._sampling_weights: list[torch.Tensor] | None = None
+        # A copy of the trainable weights (policy, then critic) as they were before the current step,
+        # taken at the start of `optimise` into the same buffers every step: one copy of the trainable
+        # parameters, on their device. An update that leaves a weight non-finite is undone from it
+        # (in `optimise`). Asynchronous runs also train on batches sampled with exactly these policy
+        # weights, which lets the engine's log-probs be compared on them (`val/engine_logprob_diff`)
+        # apart from the policy's change since (`rollout/kl_staleness`).
+        # Not under DeepSpeed: its partitioned parameters are not the learner's to copy or swap, and
+        # its engine skips a step whose gradient overflowed by itself.
+        self.guards_weights = not self.strategy.saves_weights
+        self.keep_sampling_weights = keep_sampling_weights and self.guards_weights
+        self._kept: list[torch.Tensor] | None = None
         self.consecutive_bad_steps = 0
         self.skipped_updates = 0
         self.global_step = 0
+        self.weights_doubt: str | None = None
+        """Why the weights are unfit for a checkpoint although finite (see `train`), or None."""
 
     @property
     def micro_batch_size(self) -> int:
@@ -158,7 +165,10 @@ class Learner:
         with timer("forward"):
             fw = self.forward(batch)
         if not self.forward_is_finite(fw):
+            # finite weights can still be wrecked (an update that moved them by 1e30): no checkpoint of them
+            self.weights_doubt = "the last step's log-probs were not finite on these weights"
             return self.skip_step("old or reference log-probs are not finite (the weights may hold NaN)", timer.times)
+        self.weights_doubt = None
         with timer("advantages"):
             adv = compute_advantages(batch, fw, self.kl_ctl.value, self.cfg)
         with timer("optimize"):
@@ -251,8 +261,9 @@ class Learner:
         # first and only pass, detached: it is filled in as the pass goes.
         fused = fw.old_logprobs is None
         old_all = torch.zeros(B, T) if fused else fw.old_logprobs
-        if self.keep_sampling_weights:  # the weights the engine samples the next batch with
+        if self.guards_weights:  # the weights before this step (and, async, those the next batch is sampled with)
             self._keep_weights()
+        undone = False
         acc: dict[str, float] = defaultdict(float)
         models = [m for m in (self.policy, self.value_model, self.value_head) if m is not None]
         for m in models:
@@ -277,6 +288,11 @@ class Learner:
                                                    ptx_chunks[i])
                 # clip and apply; or skip: weights and optimiser state stay as they were before this minibatch
                 outcome = self.strategy.step(finite)
+                if outcome is StepOutcome.APPLIED and self.guards_weights and not self._weights_finite():
+                    # a finite gradient can still make a non-finite weight (a huge step, an overflow in the
+                    # optimiser's arithmetic): the step is undone whole and counts as a bad step
+                    undone = True
+                    break
                 if outcome is StepOutcome.APPLIED:
                     acc["_updates"] += 1
                     for k, v in mb_stats.items():
@@ -286,6 +302,17 @@ class Learner:
                 else:
                     acc["_skipped"] += 1
                 self.strategy.zero_grad()
+            if undone:
+                break
+        if undone:
+            self.strategy.zero_grad()
+            bad = self.non_finite_weight()
+            self._restore_weights()
+            minibatches = opt.ppo_epochs * -(-B // opt.mini_batch_size)
+            # what the step trained is gone: no loss statistics, every update of the step counted as skipped
+            acc = defaultdict(float, _skipped=float(minibatches))
+            log.warning("step %d: an optimiser update left weight %s non-finite; the step is undone (the weights "
+                        "are those before it; the optimiser's moments keep the update)", self.global_step + 1, bad)
         for m in models:
             m.eval()
         return self._end_step(batch, fw, adv, acc, old_all if fused else None)
@@ -371,13 +398,52 @@ class Learner:
         logp, _, _ = self.passes.logprobs(self.policy, ptx_mb, with_entropy=False)
         return -M.masked_sum(logp, ptx_mb.action_mask) / max(tokens, 1.0)
 
+    def _guarded(self) -> list[nn.Parameter]:
+        """The trainable weights the learner copies and checks: the policy's first, then the critic's."""
+        return [p for m in (self.policy, self.value_model, self.value_head) if m is not None for p in trainable(m)]
+
+    @property
+    def _sampling_weights(self) -> list[torch.Tensor] | None:
+        """The policy's part of the copy: the weights the batch one update old was sampled with (async)."""
+        if not self.keep_sampling_weights or self._kept is None:
+            return None
+        return self._kept[: len(trainable(self.policy))]
+
     def _keep_weights(self) -> None:
-        params = trainable(self.policy)
-        if self._sampling_weights is None:
-            self._sampling_weights = [p.detach().clone() for p in params]
+        params = [p.detach() for p in self._guarded()]
+        if self._kept is None:
+            self._kept = [p.clone() for p in params]
         else:
-            for kept, p in zip(self._sampling_weights, params, strict=True):
-                kept.copy_(p.detach())
+            torch._foreach_copy_(self._kept, params)
+
+    @torch.no_grad()
+    def _restore_weights(self) -> None:
+        torch._foreach_copy_([p.data for p in self._guarded()], self._kept)
+
+    def _weights_finite(self) -> bool:
+        """Whether every trainable weight is finite, on every rank: one reduction per tensor, one sync."""
+        params = self._guarded()
+        ok = bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+        return self.strategy.all_true(ok)
+
+    def checkpoint_doubt(self) -> str | None:
+        """Why the current weights must not go into a checkpoint (a weight that is not finite, or a
+        last step whose log-probs were not finite on them), or None."""
+        bad = self.non_finite_weight()
+        return f"weight {bad} is not finite" if bad else self.weights_doubt
+
+    def non_finite_weight(self) -> str | None:
+        """The name of a trainable weight holding NaN or inf (None: all finite, or the weights are
+        DeepSpeed's to check). A checkpoint is never written while there is one."""
+        if not self.guards_weights:
+            return None
+        for prefix, model in (("policy", self.policy), ("value_model", self.value_model), ("value_head", self.value_head)):
+            if model is None:
+                continue
+            for name, p in self.unwrapped(model).named_parameters():
+                if p.requires_grad and not bool(torch.isfinite(p).all()):
+                    return f"{prefix}.{name}"
+        return None
 
     def _end_step(self, batch, fw, adv, acc, fused_old) -> dict[str, float]:
         """The schedules and the KL controller step; bad steps are counted; the step's metrics."""
@@ -394,8 +460,8 @@ class Learner:
             self.skipped_updates += skipped
             if self.consecutive_bad_steps >= self.opt_cfg.max_bad_steps:
                 raise TrainingDiverged(
-                    f"{self.consecutive_bad_steps} steps in a row had a non-finite loss or gradient "
-                    f"({self.skipped_updates} optimiser updates skipped in all). Lower learning_rate, enable "
+                    f"{self.consecutive_bad_steps} steps in a row had a non-finite loss, gradient or updated weight "
+                    f"({self.skipped_updates} optimiser updates skipped or undone in all). Lower learning_rate, enable "
                     "max_grad_norm, check the reward scale, or use fp32 instead of fp16."
                 )
         else:

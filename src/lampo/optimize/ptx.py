@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lampo.data.formats import DataFormatError
-from lampo.data.loading import load_splits
+from lampo.data.loading import load_split_records
 from lampo.optimize.batch import Sampling, TrainBatch
 from lampo.rollout.chat import ChatFormat
 
@@ -29,16 +29,16 @@ log = logging.getLogger(__name__)
 
 def load_ptx(source: str, tokenizer: Any, max_len: int, split: str = "train") -> TrainBatch:
     """The supervised examples of `source` as one right-padded batch (each cut at `max_len` tokens)."""
-    splits = load_splits(source)
+    splits = load_split_records(source)
     if split not in splits:
         raise DataFormatError(f"ptx_dataset '{source}' has no split '{split}' (found {sorted(splits)})")
-    records, _ = splits[split]
-    if not records:
-        raise DataFormatError(f"ptx_dataset '{source}': split '{split}' has no rows")
+    records = splits[split]
+    if not records.rows:
+        raise DataFormatError(f"ptx_dataset '{source}': split '{split}' ({records.where}) has no rows")
     fmt = ChatFormat(tokenizer)
     examples, cut = [], 0
-    for i, record in enumerate(records):
-        ids, trained = example_tokens(conversation(record, i, source), fmt, tokenizer)
+    for i, (record, origin) in enumerate(zip(records.rows, records.origins, strict=True)):
+        ids, trained = example_tokens(conversation(record, i, source, origin), fmt, tokenizer)
         if len(ids) > max_len:
             ids, trained, cut = ids[:max_len], trained[:max_len], cut + 1
         examples.append((ids, trained))
@@ -56,9 +56,10 @@ def load_ptx(source: str, tokenizer: Any, max_len: int, split: str = "train") ->
                       stopped=torch.ones(B, dtype=torch.bool), sampling=Sampling())
 
 
-def conversation(record: Mapping[str, Any], index: int, source: str) -> list[tuple[str, str]]:
-    """A row's (role, content) turns; the error names the row and says what was expected."""
-    where = f"ptx_dataset '{source}', row {index}"
+def conversation(record: Mapping[str, Any], index: int, source: str, origin: str = "") -> list[tuple[str, str]]:
+    """A row's (role, content) turns; the error names the row (its file and line, given `origin`)
+    and says what was expected."""
+    where = f"ptx_dataset {origin}" if origin else f"ptx_dataset '{source}', row {index}"
     if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
         return [("user", record["prompt"]), ("assistant", record["response"])]
     if isinstance(record.get("messages"), list):

@@ -112,6 +112,48 @@ class RolloutBatch:
             cut_at_max_prompt_len=sum(b.cut_at_max_prompt_len for b in batches),
         )
 
+    TENSORS = ("input_ids", "attention_mask", "action_mask", "engine_logprobs", "prompt_index")
+    COUNTS = ("policy_version", "skipped_rows", "cut_at_max_prompt_len")
+
+    def to_state(self) -> dict:
+        """The batch as tensors, lists, strings and ints only: what a checkpoint stores, and what
+        torch's safe loader (`weights_only=True`) reads back without unpickling any object."""
+        state: dict = {name: getattr(self, name) for name in self.TENSORS}
+        state["turn_spans"] = [[[int(start), int(end)] for start, end in spans] for spans in self.turn_spans]
+        state["finish_reasons"] = [list(reasons) for reasons in self.finish_reasons]
+        state["messages"] = [list(turns) for turns in self.messages]
+        state.update({name: int(getattr(self, name)) for name in self.COUNTS})
+        if self.versions is not None:
+            state["versions"] = self.versions
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict) -> RolloutBatch:
+        """The batch `to_state` gave; a field missing or of the wrong kind is a ValueError naming it."""
+        def need(name: str, ok) -> object:
+            if name not in state or not ok(state[name]):
+                raise ValueError(f"rollout batch state: field '{name}' is missing or malformed")
+            return state[name]
+
+        def nested(depth: int, leaf):
+            def ok(value, d=depth):
+                return leaf(value) if d == 0 else isinstance(value, list) and all(ok(v, d - 1) for v in value)
+            return ok
+
+        tensors = {name: need(name, lambda v: isinstance(v, torch.Tensor)) for name in cls.TENSORS}
+        if "versions" in state:  # only where the batch mixes policy versions
+            tensors["versions"] = need("versions", lambda v: isinstance(v, torch.Tensor))
+        spans = need("turn_spans", nested(3, lambda v: isinstance(v, int)))
+        if any(len(span) != 2 for spans_ in spans for span in spans_):
+            raise ValueError("rollout batch state: field 'turn_spans' holds a span that is not [start, end]")
+        return cls(
+            **tensors,
+            turn_spans=[[(start, end) for start, end in spans_] for spans_ in spans],
+            finish_reasons=need("finish_reasons", nested(2, lambda v: isinstance(v, str))),
+            messages=need("messages", nested(2, lambda v: isinstance(v, str))),
+            **{name: need(name, lambda v: isinstance(v, int)) for name in cls.COUNTS},
+        )
+
     @property
     def stopped(self) -> torch.Tensor:
         """BoolTensor [B]: every assistant turn of the conversation ended with the stop token."""

@@ -126,8 +126,9 @@ def rollout(
     for position, (row, ids) in enumerate(zip(rows, encoded, strict=True), start=first_row):
         if len(ids) > max_len:
             if data_cfg.truncation == "error":
+                origin = f" ({row.origin})" if row.origin else ""
                 raise PromptTooLongError(
-                    f"row {row.index}: the step-0 prompt has {len(ids)} tokens, more than max_prompt_len={max_len}; "
+                    f"row {row.index}{origin}: the step-0 prompt has {len(ids)} tokens, more than max_prompt_len={max_len}; "
                     "raise max_prompt_len or set truncation: left (keep the end) or skip (drop such rows)"
                 )
             if data_cfg.truncation == "skip":
@@ -197,6 +198,29 @@ def rollout(
     batch = _to_batch(convs, tokenizer, policy_version, skipped)
     batch.cut_at_max_prompt_len = cut_by_length
     return batch
+
+
+def check_prompt_lengths(tokenizer: Any, rows: list[PromptRow], data_cfg: Any, split: str) -> None:
+    """Under `truncation: error`, stop at load, not at the step that meets it, when a row's
+    step-0 prompt (exactly as `rollout` builds it) is longer than `max_prompt_len`. The error
+    names the row's file and line, its length, the key, and how many other rows are too long."""
+    if data_cfg.truncation != "error" or not rows:
+        return
+    fmt = chat_format(tokenizer, data_cfg.system_prompt)
+    max_len = data_cfg.max_prompt_len
+    too_long: list[tuple[PromptRow, int]] = []
+    for start in range(0, len(rows), 512):  # batched tokenizer calls, bounded memory
+        chunk = rows[start : start + 512]
+        encoded = _encode(tokenizer, [fmt.first_prompt(row) for row in chunk])
+        too_long += [(row, len(ids)) for row, ids in zip(chunk, encoded, strict=True) if len(ids) > max_len]
+    if too_long:
+        row, length = too_long[0]
+        more = f"; {len(too_long) - 1} more rows of the {split} split are too long as well" if len(too_long) > 1 else ""
+        raise PromptTooLongError(
+            f"query_dataset {row.where(split)}: the step-0 prompt has {length} tokens, more than "
+            f"max_prompt_len = {max_len} (truncation: error){more}. Raise max_prompt_len, shorten the row, or set "
+            "truncation: left (keep the end) or skip (drop such rows)"
+        )
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:

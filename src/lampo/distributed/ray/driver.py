@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,7 @@ from lampo.distributed.ray.rollout import EnginePool
 from lampo.distributed.strategy import Strategy
 from lampo.optimize.batch import TrainBatch
 from lampo.rollout.batch import RolloutBatch
-from lampo.trainer import (
-    NothingToTrain,
-    Produced,
-    RunStopped,
-    Trainer,
-    WorkerLost,
-    _done_future,
-)
+from lampo.trainer import Produced, Trainer, WorkerLost, _done_future, run_trainer
 
 log = logging.getLogger("lampo")
 
@@ -86,9 +78,9 @@ class RayTrainer(Trainer):
         # (the start-up agreement check, a skipped step), the pool `prompt_cache_block`.
         self.learner, self.engine = self.group, self.pool
         if self.resume_from is not None:
-            states, trainer_state = ckpt.load_checkpoint(self.resume_from, weights_only=False)
+            states, trainer_state = ckpt.load_checkpoint(self.resume_from)
             self._check_saved_world(self.resume_from, trainer_state)
-            self._restore_progress(trainer_state, states)
+            self._restore_progress(self.resume_from, trainer_state, states)
             self.sync()
         self.engine_version = self.policy_version
         self.peak_flops = cfg.speed.peak_flops or self.group.peak_flops
@@ -147,13 +139,15 @@ class RayTrainer(Trainer):
         """As the in-process trainer's: the learners write their state, the driver the batches rolled
         out ahead (it waits for them: the weights that sampled them are gone after this step)."""
         concurrent.futures.wait(list(inflight.values()))
+        self.checkpoint_refused = self.group.checkpoint_doubt()
+        if self.checkpoint_refused:
+            self.tracker.print(f"checkpoint-{step} not written: {self.checkpoint_refused}. {self._last_good()}")
+            return None
         staged = ckpt.stage_checkpoint(self.cfg.train.output_dir, step)
         return self.group.save_checkpoint(staged, step, self._driver_states(step, inflight), self._trainer_state(step))
 
     def _driver_states(self, step: int, inflight: dict[int, concurrent.futures.Future]) -> dict[str, Any]:
-        ahead = self._batches_ahead(step, inflight)
-        pending = {"produced": ahead[0] if ahead else None, "queue": ahead[1:]}
-        return {"rng": ckpt.rng_state(), "pending": pending}
+        return {"rng": ckpt.rng_state(), "pending": self._pending_state(step, inflight)}
 
     def _worker_lost(self, exc: WorkerLost, step: int, inflight: dict[int, concurrent.futures.Future]) -> str:
         """A learner died: rank 0 writes a checkpoint on its own when it can (data parallel, no update
@@ -170,9 +164,6 @@ class RayTrainer(Trainer):
     def save_final(self) -> None:
         out = Path(self.cfg.train.output_dir)
         self.group.save_final(out)
-        self.tokenizer.save_pretrained(out)
-        if self.cfg.model.use_peft and self.cfg.train.save_merged:
-            self.tokenizer.save_pretrained(out / "merged")
         self.tracker.print(f"final model saved in {out}")
         self._push_final(out)
 
@@ -196,24 +187,7 @@ def _empty_batch(pad_id: int) -> RolloutBatch:
 
 
 def run(cfg: LampoConfig, raw_config: dict | None = None) -> int:
-    """`python -m lampo.ppo_ray`: exit codes as `lampo.ppo_vllm`'s."""
+    """`python -m lampo.ppo_ray`: exit codes as `lampo.ppo_vllm`'s (`lampo.trainer.EXIT_*`)."""
     logging.basicConfig(level=os.environ.get("LAMPO_LOG_LEVEL", "INFO"), format="%(message)s")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from lampo.reward import RewardUnavailable
-
-    try:
-        trainer = RayTrainer(cfg, raw_config)
-    except (ConfigError, RewardUnavailable) as exc:
-        print(f"lampo: {exc}", file=sys.stderr)
-        return 2
-    try:
-        trainer.train()
-    except RunStopped as exc:
-        print(f"lampo: {exc}", file=sys.stderr)
-        return 0 if trainer.stop_requested else 3
-    except NothingToTrain as exc:
-        print(f"lampo: {exc}", file=sys.stderr)
-        return 5
-    finally:
-        trainer.close()
-    return 0
+    return run_trainer(lambda: RayTrainer(cfg, raw_config))

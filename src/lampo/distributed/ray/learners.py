@@ -77,12 +77,12 @@ class LearnerWorker:
                                num_training_steps=num_steps, strategy=strategy, ptx=ptx,
                                keep_sampling_weights=cfg.ray.max_staleness > 0)
         if path is not None:
-            states, _ = ckpt.load_checkpoint(path, weights_only=False)
+            states, _ = ckpt.load_checkpoint(path)  # torch's safe loader, as the in-process trainer
             self.learner.load_state_dict(states["learner"])
             self.learner.load_shards(path)
             own = path / RANK_STATES / f"{self.rank}.pt"
             if own.exists():  # absent for a rank that died (rank 0 saved alone): it keeps its seeded state
-                ckpt.set_rng_state(torch.load(own, map_location="cpu", weights_only=False)["rng"])
+                ckpt.set_rng_state(ckpt.load_state_file(own)["rng"])
         if self.rank == 0 and not cfg.speed.peak_flops:
             device = next(self.learner.policy.parameters()).device
             return machine_peak(getattr(torch, _half_dtype_name(cfg.model) or "float32"), device=device)
@@ -173,11 +173,14 @@ class LearnerWorker:
                                        alone=True)
         return None if path is None else str(path)
 
-    def save_final(self, output_dir: str) -> None:
-        from lampo.trainer import save_final_model
+    def checkpoint_doubt(self) -> str | None:
+        return self.learner.checkpoint_doubt()
 
-        save_final_model(self.learner, Path(output_dir), save_merged=self.cfg.train.save_merged,
-                         is_main=self.rank == 0)
+    def save_final(self, output_dir: str) -> None:
+        from lampo.trainer import load_tokenizer, save_final_model
+
+        save_final_model(self.learner, Path(output_dir), load_tokenizer(self.cfg),
+                         save_merged=self.cfg.train.save_merged, is_main=self.rank == 0)
 
     def pid(self) -> int:
         return os.getpid()
@@ -255,6 +258,12 @@ class LearnerGroup:
 
     def publish_weights(self) -> list:
         return self._all("publish_weights")[0]
+
+    def checkpoint_doubt(self) -> str | None:
+        """Rank 0's answer: data parallel ranks hold the same weights (under DeepSpeed it checks its own)."""
+        import ray
+
+        return ray.get(self.workers[0].checkpoint_doubt.remote())
 
     def save_checkpoint(self, staged: Path, step: int, states: dict, trainer_state: dict) -> Path:
         paths = self._all("save_checkpoint", str(staged), step, states, trainer_state)
