@@ -3,7 +3,7 @@
 In order (issue 6, section 2): the machine's matmul peak; Lampo vs TRL GRPOTrainer; engine
 throughput (hf vs vLLM); the reward server; asynchronous vs synchronous pipeline and the reward
 phase's share of a step; peak memory, full vs LoRA; 1 vs 2 data-parallel processes; bf16 vs fp32
-reward curves. Each part runs in its own process, prints its tables and writes JSON under
+reward curves; then lampo.ppo_ray against the in-process application (issue 20). Each part runs in its own process, prints its tables and writes JSON under
 benchmarks/results/. At the end every part's tables (each script's `render`), a PNG chart and the
 goals (met or not) are written into the generated section at the end of docs/performance.md; the
 hand-written part above it is kept.
@@ -40,6 +40,7 @@ PARTS = {
     "memory": (["-m", "benchmarks.memory"], []),
     "scaling": (["-m", "benchmarks.scaling"], ["--quick"]),
     "bf16_curve": (["-m", "benchmarks.bf16_curve"], ["--quick"]),
+    "ray_pipeline": (["-m", "benchmarks.ray_pipeline"], ["--quick"]),
 }
 
 
@@ -204,10 +205,20 @@ def chart(data: dict[str, dict | None]) -> bool:
 
 
 def render() -> str:
-    from benchmarks import bf16_curve, engines, memory, peak, pipeline, reward_server, scaling, trl_compare
+    from benchmarks import (
+        bf16_curve,
+        engines,
+        memory,
+        peak,
+        pipeline,
+        ray_pipeline,
+        reward_server,
+        scaling,
+        trl_compare,
+    )
 
     data = {k: load(k) for k in ("peak", "trl_compare", "pipeline", "memory", "scaling", "bf16_curve", "engines",
-                                 "reward_server")}
+                                 "reward_server", "ray_pipeline")}
     parts = [BEGIN, "", "## Results (generated)", ""]
     if data["trl_compare"]:
         m = data["trl_compare"]["machine"]
@@ -222,6 +233,8 @@ def render() -> str:
         ("bf16 vs fp32 reward curves (item 2.1)", "bf16_curve", bf16_curve.render),
         ("Engines (item 2.2, benchmarks/engines.py)", "engines", engines.render),
         ("Reward server (benchmarks/reward_server.py)", "reward_server", reward_server.render),
+        ("Ray: lampo.ppo_ray against in-process, rollout workers, asynchrony (benchmarks/ray_pipeline.py)",
+         "ray_pipeline", ray_pipeline.render),
     ]
     for title, key, fn in sections:
         parts += [f"### {title}", ""]

@@ -142,20 +142,28 @@ def test_a_worker_killed_mid_run_is_restarted_and_its_rows_rolled_out_again(tmp_
     assert (Path(cfg.train.output_dir) / "model.safetensors").exists()
 
 
-def test_two_learners_a_learner_killed_then_resumed_equals_the_uninterrupted_run(tmp_path, tiny_model_path):
-    """Two data-parallel learners. Learner rank 1 dies in step 3: rank 0 writes the checkpoint of
-    step 2 on its own (with the batch rolled out ahead), the run stops, and the resumed run's step
-    3 is the uninterrupted run's."""
-    common = dict(num_learners=2, max_staleness=1, max_steps=3, estimator="grpo", num_generations=2,
-                  batch_size=2, mini_batch_size=4)
-    whole = tmp_path / "whole"
-    cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.VowelReward", report_to=[],
-                       output_dir=str(whole), **common)
+TWO_LEARNERS = dict(num_learners=2, max_staleness=1, max_steps=3, estimator="grpo", num_generations=2,
+                    batch_size=2, mini_batch_size=4, reward_model="lampo.reward.rules.VowelReward", report_to=[])
+
+
+@pytest.fixture(scope="module")
+def two_learners(tmp_path_factory, tiny_model_path) -> tuple[Path, list[dict]]:
+    """(config file, metrics) of an uninterrupted ppo_ray run with two data-parallel learners."""
+    tmp = tmp_path_factory.mktemp("two_learners")
+    cfg = write_config(tmp, tiny_model_path, output_dir=str(tmp / "whole"), **TWO_LEARNERS)
     done = run_module("lampo.ppo_ray", cfg)
     assert done.returncode == 0, done.stderr[-3000:]
-    reference = trained(whole)
+    reference = trained(tmp / "whole")
     assert len(reference) == 3
+    return cfg, reference
 
+
+def test_two_learners_a_learner_killed_then_resumed_equals_the_uninterrupted_run(tmp_path, tiny_model_path,
+                                                                                 two_learners):
+    """Learner rank 1 dies in step 3: rank 0 writes the checkpoint of step 2 on its own (with the
+    batch being trained), the run stops, and the resumed run's step 3 is the uninterrupted run's."""
+    cfg, reference = two_learners
+    common = {k: v for k, v in TWO_LEARNERS.items() if k not in ("reward_model", "report_to")}
     cut = tmp_path / "cut"
     trainer = RayTrainer(driver_config(tmp_path, tiny_model_path, output_dir=str(cut), **common))
     learn = trainer.group.learn
@@ -182,6 +190,18 @@ def test_two_learners_a_learner_killed_then_resumed_equals_the_uninterrupted_run
     assert_same_steps(reference[2:], [r for r in trained(cut) if r["step"] == 3])
 
 
+def test_a_deepspeed_zero3_learner_group_trains_as_the_ddp_one(tmp_path, two_learners):
+    """learner_backend: deepspeed (ZeRO-3 over the two learners, weights gathered for every sync and
+    save) gives the data-parallel group's numbers."""
+    cfg, reference = two_learners
+    out = tmp_path / "zero3"
+    done = run_module("lampo.ppo_ray", cfg, "--output_dir", str(out), "--learner_backend", "deepspeed",
+                      "--deepspeed_config", str(ROOT / "configs" / "ds_z3_config.json"), "--save_step", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_steps(reference, trained(out), rel=1e-3)
+    assert (out / "model.safetensors").exists() and (out / "checkpoint-3" / "deepspeed").is_dir()
+
+
 def test_batches_sampled_too_long_ago_are_rolled_out_again(tmp_path, tiny_model_path):
     """A checkpoint of an asynchronous run holds the next batch, sampled one update ago; resumed
     on-policy (async_mode: false) that batch is too stale and is rolled out again, not trained on."""
@@ -197,3 +217,30 @@ def test_batches_sampled_too_long_ago_are_rolled_out_again(tmp_path, tiny_model_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     step2 = [r for r in trained(again) if r["step"] == 2][0]
     assert step2["data/regenerated_groups"] == 4 and step2["policy/version_lag"] == 0.0
+
+
+def test_a_reward_that_fails_for_good_stops_the_run_with_a_checkpoint(tmp_path, tiny_model_path):
+    """As in ppo_vllm: the retries are the scorer's; once it gives up, the learners write a checkpoint
+    of the steps trained so far and the run stops. No step is trained on a made-up reward."""
+    from lampo.reward import RewardError
+
+    cfg = driver_config(tmp_path, tiny_model_path, max_staleness=1, max_steps=4)
+    trainer = RayTrainer(cfg)
+    score, calls = trainer.scorer.score, []
+
+    def score_then_fail(messages):
+        calls.append(len(messages))
+        if len(calls) > 4:  # the parts of steps 1 and 2 are scored; step 3's fail
+            raise RewardError("the reward server is gone")
+        return score(messages)
+
+    trainer.scorer.score = score_then_fail
+    try:
+        with pytest.raises(RunStopped, match="none of them on a made-up reward"):
+            trainer.train()
+    finally:
+        trainer.close()
+    out = Path(cfg.train.output_dir)
+    assert [r["step"] for r in trained(out)] == [1, 2]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2

@@ -1,0 +1,135 @@
+"""`lampo.ppo_ray` against the in-process application, side by side (issue 20, section 6).
+
+Three comparisons through the real commands, on the benchmark config of benchmarks/pipeline.py
+(the hf engine, grpo, batch 8 x 4 samples) and a reward server started here:
+1. overhead: `ppo_ray` with one rollout worker, one learner and max_staleness 0 against
+   `ppo_vllm` with async_mode false, on the tiny and the small model, the trivial reward;
+2. rollout workers: 1 against 2 (max_staleness 1, the tiny model, the trivial reward);
+3. asynchrony: a reward model that sleeps 200 ms per call; `ppo_ray` with max_staleness 1
+   (rewards streamed per part) against max_staleness 0, and the in-process async and sync runs.
+The runs of each comparison take turns `--rounds` times and their steps are pooled; the first
+step of every run is left out (start-up, and nothing to overlap with). Ray's start-up (cluster
+and actors) is reported apart, from time/from_scratch of the first step.
+
+    .venv/bin/python -m benchmarks.ray_pipeline [--steps 6] [--rounds 2] [--quick]
+
+Writes benchmarks/results/ray_pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+
+from benchmarks.common import ROOT, machine, model_dir, publish, span, summary, table
+from benchmarks.pipeline import CONFIG, ENV, REWARDS, RewardServer
+
+RUNS = ROOT / "build" / "bench_runs" / "ray_pipeline"
+
+
+def run_app(module: str, name: str, overrides: dict, timeout: float = 3600) -> list[dict]:
+    """One run of `module` on the benchmark config; its metrics rows, one per step."""
+    out = RUNS / name
+    shutil.rmtree(out, ignore_errors=True)
+    args = [f"--{k}={v}" for k, v in overrides.items()]
+    proc = subprocess.run([sys.executable, "-m", module, "--config", str(CONFIG), f"--output_dir={out}", *args],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "time/training" in r]
+
+
+def compare(variants: dict[str, tuple[str, dict]], steps: int, rounds: int, common: dict) -> dict:
+    """Each variant (module, overrides) run `rounds` times in turn; pooled step times per variant."""
+    pooled: dict[str, list[dict]] = {name: [] for name in variants}
+    start: dict[str, list[float]] = {name: [] for name in variants}
+    for rnd in range(rounds):
+        for name, (module, overrides) in variants.items():
+            rows = run_app(module, name.replace(" ", "_"), {**common, **overrides, "max_steps": steps + 1})
+            pooled[name] += rows[1:]
+            start[name].append(rows[0]["time/from_scratch"] - rows[0]["time/training"])
+            print(f"round {rnd + 1} {name:28s} {statistics.median(r['time/training'] for r in rows[1:]):.2f} s/step",
+                  file=sys.stderr)
+    return {name: {"step_s": summary([r["time/training"] for r in rows]),
+                   "steps_per_s": 1.0 / statistics.median(r["time/training"] for r in rows),
+                   "start_s": summary(start[name]),
+                   "phases_mean_s": {k: statistics.mean(r.get(k, 0.0) for r in rows)
+                                     for k in ("time/rollout", "time/reward", "time/optimize", "time/weight_sync")}}
+            for name, rows in pooled.items()}
+
+
+IN_PROCESS_SYNC = ("lampo.ppo_vllm", {"async_mode": "false"})
+IN_PROCESS_ASYNC = ("lampo.ppo_vllm", {"async_mode": "true"})
+
+
+def ray(staleness: int, engines: int = 1) -> tuple[str, dict]:
+    return ("lampo.ppo_ray", {"max_staleness": staleness, "num_engines": engines, "num_learners": 1})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6, help="measured steps per run (one more runs first)")
+    ap.add_argument("--rounds", type=int, default=2, help="the variants of a comparison alternate this many times")
+    ap.add_argument("--quick", action="store_true", help="3 steps, 1 round, the tiny model only")
+    args = ap.parse_args(argv)
+    steps, rounds = (3, 1) if args.quick else (args.steps, args.rounds)
+    sizes = ["tiny"] if args.quick else ["tiny", "small"]
+    results: dict[str, dict] = {}
+    with RewardServer(REWARDS["trivial"]) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        for size in sizes:
+            common = {"reward_model": url, "model_name_or_path": str(model_dir(size))}
+            results[f"overhead/{size}"] = compare({"in-process sync": IN_PROCESS_SYNC, "ray staleness 0": ray(0)},
+                                                  steps, rounds, common)
+        common = {"reward_model": url, "model_name_or_path": str(model_dir("tiny"))}
+        results["engines"] = compare({"ray 1 worker": ray(1, 1), "ray 2 workers": ray(1, 2)}, steps, rounds, common)
+    with RewardServer(REWARDS["sleep200ms"]) as server:
+        common = {"reward_model": f"http://127.0.0.1:{server.port}", "model_name_or_path": str(model_dir("tiny"))}
+        results["async_200ms"] = compare({"in-process sync": IN_PROCESS_SYNC, "in-process async": IN_PROCESS_ASYNC,
+                                          "ray staleness 0": ray(0), "ray staleness 1": ray(1)}, steps, rounds, common)
+    return publish("ray_pipeline", {"benchmark": "ray_pipeline", "machine": machine(), "steps": steps,
+                                    "rounds": rounds, "results": results}, render)
+
+
+def ratio(res: dict, a: str, b: str) -> float:
+    """Steps per second of `a` over those of `b`."""
+    return res[a]["steps_per_s"] / res[b]["steps_per_s"]
+
+
+def render(data: dict) -> str:
+    res = data["results"]
+    parts = []
+    rows = []
+    for key in sorted(k for k in res if k.startswith("overhead/")):
+        r = res[key]
+        overhead = r["ray staleness 0"]["step_s"]["median"] / r["in-process sync"]["step_s"]["median"] - 1
+        rows.append([key.split("/")[1], span(r["in-process sync"]["step_s"]), span(r["ray staleness 0"]["step_s"]),
+                     f"{overhead:+.1%}", span(r["ray staleness 0"]["start_s"], ".0f")])
+    parts.append("Ray against in-process, one worker and one learner, on-policy (goal: at most +10% per step)\n\n"
+                 + table(["model", "in-process s/step", "ray s/step", "ray overhead", "ray start-up s"], rows,
+                         "lrrrr"))
+    e = res["engines"]
+    parts.append("Rollout workers, max_staleness 1, tiny model\n\n" + table(
+        ["workers", "s/step (min-max)", "mean time/rollout s", "steps/s vs 1 worker"],
+        [[name, span(e[name]["step_s"]), f"{e[name]['phases_mean_s']['time/rollout']:.2f}",
+          f"{ratio(e, name, 'ray 1 worker'):.2f}x"] for name in ("ray 1 worker", "ray 2 workers")], "lrrr"))
+    a = res["async_200ms"]
+    parts.append("A reward model that takes 200 ms per call (goal: ray max_staleness 1 at least 1.6x the steps/s "
+                 "of the synchronous run)\n\n" + table(
+                     ["run", "s/step (min-max)", "mean time/reward s", "steps/s vs its sync run"],
+                     [[name, span(a[name]["step_s"]), f"{a[name]['phases_mean_s']['time/reward']:.2f}",
+                       f"{ratio(a, name, name.replace('async', 'sync').replace('staleness 1', 'staleness 0')):.2f}x"]
+                      for name in ("in-process sync", "in-process async", "ray staleness 0", "ray staleness 1")],
+                     "lrrr")
+                 + f"\n\nray max_staleness 1 against the in-process synchronous run: "
+                 f"{ratio(a, 'ray staleness 1', 'in-process sync'):.2f}x")
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
