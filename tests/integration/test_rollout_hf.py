@@ -35,7 +35,10 @@ def model(tiny_model_path):
 def test_example_dataset_rolls_out_three_steps(tiny_model_path, tok):
     data_cfg = DataConfig(query_dataset=str(ROOT / "examples/data/multistep"), system_prompt="Be brief.")
     rows = load_prompt_dataset(data_cfg, seed=0)["train"][:6]
-    gen_cfg = GenerationConfig(engine="hf", temperature=1.0, max_new_tokens=8, num_generations=2, stop_token=" ")
+    # `end`: a turn cut at max_new_tokens ends its conversation (the default `continue` would go on).
+    gen_cfg = GenerationConfig(
+        engine="hf", temperature=1.0, max_new_tokens=8, num_generations=2, stop_token=" ", truncated_turn="end"
+    )
     engine = make_engine(gen_cfg, tiny_model_path, tok)
     assert isinstance(engine, HFEngine)
     batch = rollout(engine, tok, rows, gen_cfg, data_cfg, policy_version=0, seed=1)
@@ -43,7 +46,7 @@ def test_example_dataset_rolls_out_three_steps(tiny_model_path, tok):
     for i in range(len(batch)):
         spans, reasons, msgs = batch.turn_spans[i], batch.finish_reasons[i], batch.messages[i]
         assert len(spans) == len(reasons) and len(msgs) == 2 * len(spans)
-        # A conversation goes on only after a stopped turn.
+        # Under `end`, a conversation goes on only after a stopped turn.
         assert all(r == "stop" for r in reasons[:-1])
         covered = torch.zeros_like(batch.action_mask[i])
         for start, end in spans:
