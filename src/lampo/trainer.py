@@ -396,7 +396,7 @@ class Trainer:
         if not cfg.train.do_train:  # evaluation only (PaddleNLP's do_train: 0)
             return self.evaluate_only()
         start = time.perf_counter()
-        executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.max_staleness),
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=self.max_staleness + 1,
                                                          thread_name_prefix="lampo-actor")
         # step -> its rollout and rewards, under way or done (batches rolled out ahead of their step)
         inflight: dict[int, concurrent.futures.Future] = {
@@ -416,9 +416,7 @@ class Trainer:
                 produced = self._within_staleness(self._result(future, step))
                 inflight[step] = _done_future(produced)  # until trained: a lost learner checkpoints it
                 # the next steps' batches start now, with the weights the engines hold
-                for ahead in range(step + 1, min(step + self.max_staleness, self.num_steps - 1) + 1):
-                    if ahead not in inflight:
-                        inflight[ahead] = self.submit_produce(ahead, executor)
+                self._roll_out_ahead(step + 1, step + self.max_staleness, inflight, executor)
 
                 # 3-5. forward, advantages, optimise
                 train_batch = self.to_train_batch(produced)
@@ -439,6 +437,10 @@ class Trainer:
                 with timer("weight_sync"):
                     self.sync()
                 stats.update(timer.times)
+                if not self.sync_waits_for_rollouts:
+                    # Remote engines take the next batches right behind the new weights: their
+                    # rollout overlaps this batch's last rewards and step 7, within the bound.
+                    self._roll_out_ahead(step + 1, step + 1 + self.max_staleness, inflight, executor)
 
                 # 7. log, evaluate, checkpoint
                 step += 1
@@ -494,6 +496,14 @@ class Trainer:
             executor.shutdown(wait=True, cancel_futures=True)
             self.tracker.close()
         return last_stats
+
+    def _roll_out_ahead(self, first: int, last: int, inflight: dict[int, concurrent.futures.Future],
+                        executor: concurrent.futures.Executor) -> None:
+        """Start the batches of steps first..last not yet under way (the caller keeps last within
+        max_staleness versions of the weights the engines hold)."""
+        for ahead in range(first, min(last, self.num_steps - 1) + 1):
+            if ahead not in inflight:
+                inflight[ahead] = self.submit_produce(ahead, executor)
 
     def submit_produce(self, step: int, executor: concurrent.futures.Executor) -> concurrent.futures.Future:
         """Start the rollout and rewards of `step` ahead of it (asynchronous mode)."""
@@ -728,9 +738,11 @@ class Trainer:
             self.tracker.close()
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int, inflight: dict[int, concurrent.futures.Future]) -> Path | None:
-        """Everything needed to continue exactly; with batches rolled out ahead (asynchronous mode)
-        that includes them: the weights that sampled them no longer exist after this step's update."""
+    def save_checkpoint(self, step: int,
+                        inflight: dict[int, concurrent.futures.Future] | None = None) -> Path | None:
+        """Everything needed to continue exactly; with batches rolled out ahead (`inflight`, by step;
+        asynchronous mode) that includes them: the weights that sampled them no longer exist after
+        this step's update."""
         # Never a checkpoint of bad weights: `auto` would resume from it. The same answer on every
         # rank (their weights are the same; under DeepSpeed its own checks stand in).
         self.checkpoint_refused = self.learner.checkpoint_doubt()
@@ -742,7 +754,7 @@ class Trainer:
         # and the shared state and renames it into place (checkpoint.py: atomic).
         staged = self.strategy.broadcast_object(
             ckpt.stage_checkpoint(self.cfg.train.output_dir, step) if self.is_main else None)
-        own = {"rng": ckpt.rng_state(), "pending": self._pending_state(step, inflight)}
+        own = {"rng": ckpt.rng_state(), "pending": self._pending_state(step, inflight or {})}
         return save_learner_checkpoint(self.learner, self.cfg, staged, step, states=own,
                                        trainer_state=self._trainer_state(step),
                                        rank_state=own if self.world > 1 else None)

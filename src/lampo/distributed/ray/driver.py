@@ -53,7 +53,10 @@ class RayTrainer(Trainer):
         self.sync_waits_for_rollouts = False  # a worker loads weights after the rollouts queued before them
         self.started_ray = cluster.connect(y, cluster.actor_cpus(y))
         self._dispatched: dict[tuple[int, int], Any] = {}
-        self._scoring = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lampo-reward")
+        # Each part is scored as it comes back, several at once: a reward model's latency per call
+        # then overlaps across parts and across the batches in flight.
+        self._scoring = concurrent.futures.ThreadPoolExecutor(
+            max_workers=y.num_engines * y.chunks_per_engine * (y.max_staleness + 1), thread_name_prefix="lampo-reward")
         self.pool: EnginePool | None = None
         self.group: LearnerGroup | None = None
         try:
