@@ -117,9 +117,11 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
-def use_all_cores() -> None:
-    """Let torch use every core this process may run on. A Ray actor starts with one thread per CPU
-    it reserved (Ray sets OMP_NUM_THREADS); a rollout worker or learner that runs while the other
-    waits would then leave the rest of the machine idle."""
+def share_cores(sharing: int) -> None:
+    """Give torch this process's share of the cores it may run on, when `sharing` processes compute
+    on them at once. A Ray actor starts with one thread per CPU it reserved (Ray sets
+    OMP_NUM_THREADS): a rollout worker or learner that runs while the other waits would leave the
+    rest of the machine idle. More threads than cores, across processes that compute together,
+    is far worse: OpenMP's threads spin while they wait for each other."""
     if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, sharing)))

@@ -53,6 +53,16 @@ def actor_cpus(ray_cfg: Any) -> int:
     return ray_cfg.num_engines + ray_cfg.num_learners
 
 
+def computing_at_once(ray_cfg: Any, role: str) -> int:
+    """How many actors of this run may compute at the same time beside one of `role` ("engine" or
+    "learner"): its cores are shared that many ways (`speed.machine.share_cores`). On-policy or
+    colocated, the workers generate while the learners wait and the other way round; with batches
+    in flight, both compute together."""
+    if ray_cfg.colocate or ray_cfg.max_staleness == 0:
+        return ray_cfg.num_engines if role == "engine" else ray_cfg.num_learners
+    return ray_cfg.num_engines + ray_cfg.num_learners
+
+
 def plan(ray_cfg: Any) -> Placement:
     """Each actor's resources. Separate: a learner takes one GPU (on CPU, one CPU), a rollout worker
     `engine_tensor_parallel_size` GPUs. Colocated: learner i and engine i share bundle i of a

@@ -55,15 +55,16 @@ class LearnerWorker:
         """Join the group, build the models (from the checkpoint `resume`) and the Learner. Returns the
         device's measured matmul peak on rank 0 (perf/mfu), unless `peak_flops` is set."""
         from lampo import speed
+        from lampo.distributed.ray.cluster import computing_at_once
         from lampo.optimize.learner import Learner
         from lampo.optimize.ptx import load_ptx
-        from lampo.speed.machine import machine_peak, use_all_cores
+        from lampo.speed.machine import machine_peak, share_cores
         from lampo.trainer import _half_dtype_name, _seed_everything, load_models, load_tokenizer
 
         cfg = self.cfg
         os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        use_all_cores()
+        share_cores(computing_at_once(cfg.ray, "learner"))
         strategy = self._strategy()
         _seed_everything(cfg.train.seed + self.rank)
         speed.apply_machine_settings(cfg.speed)

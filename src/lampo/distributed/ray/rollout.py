@@ -46,10 +46,11 @@ class EngineWorker:
     """One rollout worker (a Ray actor): the tokenizer, an engine, and the policy version it holds."""
 
     def __init__(self, cfg: Any, index: int, seed: int, vllm_kwargs: dict[str, Any] | None = None) -> None:
-        from lampo.speed.machine import use_all_cores
+        from lampo.distributed.ray.cluster import computing_at_once
+        from lampo.speed.machine import share_cores
         from lampo.trainer import build_engine, load_tokenizer
 
-        use_all_cores()
+        share_cores(computing_at_once(cfg.ray, "engine"))  # before vLLM starts: it blocks the setting
         self.cfg, self.index = cfg, index
         self.tokenizer = load_tokenizer(cfg)
         self.engine = build_engine(cfg, self.tokenizer, seed=seed, vllm_kwargs=vllm_kwargs)

@@ -1,0 +1,63 @@
+"""The `ray` config section of `python -m lampo.ppo_ray`: its checks name the key, and the actors'
+resources and thread shares follow from it (lampo.distributed.ray.cluster, no cluster started)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lampo.config import ConfigError, LampoConfig
+from lampo.distributed.ray.cluster import actor_cpus, computing_at_once, plan
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(num_engines=0), r"'num_engines' = 0 is invalid: must be >= 1"),
+    (dict(num_learners=0), r"'num_learners' = 0 is invalid: must be >= 1"),
+    (dict(engine_tensor_parallel_size=0), r"'engine_tensor_parallel_size' = 0 is invalid: must be >= 1"),
+    (dict(chunks_per_engine=0), r"'chunks_per_engine' = 0 is invalid: must be >= 1"),
+    (dict(max_staleness=-1), r"'max_staleness' = -1 is invalid: must be >= 0 \(0: on-policy\)"),
+    (dict(weight_sync_timeout=0.0), r"'weight_sync_timeout' = 0.0 is invalid: must be > 0"),
+    (dict(engine_max_restarts=-1), r"'engine_max_restarts' = -1 is invalid"),
+    (dict(local_num_cpus=0), r"'local_num_cpus' = 0 is invalid"),
+    (dict(deepspeed_config="ds.json"), r"'deepspeed_config' = 'ds.json' is invalid: is read only with "
+                                       r"learner_backend: deepspeed"),
+    (dict(learner_backend="fsdp"), r"'learner_backend' = 'fsdp' has the wrong type"),
+    (dict(colocate=True, max_staleness=1), r"'colocate' = True is invalid: .*set max_staleness: 0"),
+    (dict(colocate=True, max_staleness=0, num_engines=2, num_learners=1),
+     r"'colocate' = True is invalid: .*num_engines = num_learners \(now 2 and 1\)"),
+])
+def test_a_bad_ray_key_is_refused_naming_it(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        LampoConfig(**kw)
+
+
+def test_the_ray_section_reads_flat_and_sectioned():
+    flat = LampoConfig(num_engines=2, max_staleness=0, address="auto")
+    nested = LampoConfig.from_dict({"ray": {"num_engines": 2, "max_staleness": 0, "address": "auto"}})
+    for cfg in (flat, nested):
+        assert (cfg.ray.num_engines, cfg.ray.max_staleness, cfg.ray.address) == (2, 0, "auto")
+    assert (LampoConfig().ray.max_staleness, LampoConfig().ray.address, LampoConfig().ray.dashboard) == (1, None, False)
+
+
+def test_separate_placement_asks_one_cpu_per_actor_on_a_cpu_machine():
+    cfg = LampoConfig(num_engines=2, num_learners=3).ray
+    placement = plan(cfg)
+    assert placement.placement_group is None
+    assert placement.engine_options == [{"num_cpus": 1, "num_gpus": 0}] * 2
+    assert placement.learner_options == [{"num_cpus": 1, "num_gpus": 0}] * 3
+    assert actor_cpus(cfg) == 5
+    assert actor_cpus(LampoConfig(colocate=True, max_staleness=0, num_engines=2, num_learners=2).ray) == 2
+
+
+@pytest.mark.parametrize(("kw", "engine", "learner"), [
+    # on-policy: the workers generate while the learners wait, and the other way round
+    (dict(max_staleness=0, num_engines=1, num_learners=1), 1, 1),
+    (dict(max_staleness=0, num_engines=2, num_learners=3), 2, 3),
+    # colocated (on-policy by rule): the same
+    (dict(colocate=True, max_staleness=0, num_engines=2, num_learners=2), 2, 2),
+    # batches in flight: every actor computes at once
+    (dict(max_staleness=1, num_engines=1, num_learners=1), 2, 2),
+    (dict(max_staleness=2, num_engines=2, num_learners=3), 5, 5),
+])
+def test_cores_are_shared_by_the_actors_that_compute_at_once(kw, engine, learner):
+    cfg = LampoConfig(**kw).ray
+    assert (computing_at_once(cfg, "engine"), computing_at_once(cfg, "learner")) == (engine, learner)
