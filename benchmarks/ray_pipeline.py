@@ -10,8 +10,8 @@ Three comparisons through the real commands, on the benchmark config of benchmar
    server's micro-batching merges what waits); `ppo_ray` with max_staleness 0, 1 and 2 (rewards
    streamed per part) and the in-process async run, each against the in-process synchronous run.
 The runs of each comparison take turns `--rounds` times and their steps are pooled; the first
-step of every run is left out (start-up, and nothing to overlap with). Ray's start-up (cluster
-and actors) is reported apart, from time/from_scratch of the first step.
+step of every run is left out (start-up, and nothing to overlap with). Start-up (for Ray: the
+cluster and the actors) is reported apart: the command's wall time outside its training loop.
 
     .venv/bin/python -m benchmarks.ray_pipeline [--steps 6] [--rounds 2] [--quick]
 
@@ -26,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 
 from benchmarks.common import ROOT, machine, model_dir, publish, span, summary, table
 from benchmarks.pipeline import CONFIG, ENV, REWARDS, RewardServer
@@ -33,17 +34,20 @@ from benchmarks.pipeline import CONFIG, ENV, REWARDS, RewardServer
 RUNS = ROOT / "build" / "bench_runs" / "ray_pipeline"
 
 
-def run_app(module: str, name: str, overrides: dict, timeout: float = 3600) -> list[dict]:
-    """One run of `module` on the benchmark config; its metrics rows, one per step."""
+def run_app(module: str, name: str, overrides: dict, timeout: float = 3600) -> tuple[list[dict], float]:
+    """One run of `module` on the benchmark config: its metrics rows, one per step, and the seconds
+    the command took outside its training loop (start-up and shut-down)."""
     out = RUNS / name
     shutil.rmtree(out, ignore_errors=True)
     args = [f"--{k}={v}" for k, v in overrides.items()]
+    began = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", module, "--config", str(CONFIG), f"--output_dir={out}", *args],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - began
     if proc.returncode != 0:
         raise RuntimeError(f"{module} {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "time/training" in r]
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "time/training" in r]
+    return rows, wall - rows[-1]["time/from_scratch"]
 
 
 def compare(variants: dict[str, tuple[str, dict]], steps: int, rounds: int, common: dict) -> dict:
@@ -52,9 +56,9 @@ def compare(variants: dict[str, tuple[str, dict]], steps: int, rounds: int, comm
     start: dict[str, list[float]] = {name: [] for name in variants}
     for rnd in range(rounds):
         for name, (module, overrides) in variants.items():
-            rows = run_app(module, name.replace(" ", "_"), {**common, **overrides, "max_steps": steps + 1})
+            rows, outside = run_app(module, name.replace(" ", "_"), {**common, **overrides, "max_steps": steps + 1})
             pooled[name] += rows[1:]
-            start[name].append(rows[0]["time/from_scratch"] - rows[0]["time/training"])
+            start[name].append(outside)
             print(f"round {rnd + 1} {name:28s} {statistics.median(r['time/training'] for r in rows[1:]):.2f} s/step",
                   file=sys.stderr)
     return {name: {"step_s": summary([r["time/training"] for r in rows]),
@@ -115,10 +119,11 @@ def render(data: dict) -> str:
         one, two = r["ray staleness 0"], r["ray staleness 0, 2 parts"]
         rows.append([key.split("/")[1], span(r["in-process sync"]["step_s"]), span(one["step_s"]),
                      f"{one['step_s']['median'] / base - 1:+.1%}", span(two["step_s"]),
-                     f"{two['step_s']['median'] / base - 1:+.1%}", span(one["start_s"], ".0f")])
+                     f"{two['step_s']['median'] / base - 1:+.1%}",
+                     f"{r['in-process sync']['start_s']['median']:.0f} / {one['start_s']['median']:.0f}"])
     parts.append("Ray against in-process, one worker and one learner, on-policy (goal: at most +10% per step)\n\n"
                  + table(["model", "in-process s/step", "ray s/step", "ray overhead", "ray, 2 parts s/step",
-                          "2 parts overhead", "ray start-up s"], rows, "lrrrrrr"))
+                          "2 parts overhead", "start-up s, in-process / ray"], rows, "lrrrrrr"))
     e = res["engines"]
     parts.append("Rollout workers, max_staleness 1, tiny model\n\n" + table(
         ["workers", "s/step (min-max)", "mean time/rollout s", "steps/s vs 1 worker"],

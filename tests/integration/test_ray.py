@@ -22,6 +22,7 @@ from test_app_e2e import DATA, ROOT, env, metrics, write_config
 
 from lampo.config import LampoConfig
 from lampo.distributed.ray.driver import RayTrainer
+from lampo.distributed.ray.rollout import unpack_weights
 from lampo.rollout.engines import HFEngine, SamplingSettings
 from lampo.trainer import RunStopped
 
@@ -94,7 +95,7 @@ def test_two_vllm_workers_hold_the_learners_weights_after_every_sync(tmp_path, t
 
     def checked_sync():
         sync()
-        weights = dict(ray.get(trainer.pool.weights[0]))
+        weights = dict(unpack_weights(ray.get(trainer.pool.weights[0])))
         reference = HFEngine(str(tiny_model_path), tok)
         missing, unexpected = reference.model.load_state_dict(weights, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}

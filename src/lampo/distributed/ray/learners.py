@@ -144,12 +144,13 @@ class LearnerWorker:
         a box around the reference, so that Ray hands the reference on rather than the weights."""
         import ray
 
+        from lampo.distributed.ray.rollout import pack_weights
         from lampo.rollout.weight_sync import engine_weights
 
         policy = self.learner.unwrapped_policy()
         with self.learner.full_weights(policy):  # ZeRO-3: every rank takes part in the gather
             if self.rank == 0:
-                return [ray.put([(name, t.cpu()) for name, t in engine_weights(policy)])]
+                return [ray.put(pack_weights(engine_weights(policy)))]
         return None
 
     # ------------------------------------------------------------------ checkpoints

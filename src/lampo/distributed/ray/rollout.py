@@ -22,9 +22,13 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import torch
 
 from lampo.trainer import WorkerLost
 
@@ -32,6 +36,30 @@ log = logging.getLogger(__name__)
 
 RESTART_TIMEOUT = 600.0
 """Seconds to wait for Ray to bring a dead rollout worker back (it loads its model again)."""
+
+
+def pack_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, np.ndarray, str]]:
+    """The weight contract's (name, tensor) pairs as NumPy arrays, the form Ray's object store holds
+    without pickling and hands to a reader in place (a torch tensor is copied in and out); bf16,
+    which NumPy lacks, travels as its 16-bit pattern."""
+    out = []
+    for name, tensor in weights:
+        tensor = tensor.detach().cpu().contiguous()
+        raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+        out.append((name, raw.numpy(), str(tensor.dtype).removeprefix("torch.")))
+    return out
+
+
+def unpack_weights(packed: list[tuple[str, np.ndarray, str]]) -> list[tuple[str, torch.Tensor]]:
+    """`pack_weights` undone, without a copy: the tensors share the object store's read-only memory,
+    which the engines only read (they copy into their own parameters)."""
+    out = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, array, dtype in packed:
+            tensor = torch.from_numpy(array)
+            out.append((name, tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor))
+    return out
 
 
 class WeightSyncTimeout(WorkerLost):
@@ -77,10 +105,11 @@ class EngineWorker:
 
     def update_weights(self, box: list, version: int) -> int:
         """Load the weights in `box` (one object-store reference to the weight contract's list of
-        (name, tensor), `lampo.rollout.weight_sync`); the engine drops its cached prefixes."""
+        (name, tensor), `lampo.rollout.weight_sync`, as `pack_weights` stores it); the engine drops its
+        cached prefixes."""
         import ray
 
-        self.engine.update_weights(ray.get(box[0]))
+        self.engine.update_weights(unpack_weights(ray.get(box[0])))
         self.version = version
         return version
 
