@@ -124,7 +124,9 @@ def test_whitening_gives_mean_zero_unit_variance_over_the_mask(values, seed):
         return
     w = M.masked_whiten(x, mask)
     assert M.masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-6)
-    assert M.masked_var(w, mask).item() == pytest.approx(1.0, abs=1e-4)
+    # unit variance but for the 1e-8 the whitening adds to the variance: var / (var + 1e-8)
+    var = M.masked_var(x, mask).item()
+    assert M.masked_var(w, mask).item() == pytest.approx(var / (var + 1e-8), abs=1e-6)
     assert torch.all(w[~mask] == 0)
 
 
@@ -345,3 +347,31 @@ def test_reinforce_pp_and_its_group_baseline_by_hand():
                       kl_coef=0.0)
     adv = compute_advantages(batch, fw, 0.0, cfg).advantages[:, 1]
     assert adv.tolist() == pytest.approx([-0.866025, 0.866025, -0.866025, 0.866025], abs=1e-5)
+
+
+def test_the_engine_ratio_splits_into_a_numerical_and_a_staleness_part_by_hand():
+    # One row, two action tokens. Engine log-probs -1.0, -2.0; the learner on the weights that
+    # sampled them -0.9, -2.2; pi_old (one update later) -0.5, -2.2.
+    #   numerical ratio exp(sampling - engine): e^0.1 = 1.10517, e^-0.2 = 0.81873
+    #   staleness ratio exp(old - sampling):    e^0.4 = 1.49182, e^0   = 1
+    #   their product, the whole ratio exp(old - engine): e^0.5 = 1.64872, e^-0.2 = 0.81873
+    from lampo.config import LampoConfig
+    from lampo.optimize.advantages import sequence_statistics
+    from lampo.optimize.batch import TrainBatch
+
+    mask = torch.tensor([[False, True, True]])
+    batch = TrainBatch(input_ids=torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                       action_mask=mask, placed_scores=torch.zeros(1, 3), seq_scores=torch.zeros(1),
+                       stopped=torch.ones(1, dtype=torch.bool), engine_logprobs=torch.tensor([[0.0, -1.0, -2.0]]))
+    stats = sequence_statistics(batch, torch.tensor([[0.0, -0.5, -2.2]]), torch.tensor([[0.0, -0.9, -2.2]]),
+                                LampoConfig())
+    expected = {"rollout/ratio_numerical_mean": (1.10517 + 0.81873) / 2, "rollout/ratio_numerical_min": 0.81873,
+                "rollout/ratio_numerical_max": 1.10517, "rollout/ratio_staleness_mean": (1.49182 + 1.0) / 2,
+                "rollout/ratio_staleness_min": 1.0, "rollout/ratio_staleness_max": 1.49182,
+                "rollout/ratio_mean": (1.64872 + 0.81873) / 2, "rollout/ratio_min": 0.81873,
+                "rollout/ratio_max": 1.64872}
+    for key, value in expected.items():
+        assert stats[key] == pytest.approx(value, abs=1e-5), key
+    # without the sampling weights' log-probs (synchronous runs keep none) there is no split
+    assert not any("numerical" in k or "staleness" in k for k in sequence_statistics(
+        batch, torch.tensor([[0.0, -0.5, -2.2]]), None, LampoConfig()))
