@@ -143,3 +143,8 @@ def test_async_runs_measure_the_engine_gap_on_the_sampling_weights_apart_from_th
     assert rows[0]["val/policy_change_logprob_diff"] == 0.0 and rows[0]["rollout/kl_staleness"] == 0.0
     assert all(r["val/policy_change_logprob_diff"] > 1e-3 and r["rollout/kl_staleness"] > 0 for r in rows[1:])
     assert all(r["rollout/kl"] >= r["rollout/kl_numerical"] for r in rows[1:])
+    # the ratios split the same way: numerical ratios stay at 1 (fp32 on both sides), staleness
+    # ratios are exactly 1 before the first update and move after it
+    assert all(abs(r[f"rollout/ratio_numerical_{s}"] - 1) < 1e-3 for r in rows for s in ("min", "max"))
+    assert rows[0]["rollout/ratio_staleness_min"] == rows[0]["rollout/ratio_staleness_max"] == 1.0
+    assert all(r["rollout/ratio_staleness_max"] - r["rollout/ratio_staleness_min"] > 1e-3 for r in rows[1:])

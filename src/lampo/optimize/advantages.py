@@ -93,10 +93,13 @@ def sequence_statistics(batch: TrainBatch, old_logprobs: torch.Tensor, sampling_
     (kernels, dtype, batching) on the same weights, and, one update old in asynchronous runs, the
     policy's own change since the batch was sampled. `sampling_logprobs` (the learner's log-probs
     under the weights that sampled the batch; None when not kept) separates them:
-      val/engine_logprob_diff, rollout/kl_numerical   engine vs the learner, same weights
-      val/policy_change_logprob_diff, rollout/kl_staleness   the sampling weights vs pi_old
+      val/engine_logprob_diff, rollout/kl_numerical, rollout/ratio_numerical_*   engine vs the
+        learner, same weights
+      val/policy_change_logprob_diff, rollout/kl_staleness, rollout/ratio_staleness_*   the
+        sampling weights vs pi_old
       rollout/kl, rollout/ratio_*   engine vs pi_old, both parts: what rollout correction corrects
-    KLs are k3 estimates per action token (the tokens were drawn from the engine).
+    KLs are k3 estimates per action token (the tokens were drawn from the engine). A token's ratio
+    pi_old / engine is the product of its numerical and its staleness ratio.
     """
     mask = batch.action_mask
     stats = {"objective/entropy": (-M.masked_sum(old_logprobs, mask, dim=1)).mean().item()}
@@ -120,5 +123,10 @@ def sequence_statistics(batch: TrainBatch, old_logprobs: torch.Tensor, sampling_
         stats["val/engine_logprob_diff"] = M.engine_logprob_gap(sampling_logprobs, engine, mask).item()
         stats["rollout/kl_numerical"] = kl(engine, sampling_logprobs)
         stats["rollout/kl_staleness"] = kl(sampling_logprobs, old_logprobs)
+        for part, ratio in (("numerical", torch.exp(sampling_logprobs - engine)),
+                            ("staleness", torch.exp(old_logprobs - sampling_logprobs))):
+            r = ratio[mask]
+            stats.update({f"rollout/ratio_{part}_mean": r.mean().item(), f"rollout/ratio_{part}_min": r.min().item(),
+                          f"rollout/ratio_{part}_max": r.max().item()})
         stats["val/policy_change_logprob_diff"] = M.engine_logprob_gap(old_logprobs, sampling_logprobs, mask).item()
     return stats
