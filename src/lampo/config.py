@@ -111,6 +111,8 @@ class DataConfig:
     """A PaddleNLP task file for the test split (evaluation); replaces query_dataset's test split."""
     ptx_dataset: str | None = None
     """PPO-ptx's supervised data (prompt/response pairs, `messages` ending with the assistant, or PaddleNLP src/tgt), loaded like query_dataset; null: no ptx loss."""
+    ptx_task_config: str | None = None
+    """A PaddleNLP task file naming PPO-ptx's data files and mixing weights, instead of ptx_dataset."""
     truncation: Literal["error", "left", "skip"] = "error"
     """What to do with a prompt longer than `max_prompt_len`: stop with an error, cut from the left, or skip the row."""
 
@@ -653,6 +655,8 @@ class LampoConfig:
                "must be > 0 (FLOP/s) or null")
         _check(d.max_prompt_len >= 1, "max_prompt_len", d.max_prompt_len, "must be >= 1")
         _check(0 <= d.test_split_ratio < 1, "test_split_ratio", d.test_split_ratio, "must be in [0, 1)")
+        _check(not (d.ptx_dataset and d.ptx_task_config), "ptx_task_config", d.ptx_task_config,
+               f"names PPO-ptx's data, and so does ptx_dataset = {d.ptx_dataset!r}: keep one of the two")
         _check(m.lora_r >= 1, "lora_r", m.lora_r, "must be >= 1")
         _check(m.lora_alpha > 0, "lora_alpha", m.lora_alpha, "must be > 0")
         _check(0 <= m.lora_dropout < 1, "lora_dropout", m.lora_dropout, "must be in [0, 1)")

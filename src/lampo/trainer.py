@@ -55,7 +55,7 @@ from lampo.optimize.models import (
     is_peft_model,
     load_policy,
 )
-from lampo.optimize.ptx import load_ptx
+from lampo.optimize.ptx import ptx_batch
 from lampo.rollout.batch import RolloutBatch
 from lampo.rollout.engines import make_engine
 from lampo.rollout.multistep import PromptTooLongError, check_prompt_lengths, rollout
@@ -178,9 +178,7 @@ class Trainer:
         check_fp16_device(cfg, "cuda" if strategy.world > 1 and torch.cuda.is_available() else "cpu")
         self._set_up_run(cfg, raw_config, strategy, strategy.world, cfg.optim.batch_size, strategy.world)
         policy, value_model, ref_model = load_models(cfg, self.resume_from)
-        ptx = None
-        if cfg.data.ptx_dataset:
-            ptx = load_ptx(cfg.data.ptx_dataset, self.tokenizer, cfg.data.max_prompt_len + cfg.generation.max_new_tokens)
+        ptx = ptx_batch(cfg, self.tokenizer)
         self.learner = Learner(cfg, policy, ref_model=ref_model, value_model=value_model,
                                num_training_steps=self.num_steps, strategy=self.strategy, ptx=ptx,
                                keep_sampling_weights=self.max_staleness > 0)

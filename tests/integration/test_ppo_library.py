@@ -354,6 +354,26 @@ def test_rollout_correction_masks_the_loss_of_tokens_the_engine_saw_differently(
     assert moved and stats["rollout/kl"] > 1.0  # the gap is measured, not corrected
 
 
+def test_ptx_task_config_mixes_its_files_by_weight_in_every_row_format(tok, tmp_path):
+    # PaddleNLP's task file for PPO-ptx: two files, src/tgt rows and prompt/response rows, weights 1
+    # and 2: the second file's share is 2/3 (its rows repeated), every row of the first kept.
+    from lampo.config import LampoConfig
+    from lampo.optimize.ptx import ptx_batch
+
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"src": ["Hi", "And?"], "tgt": ["Hello there", "Bye now"]}, {"src": "Name?", "tgt": "Ada"}]) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"prompt": "Sky?", "response": "Blue"}) + "\n")
+    task = tmp_path / "task_sft.json"
+    task.write_text(json.dumps([{"task_name": "a", "filepath": str(tmp_path / "a.jsonl"), "prob": 1.0},
+                                {"task_name": "b", "filepath": "b.jsonl", "prob": 2.0}]))  # found beside the task file
+    batch = ptx_batch(LampoConfig(ptx_task_config=str(task), max_new_tokens=16), tok)
+    trained = [tok.decode(ids[mask]) for ids, mask in zip(batch.input_ids, batch.action_mask, strict=True)]
+    assert trained == ["Hello there<|im_end|>Bye now<|im_end|>", "Ada<|im_end|>"] + ["Blue<|im_end|>"] * 4
+    assert ptx_batch(LampoConfig(), tok) is None  # no ptx data, no batch
+    with pytest.raises(Exception, match=r"config key 'ptx_task_config' = '.*missing.json': no such file"):
+        ptx_batch(LampoConfig(ptx_task_config=str(tmp_path / "missing.json")), tok)
+
+
 def test_ppo_ptx_lowers_the_supervised_loss_while_the_reward_rises(model, tok, tmp_path):
     # InstructGPT's PPO-ptx: the language-modelling loss on the supervised data falls while the
     # RL objective (the vowel count) still rises

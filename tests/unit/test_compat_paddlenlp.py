@@ -131,10 +131,16 @@ def test_lengths_are_checked_against_max_seq_len(tmp_path):
     assert cfg.generation.max_new_tokens == 9
 
 
-def test_ptx_and_unknown_keys_are_errors_that_say_what_to_do(tmp_path):
-    with pytest.raises(ConfigError, match=r"'ptx_task_config' = 'config/task_sft.json': PPO-ptx's data is not read "
-                                          r"from PaddleNLP task files yet; name the SFT data with ptx_dataset"):
-        load(tmp_path, {**DOCUMENT_FILE, "ptx_task_config": "config/task_sft.json"})
+def test_ptx_task_config_names_ptx_data_and_unknown_keys_are_errors_that_say_what_to_do(tmp_path):
+    cfg, _ = load(tmp_path, {**DOCUMENT_FILE, "ptx_task_config": "config/task_sft.json"})
+    assert (cfg.data.ptx_task_config, cfg.data.ptx_dataset) == ("config/task_sft.json", None)
+    assert load(tmp_path, DOCUMENT_FILE)[0].data.ptx_task_config is None  # "" in the document: no ptx data
+    with pytest.raises(ConfigError, match=r"'ptx_datasets' = 'sft.jsonl': name PPO-ptx's data in a task file with "
+                                          r"'ptx_task_config'"):
+        load(tmp_path, {"ptx_datasets": "sft.jsonl"})
+    with pytest.raises(ConfigError, match=r"'ptx_task_config' = 't.json' is invalid: names PPO-ptx's data, and so "
+                                          r"does ptx_dataset = 'sft.jsonl': keep one of the two"):
+        load(tmp_path, {"ptx_task_config": "t.json", "ptx_dataset": "sft.jsonl"})
     with pytest.raises(ConfigError, match=r"unknown key 'max_dec_length'.*did you mean 'max_dec_len' \(Lampo's 'max_new_tokens'\)"):
         load(tmp_path, {"max_dec_length": 5})
     with pytest.raises(ConfigError, match=r"'clip_range_ration'.*did you mean 'clip_range_ratio' \(Lampo's 'cliprange'\)"):

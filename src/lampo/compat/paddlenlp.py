@@ -68,12 +68,13 @@ def translate(raw: dict[str, Any], echo: Callable[[str], None] = print) -> tuple
         echo(f"lampo: PaddleNLP key '{key}' = {values.pop(key)!r} has no effect here: {NO_MEANING[key]}")
     limits = {key: values.pop(key) for key in CHECKED if key in values}
 
-    # PPO-ptx's data (an SFT loss beside PPO's): Lampo's ptx_dataset names it, not a task file
-    for key in ("ptx_task_config", "ptx_datasets"):
-        if values.pop(key, ""):
-            raise ConfigError(f"config key '{key}' = {raw[key]!r}: PPO-ptx's data is not read from PaddleNLP task "
-                              "files yet; name the SFT data with ptx_dataset (a data file or folder, as "
-                              "query_dataset) and its weight with ptx_coeff (Lampo's ptx_coef), or remove the key")
+    # PPO-ptx's data (an SFT loss beside PPO's): a task file, as for the prompts
+    if values.get("ptx_task_config"):
+        out["ptx_task_config"] = values.pop("ptx_task_config")
+    values.pop("ptx_task_config", None)
+    if values.pop("ptx_datasets", ""):
+        raise ConfigError(f"config key 'ptx_datasets' = {raw['ptx_datasets']!r}: name PPO-ptx's data in a task file "
+                          "with 'ptx_task_config' (docs/compat.md), or give one dataset with ptx_dataset")
     for key in ("train_datasets", "eval_datasets"):
         if values.get(key):
             task = key.replace("datasets", "task_config")

@@ -28,7 +28,7 @@ from lampo.optimize import maths as M
 from lampo.optimize.batch import Sampling, TrainBatch, build_train_batch
 from lampo.optimize.learner import Learner
 from lampo.optimize.models import is_peft_model, prepare_policy
-from lampo.optimize.ptx import load_ptx
+from lampo.optimize.ptx import ptx_batch
 from lampo.rollout.batch import left_pad
 
 
@@ -68,10 +68,7 @@ class PPOTrainer:
         # Seed first: LoRA and value-head initialisation draw from torch's global generator.
         torch.manual_seed(config.train.seed)
         self.model = prepare_policy(model, config.model)
-        ptx = None
-        if config.data.ptx_dataset:
-            g = config.generation
-            ptx = load_ptx(config.data.ptx_dataset, tokenizer, config.data.max_prompt_len + g.max_new_tokens)
+        ptx = ptx_batch(config, tokenizer)
         self.learner = Learner(
             config, self.model, ref_model=ref_model, value_model=value_model, num_training_steps=num_training_steps,
             ptx=ptx,

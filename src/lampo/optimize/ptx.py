@@ -20,19 +20,51 @@ from typing import Any
 import torch
 
 from lampo.data.formats import DataFormatError
-from lampo.data.loading import load_split_records
+from lampo.data.loading import Records, load_split_records
+from lampo.data.task_config import mixture_counts, read_task_file
 from lampo.optimize.batch import Sampling, TrainBatch
 from lampo.rollout.chat import ChatFormat
 
 log = logging.getLogger(__name__)
 
 
-def load_ptx(source: str, tokenizer: Any, max_len: int, split: str = "train") -> TrainBatch:
-    """The supervised examples of `source` as one right-padded batch (each cut at `max_len` tokens)."""
-    splits = load_split_records(source)
-    if split not in splits:
-        raise DataFormatError(f"ptx_dataset '{source}' has no split '{split}' (found {sorted(splits)})")
-    records = splits[split]
+def ptx_batch(config: Any, tokenizer: Any) -> TrainBatch | None:
+    """PPO-ptx's batch for a run's config (`ptx_dataset` or `ptx_task_config`), each example cut at
+    the longest conversation the run can roll out; None without ptx data."""
+    d = config.data
+    max_len = d.max_prompt_len + config.generation.max_new_tokens
+    if d.ptx_task_config:
+        return load_ptx(d.ptx_task_config, tokenizer, max_len, records=task_records(d.ptx_task_config))
+    return load_ptx(d.ptx_dataset, tokenizer, max_len) if d.ptx_dataset else None
+
+
+def task_records(path: str, split: str = "train") -> Records:
+    """The records of every data file a PaddleNLP task file names, mixed by their weights as the
+    prompt datasets' task files are (`lampo.data.task_config.mixture_counts`)."""
+    parts = []
+    for file, weight in read_task_file(path, "ptx_task_config"):
+        splits = load_split_records(str(file))
+        records = splits.get(split) or splits.get("train") or next(iter(splits.values()))
+        if not records.rows:
+            raise DataFormatError(f"config key 'ptx_task_config': data file '{file}' has no rows")
+        parts.append((records, weight))
+    rows, origins = [], []
+    for (records, _), count in zip(parts, mixture_counts([(p.rows, w) for p, w in parts]), strict=True):
+        for k in range(count):
+            rows.append(records.rows[k % len(records.rows)])
+            origins.append(records.origins[k % len(records.origins)])
+    return Records(rows, sorted({c for p, _ in parts for c in p.columns}), origins, f"task file '{path}'")
+
+
+def load_ptx(source: str, tokenizer: Any, max_len: int, split: str = "train",
+             records: Records | None = None) -> TrainBatch:
+    """The supervised examples of `source` (or the `records` read from it) as one right-padded batch,
+    each cut at `max_len` tokens."""
+    if records is None:
+        splits = load_split_records(source)
+        if split not in splits:
+            raise DataFormatError(f"ptx_dataset '{source}' has no split '{split}' (found {sorted(splits)})")
+        records = splits[split]
     if not records.rows:
         raise DataFormatError(f"ptx_dataset '{source}': split '{split}' ({records.where}) has no rows")
     fmt = ChatFormat(tokenizer)

@@ -57,7 +57,7 @@ class LearnerWorker:
         from lampo import speed
         from lampo.distributed.ray.cluster import computing_at_once
         from lampo.optimize.learner import Learner
-        from lampo.optimize.ptx import load_ptx
+        from lampo.optimize.ptx import ptx_batch
         from lampo.speed.machine import machine_peak, share_cores
         from lampo.trainer import _half_dtype_name, _seed_everything, load_models, load_tokenizer
 
@@ -70,10 +70,7 @@ class LearnerWorker:
         speed.apply_machine_settings(cfg.speed)
         path = Path(resume) if resume else None
         policy, value_model, ref_model = load_models(cfg, path)
-        ptx = None
-        if cfg.data.ptx_dataset:
-            ptx = load_ptx(cfg.data.ptx_dataset, load_tokenizer(cfg),
-                           cfg.data.max_prompt_len + cfg.generation.max_new_tokens)
+        ptx = ptx_batch(cfg, load_tokenizer(cfg))
         self.learner = Learner(cfg, policy, ref_model=ref_model, value_model=value_model,
                                num_training_steps=num_steps, strategy=strategy, ptx=ptx,
                                keep_sampling_weights=cfg.ray.max_staleness > 0)
