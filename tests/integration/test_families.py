@@ -86,11 +86,18 @@ def load_hf(path: Path, arch: str):
                                                 **({"attn_implementation": attn} if attn else {}))
 
 
+MERGED_SAVE = frozenset({"llama-tied", "qwen2", "gemma2", "gpt2"})
+"""Families whose vLLM cells start from a LoRA run's merged save (the others: a full-weight save)."""
+
+
 @pytest.fixture(scope="module")
 def saved_dir(arch, family_dir, tok, tmp_path_factory) -> Path:
-    """What `PPOTrainer.save_model` writes after two grpo steps: the directory vLLM starts from."""
-    run = train_two_steps(arch, family_dir, tok, "grpo", lora=False)
-    return run.trainer.save_model(tmp_path_factory.mktemp(f"saved-{arch}"))
+    """What `PPOTrainer.save_model` writes after two grpo steps: the directory vLLM starts from. For
+    the families in MERGED_SAVE the steps train a LoRA adapter and the save merges it, so vLLM also
+    loads merged saves where a merge could go wrong (tied heads, GPT-2's Conv1D)."""
+    lora = arch in MERGED_SAVE
+    run = train_two_steps(arch, family_dir, tok, "grpo", lora=lora)
+    return run.trainer.save_model(tmp_path_factory.mktemp(f"saved-{arch}"), merged=lora)
 
 
 @pytest.fixture(scope="module")
