@@ -73,9 +73,13 @@ def load_task_rows(path: str | Path, key: str, split: str) -> list[PromptRow]:
         if not rows:
             raise DataFormatError(f"config key '{key}': data file '{file}' has no rows")
         parts.append((rows, weight))
-    mixed = [row for rows, count in zip([p[0] for p in parts], mixture_counts(parts), strict=True)
-             for row in (rows * math.ceil(count / len(rows)))[:count]]
-    return [dataclasses.replace(row, index=i) for i, row in enumerate(mixed)]
+    return [dataclasses.replace(row, index=i) for i, row in enumerate(mix(parts))]
+
+
+def mix(parts: list[tuple[list[Any], float]]) -> list[Any]:
+    """The items of every part, in order, each part's repeated to its share (`mixture_counts`)."""
+    return [item for (items, _), count in zip(parts, mixture_counts(parts), strict=True)
+            for item in (items * math.ceil(count / len(items)))[:count]]
 
 
 def mixture_counts(parts: list[tuple[list[Any], float]]) -> list[int]:

@@ -21,7 +21,7 @@ import torch
 
 from lampo.data.formats import DataFormatError
 from lampo.data.loading import Records, load_split_records
-from lampo.data.task_config import mixture_counts, read_task_file
+from lampo.data.task_config import mix, read_task_file
 from lampo.optimize.batch import Sampling, TrainBatch
 from lampo.rollout.chat import ChatFormat
 
@@ -40,20 +40,17 @@ def ptx_batch(config: Any, tokenizer: Any) -> TrainBatch | None:
 
 def task_records(path: str, split: str = "train") -> Records:
     """The records of every data file a PaddleNLP task file names, mixed by their weights as the
-    prompt datasets' task files are (`lampo.data.task_config.mixture_counts`)."""
-    parts = []
+    prompt datasets' task files are (`lampo.data.task_config.mix`)."""
+    parts, columns = [], set()
     for file, weight in read_task_file(path, "ptx_task_config"):
         splits = load_split_records(str(file))
         records = splits.get(split) or splits.get("train") or next(iter(splits.values()))
         if not records.rows:
             raise DataFormatError(f"config key 'ptx_task_config': data file '{file}' has no rows")
-        parts.append((records, weight))
-    rows, origins = [], []
-    for (records, _), count in zip(parts, mixture_counts([(p.rows, w) for p, w in parts]), strict=True):
-        for k in range(count):
-            rows.append(records.rows[k % len(records.rows)])
-            origins.append(records.origins[k % len(records.origins)])
-    return Records(rows, sorted({c for p, _ in parts for c in p.columns}), origins, f"task file '{path}'")
+        parts.append((list(zip(records.rows, records.origins, strict=True)), weight))
+        columns.update(records.columns)
+    mixed = mix(parts)
+    return Records([row for row, _ in mixed], sorted(columns), [origin for _, origin in mixed], f"task file '{path}'")
 
 
 def load_ptx(source: str, tokenizer: Any, max_len: int, split: str = "train",
