@@ -173,9 +173,8 @@ class Trainer:
         # The run's processes and how its gradients are made (lampo.distributed); all rank
         # handling below goes through it.
         strategy = strategy if strategy is not None else Strategy()
-        # The single-process learner trains where the models load (CPU); accelerate and DeepSpeed
-        # move them to the GPU when there is one.
-        check_fp16_device(cfg, "cuda" if strategy.world > 1 and torch.cuda.is_available() else "cpu")
+        # before minutes go into loading models: the models train on this process's GPU when there is one
+        check_fp16_device(cfg, strategy.training_device().type)
         self._set_up_run(cfg, raw_config, strategy, strategy.world, cfg.optim.batch_size, strategy.world)
         policy, value_model, ref_model = load_models(cfg, self.resume_from)
         ptx = ptx_batch(cfg, self.tokenizer)
@@ -183,14 +182,14 @@ class Trainer:
                                num_training_steps=self.num_steps, strategy=self.strategy, ptx=ptx,
                                keep_sampling_weights=self.max_staleness > 0)
         self._check_reward_vocab(policy)
-        self.engine = build_engine(cfg, self.tokenizer, seed=cfg.train.seed + self.rank)
+        self.engine = build_engine(cfg, self.tokenizer, seed=cfg.train.seed + self.rank, device=self.learner.device)
         if self.resume_from is not None:
             self._restore(self.resume_from)
             self.sync()
         self.engine_version = self.policy_version
         # Utilisation is reported against `peak_flops`, or the measured matmul peak of the model's device.
         self.peak_flops = cfg.speed.peak_flops or machine_peak(getattr(torch, _half_dtype_name(cfg.model) or "float32"),
-                                                               device=next(self.learner.policy.parameters()).device)
+                                                               device=self.learner.device)
         self._start_tracking()
 
     def _set_up_run(self, cfg: LampoConfig, raw_config: dict | None, strategy: Strategy, world: int,

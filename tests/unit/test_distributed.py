@@ -125,6 +125,64 @@ def test_fp16_on_cpu_stops_at_start_naming_the_key(tiny_model_path):
 
 
 # ---------------------------------------------------------------------------------------
+# Where the models train: this process's GPU when there is one (CPU here; the GPU cases by
+# pretending torch sees GPUs, and the "meta" device standing for a device other than the CPU)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("gpus", "local_rank", "current", "expected"), [
+    (0, "1", 0, "cpu"),
+    (2, "1", 0, "cuda:1"),   # a launcher's local rank numbers the node's GPUs
+    (1, "3", 0, "cuda:0"),   # a process shown one GPU (Ray's CUDA_VISIBLE_DEVICES) uses it
+    (2, None, 1, "cuda:1"),  # no launcher: the current GPU
+])
+def test_the_local_device_is_the_launchers_gpu_the_only_one_seen_or_the_cpu(monkeypatch, gpus, local_rank, current,
+                                                                            expected):
+    from lampo.distributed import strategy as S
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert S.local_device() == torch.device(expected)
+    assert Strategy().training_device(torch.nn.Linear(2, 2)) == torch.device(expected)
+
+
+def test_a_policy_the_user_placed_on_an_accelerator_trains_there(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Strategy().training_device(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")
+
+
+def test_prepare_moves_every_model_to_the_training_device_keeping_the_optimisers_parameters(monkeypatch):
+    monkeypatch.setattr(Strategy, "training_device", lambda self, policy=None: torch.device("meta"))
+    policy, critic, head, ref = (torch.nn.Linear(3, 3) for _ in range(4))
+    opt = torch.optim.AdamW(policy.parameters())
+    critic_opt = torch.optim.AdamW([*critic.parameters(), *head.parameters()])
+    params = [*policy.parameters(), *critic.parameters(), *head.parameters()]
+    Strategy().prepare(TrainedModels(policy, critic, head, ref, opt, critic_opt), LampoConfig.from_dict())
+    for model in (policy, critic, head, ref):
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+    held = [p for o in (opt, critic_opt) for g in o.param_groups for p in g["params"]]
+    assert all(a is b for a, b in zip(held, params, strict=True))
+
+
+def test_a_train_batch_moves_whole_and_stays_itself_where_it_is():
+    from lampo.optimize.batch import build_train_batch
+
+    ids = torch.tensor([[5, 6, 7, 0]])
+    batch = build_train_batch(ids, (ids > 0).long(), torch.tensor([[False, True, True, False]]), [1.0], [[2]],
+                              torch.tensor([True]), engine_logprobs=torch.zeros(1, 4), group_size=1)
+    assert batch.to("cpu") is batch
+    moved = batch.to("meta")
+    tensors = ("input_ids", "attention_mask", "action_mask", "placed_scores", "seq_scores", "stopped", "engine_logprobs")
+    assert {getattr(moved, name).device.type for name in tensors} == {"meta"}
+    assert moved.group_size == batch.group_size and moved.sampling == batch.sampling
+
+
+# ---------------------------------------------------------------------------------------
 # The DeepSpeed config: "auto" filled from Lampo's keys, disagreements named
 # ---------------------------------------------------------------------------------------
 

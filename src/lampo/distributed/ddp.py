@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 from lampo.distributed.strategy import DistributedStrategy, TrainedModels
@@ -17,6 +18,9 @@ from lampo.distributed.strategy import DistributedStrategy, TrainedModels
 class AccelerateDDP(DistributedStrategy):
     def __init__(self, accelerator):
         self.acc = accelerator
+
+    def training_device(self, policy: nn.Module | None = None) -> torch.device:
+        return self.acc.device
 
     def prepare(self, models: TrainedModels, config) -> TrainedModels:
         acc = self.acc

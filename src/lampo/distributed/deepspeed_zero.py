@@ -175,6 +175,12 @@ class DeepSpeedStrategy(DistributedStrategy):
         return cls({"zero_optimization": zero}, source="the accelerate config's deepspeed_config")
 
     # ------------------------------------------------------------------ set-up
+    def training_device(self, policy: nn.Module | None = None) -> torch.device:
+        from deepspeed.accelerator import get_accelerator
+
+        # where deepspeed.initialize puts the engines' modules
+        return torch.device(get_accelerator().current_device_name())
+
     def prepare(self, models: TrainedModels, config) -> TrainedModels:
         import deepspeed
 

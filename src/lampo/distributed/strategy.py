@@ -4,7 +4,8 @@ The learner computes losses. How a micro-batch's loss becomes a gradient, and a 
 gradient a step, differs between one process, data parallel and DeepSpeed ZeRO; the learner
 leaves all of that to a Strategy:
 
-  prepare(models, config)       wrap the trained models and optimisers (once)
+  training_device(policy)       the device the learner trains on
+  prepare(models, config)       wrap the trained models and optimisers (once), on that device
   forward(fn, *args)            run `fn`, which calls the models, as one forward pass of them
   token_normaliser(n)           what a minibatch's token-mean loss divides by (n: this rank's tokens)
   no_sync(skip)                 around each micro-batch; skip: not the minibatch's last one
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,13 +84,25 @@ class Strategy:
     saves_weights = False
     """Whether `save_shards` also holds the trained weights (DeepSpeed's engine checkpoint)."""
 
+    def training_device(self, policy: nn.Module | None = None) -> torch.device:
+        """Where the models train: a policy already on an accelerator stays there (the library's
+        users place their own models); otherwise this process's GPU when there is one, else the CPU."""
+        if policy is not None:
+            device = next(policy.parameters()).device
+            if device.type != "cpu":
+                return device
+        return local_device()
+
     def prepare(self, models: TrainedModels, config) -> TrainedModels:
         self.models = models
         self.max_grad_norm = config.optim.max_grad_norm
+        device = self.training_device(models.policy)
+        for model in (models.policy, models.value_model, models.value_head, models.ref_model):
+            if model is not None:
+                model.to(device)  # in place: the optimisers keep their parameters
         self.scaler = None
         if config.model.fp16:
-            device = next(models.policy.parameters()).device.type
-            self.scaler = torch.amp.GradScaler(device)
+            self.scaler = torch.amp.GradScaler(device.type)
         return models
 
     # ------------------------------------------------------------------ the learner's seam
@@ -203,6 +217,18 @@ class Strategy:
         pass
 
 
+def local_device() -> torch.device:
+    """This process's GPU (`LOCAL_RANK` of a launcher's, else the current one), or the CPU without one."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    # A launcher's LOCAL_RANK numbers the node's GPUs; a process that sees one GPU only (Ray sets
+    # CUDA_VISIBLE_DEVICES per actor) uses the one it sees.
+    local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
+    if 0 <= local_rank < torch.cuda.device_count():
+        return torch.device("cuda", local_rank)
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 class DistributedStrategy(Strategy):
     """Process-level operations over torch.distributed's default process group.
 
@@ -220,6 +246,10 @@ class DistributedStrategy(Strategy):
     @property
     def world(self) -> int:
         return torch.distributed.get_world_size()
+
+    def training_device(self, policy: nn.Module | None = None) -> torch.device:
+        # every rank on its own GPU (accelerate and DeepSpeed place the models there), or the CPU
+        return local_device()
 
     def _device(self) -> torch.device:
         # gloo reduces CPU tensors, nccl CUDA tensors
@@ -280,4 +310,4 @@ class DistributedStrategy(Strategy):
             torch.distributed.destroy_process_group()
 
 
-__all__ = ["DistributedStrategy", "StepOutcome", "Strategy", "TrainedModels"]
+__all__ = ["DistributedStrategy", "StepOutcome", "Strategy", "TrainedModels", "local_device"]

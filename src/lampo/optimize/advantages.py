@@ -42,7 +42,7 @@ def compute_advantages(batch: TrainBatch, fw: Forwarded, beta: float, config: An
     opt = config.optim
     mask = batch.action_mask
     if fw.ref_logprobs is None:  # no reference (kl_coef 0): the KL is exactly 0, as beta = 0 in TRL
-        kl = torch.zeros(mask.shape)
+        kl = torch.zeros(mask.shape, device=mask.device)
     else:
         kl = torch.where(mask, M.kl_penalty(fw.old_logprobs, fw.ref_logprobs, opt.kl_estimator), 0.0)
     kl_per_seq = kl.sum(1)
@@ -67,7 +67,7 @@ def compute_advantages(batch: TrainBatch, fw: Forwarded, beta: float, config: An
     else:
         seq = M.kl_shaped_scores(batch.seq_scores, kl_per_seq, in_reward)
         seq_adv = M.group_advantages(seq, batch.group_size, opt.estimator, scale_std=opt.grpo_scale_std)
-        advantages = torch.where(mask, seq_adv[:, None].expand_as(mask), torch.zeros(mask.shape))
+        advantages = torch.where(mask, seq_adv[:, None].expand_as(mask), 0.0)
     non_score = -beta * kl_per_seq
     stats = {
         "objective/kl": kl_per_seq.mean().item(),

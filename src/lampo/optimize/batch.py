@@ -7,6 +7,7 @@ responses and scores) alike: scores placed on their turns, the non-stop penalty 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +61,17 @@ class TrainBatch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The batch with its tensors on `device` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
+        moved = {name: (None if t is None else t.to(device)) for name, t in (
+            ("input_ids", self.input_ids), ("attention_mask", self.attention_mask), ("action_mask", self.action_mask),
+            ("placed_scores", self.placed_scores), ("seq_scores", self.seq_scores), ("stopped", self.stopped),
+            ("engine_logprobs", self.engine_logprobs))}
+        return dataclasses.replace(self, **moved)
 
     def select(self, idx: torch.Tensor) -> TrainBatch:
         """Rows `idx`, trimmed to their longest sequence (right padding makes that safe)."""

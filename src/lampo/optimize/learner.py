@@ -80,10 +80,9 @@ class Learner:
 
             strategy = AccelerateDDP(accelerator)
         self.strategy = strategy if strategy is not None else Strategy()
-        device = next(policy.parameters()).device.type
-        if self.strategy.world > 1 and torch.cuda.is_available():
-            device = "cuda"  # accelerate and DeepSpeed move the models to the GPU
-        check_fp16_device(config, device)
+        self.device = self.strategy.training_device(policy)
+        """Where the models train (`Strategy.prepare` puts them there) and the learner's tensors live."""
+        check_fp16_device(config, self.device.type)
         self.policy = policy
         # With kl_coef 0 (and no adaptive controller that could raise it) the reference never
         # enters a reward or a loss: no reference pass and no copy of its weights.
@@ -162,6 +161,7 @@ class Learner:
         from lampo.tracking import PhaseTimer
 
         timer = PhaseTimer()
+        batch = batch.to(self.device)  # once: the phases below keep every tensor of the step there
         with timer("forward"):
             fw = self.forward(batch)
         if not self.forward_is_finite(fw):
@@ -178,11 +178,13 @@ class Learner:
     # ------------------------------------------------------------------ 3. forward
     @torch.no_grad()
     def forward(self, batch: TrainBatch) -> Forwarded:
-        """Old log-probs, reference log-probs and values, in micro-batches, without gradients."""
+        """Old log-probs, reference log-probs and values, in micro-batches, without gradients; on the
+        learner's device."""
+        batch = batch.to(self.device)
         B, T = batch.input_ids.shape
-        old = None if self.fuses_old_logprobs(batch) else torch.zeros(B, T)
-        ref = torch.zeros(B, T) if self.uses_reference else None
-        values = torch.zeros(B, T) if self.cfg.uses_critic else None
+        old = None if self.fuses_old_logprobs(batch) else torch.zeros(B, T, device=self.device)
+        ref = torch.zeros(B, T, device=self.device) if self.uses_reference else None
+        values = torch.zeros(B, T, device=self.device) if self.cfg.uses_critic else None
         self.policy.eval()
         # no gradients: the micro-batch may differ from training's (forward_batch_size)
         for idx, mb in self._micro_batches(batch, self.opt_cfg.forward_batch_size):
@@ -215,13 +217,15 @@ class Learner:
 
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """The policy's log-probs [B, T] of the batch's tokens, without gradients."""
-        out = torch.zeros(batch.input_ids.shape)
+        """The policy's log-probs [B, T] of the batch's tokens, without gradients, on the batch's device."""
+        given = batch.input_ids.device
+        batch = batch.to(self.device)
+        out = torch.zeros(batch.input_ids.shape, device=self.device)
         self.policy.eval()
         for idx, mb in self._micro_batches(batch, self.opt_cfg.forward_batch_size):
             lp = self.strategy.forward(lambda m: self.passes.logprobs(self.policy, m, with_entropy=False)[0], mb)
             out[idx, : mb.input_ids.shape[1]] = lp
-        return out
+        return out.to(given)
 
     def forward_is_finite(self, fw: Forwarded) -> bool:
         """Whether the forward phase's log-probs are finite on every rank (NaN there means the weights
@@ -256,11 +260,12 @@ class Learner:
     def optimise(self, batch: TrainBatch, fw: Forwarded, adv: Advantages) -> dict[str, float]:
         """`ppo_epochs` passes over shuffled minibatches; then the schedules and the KL controller step."""
         opt = self.opt_cfg
+        batch = batch.to(self.device)  # `fw` and `adv` are the forward and advantages phases', there already
         B, T = batch.input_ids.shape
         # Without a forward pass of its own (one epoch, one minibatch), pi_old is pi_theta on the
         # first and only pass, detached: it is filled in as the pass goes.
         fused = fw.old_logprobs is None
-        old_all = torch.zeros(B, T) if fused else fw.old_logprobs
+        old_all = torch.zeros(B, T, device=self.device) if fused else fw.old_logprobs
         if self.guards_weights:  # the weights before this step (and, async, those the next batch is sampled with)
             self._keep_weights()
         undone = False
@@ -390,7 +395,7 @@ class Learner:
         size = self.opt_cfg.ptx_batch_size or self.opt_cfg.mini_batch_size
         idx = torch.randint(len(self.ptx), (size,), generator=self.generator)
         tokens = float(self.ptx.action_mask[idx].sum())
-        return [(self.ptx.select(part), tokens) if len(part) else None for part in idx.tensor_split(n)]
+        return [(self.ptx.select(part).to(self.device), tokens) if len(part) else None for part in idx.tensor_split(n)]
 
     def _ptx_loss(self, ptx_mb: TrainBatch, tokens: float) -> torch.Tensor:
         """Negative log-likelihood of the supervised tokens over the minibatch's `tokens` (InstructGPT's

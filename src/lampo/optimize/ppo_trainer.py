@@ -133,15 +133,15 @@ class PPOTrainer:
         model = self.learner.unwrapped_policy()
         model.eval()
         out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
+            input_ids=input_ids.to(self.learner.device),
+            attention_mask=attention.to(self.learner.device),
             eos_token_id=call.stop_token_id,
             pad_token_id=call.pad_token_id,
             return_dict_in_generate=True,
             output_logits=return_logprobs,
             **call.hf_kwargs,
         )
-        generated = out.sequences[:, width:]
+        generated = out.sequences[:, width:].to(input_ids.device)
         responses, logprobs = [], []
         for i in range(len(query_tensors)):
             row = generated[i]
@@ -149,7 +149,7 @@ class PPOTrainer:
             end = int(stop[0]) + 1 if len(stop) else len(row)
             responses.append(row[:end].clone())
             if return_logprobs:
-                logits = torch.stack([step_logits[i] for step_logits in out.logits[:end]])
+                logits = torch.stack([step_logits[i] for step_logits in out.logits[:end]]).to(row.device)
                 logprobs.append(M.logprobs_and_entropy(logits, row[:end], call.temperature, False,
                                                        call.top_k, call.top_p)[0])
         return responses, logprobs

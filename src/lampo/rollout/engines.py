@@ -590,6 +590,7 @@ def make_engine(
     speed: Any | None = None,
     attn_implementation: str | None = None,
     vllm_kwargs: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
 ) -> HFEngine | VLLMEngine:
     """Build the engine `generation_cfg.engine` names (`auto`: vLLM when importable).
 
@@ -601,6 +602,7 @@ def make_engine(
     learner's `model.attn_implementation`; None keeps transformers' default).
     vllm_kwargs: further arguments of vLLM's `LLM` (a Ray rollout worker's tensor parallel size,
     sleep mode).
+    device: where the `hf` engine generates (the learner's device); vLLM places itself.
     """
     choice = generation_cfg.engine
     if choice == "auto":
@@ -615,7 +617,7 @@ def make_engine(
         return VLLMEngine(model_path, tokenizer, generation_cfg, max_model_len=max_len, dtype=dtype, seed=seed,
                           speed=speed, **(vllm_kwargs or {}))
     if choice == "hf":
-        return HFEngine(model if model is not None else model_path, tokenizer, dtype=dtype,
+        return HFEngine(model if model is not None else model_path, tokenizer, dtype=dtype, device=device,
                         onednn_linear=bool(speed is not None and speed.onednn_linear),
                         attn_implementation=attn_implementation)
     raise ValueError(f"engine must be auto, hf or vllm, got {choice!r}")

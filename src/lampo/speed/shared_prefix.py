@@ -75,12 +75,14 @@ def plan_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, action_
         return None
     keys: dict[tuple[int, ...], int] = {}
     row_prefix = []
+    host_ids, host_starts = input_ids.cpu(), starts.tolist()  # one copy off an accelerator, not one per row
     for b in range(B):
-        key = tuple(input_ids[b, : int(starts[b])].tolist())
+        key = tuple(host_ids[b, : host_starts[b]].tolist())
         row_prefix.append(keys.setdefault(key, len(keys)))
     if len(keys) == B:
         return None
-    P = int(starts.max())
+    dev = input_ids.device
+    P = max(host_starts)
     prefix_ids = torch.full((len(keys), P), pad_id, dtype=input_ids.dtype)
     prefix_mask = torch.zeros((len(keys), P), dtype=attention_mask.dtype)
     for key, u in keys.items():
@@ -88,11 +90,12 @@ def plan_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, action_
         prefix_mask[u, P - len(key):] = 1
     suffix_len = lengths - starts
     S = max(int(suffix_len.max()), 1)
-    cols = starts[:, None] + torch.arange(S)[None, :]  # [B, S] positions of the suffix tokens
-    inside = torch.arange(S)[None, :] < suffix_len[:, None]
+    cols = starts[:, None] + torch.arange(S, device=dev)[None, :]  # [B, S] positions of the suffix tokens
+    inside = torch.arange(S, device=dev)[None, :] < suffix_len[:, None]
     cols = torch.where(inside, cols, torch.zeros_like(cols))
     suffix_ids = torch.where(inside, input_ids.gather(1, cols), torch.full_like(cols, pad_id))
-    return PrefixPlan(prefix_ids=prefix_ids, prefix_mask=prefix_mask, row_prefix=torch.tensor(row_prefix),
+    return PrefixPlan(prefix_ids=prefix_ids.to(dev), prefix_mask=prefix_mask.to(dev),
+                      row_prefix=torch.tensor(row_prefix, device=dev),
                       prefix_len=starts, suffix_ids=suffix_ids, suffix_mask=inside.to(attention_mask.dtype))
 
 
@@ -155,7 +158,7 @@ def _packed_prefix_pass(model: nn.Module, plan: PrefixPlan, attn_implementation:
 def scatter_suffix(values: torch.Tensor, plan: PrefixPlan, length: int) -> torch.Tensor:
     """Place per-suffix-token values [B, S] back at their positions in the [B, length] layout."""
     B, S = values.shape
-    cols = plan.prefix_len[:, None] + torch.arange(S)[None, :]
+    cols = plan.prefix_len[:, None] + torch.arange(S, device=values.device)[None, :]
     out = values.new_zeros(B, length + S)  # room for the padded tail of the longest rows
     return out.scatter(1, cols, values)[:, :length]
 
@@ -192,7 +195,7 @@ def shared_prefix_logprobs(model: nn.Module, plan: PrefixPlan, length: int, samp
     ents = [first_ent[:, None]] if with_entropy else []
     if S > 1:
         fed = plan.suffix_ids[:, :-1]
-        suffix_pos = plan.prefix_len[:, None] + torch.arange(S - 1)[None, :]
+        suffix_pos = plan.prefix_len[:, None] + torch.arange(S - 1, device=fed.device)[None, :]
         mask = torch.cat([plan.prefix_mask.index_select(0, plan.row_prefix), plan.suffix_mask[:, :-1]], dim=1)
         logits = model(input_ids=fed, attention_mask=mask, position_ids=suffix_pos,
                        past_key_values=cache, use_cache=True).logits

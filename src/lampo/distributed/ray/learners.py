@@ -82,8 +82,7 @@ class LearnerWorker:
             if own.exists():  # absent for a rank that died (rank 0 saved alone): it keeps its seeded state
                 ckpt.set_rng_state(ckpt.load_state_file(own)["rng"])
         if self.rank == 0 and not cfg.speed.peak_flops:
-            device = next(self.learner.policy.parameters()).device
-            return machine_peak(getattr(torch, _half_dtype_name(cfg.model) or "float32"), device=device)
+            return machine_peak(getattr(torch, _half_dtype_name(cfg.model) or "float32"), device=self.learner.device)
         return None
 
     def _strategy(self):

@@ -75,13 +75,15 @@ class EngineWorker:
 
     def __init__(self, cfg: Any, index: int, seed: int, vllm_kwargs: dict[str, Any] | None = None) -> None:
         from lampo.distributed.ray.cluster import computing_at_once
+        from lampo.distributed.strategy import local_device
         from lampo.speed.machine import share_cores
         from lampo.trainer import build_engine, load_tokenizer
 
         share_cores(computing_at_once(cfg.ray, "engine"))  # before vLLM starts: it blocks the setting
         self.cfg, self.index = cfg, index
         self.tokenizer = load_tokenizer(cfg)
-        self.engine = build_engine(cfg, self.tokenizer, seed=seed, vllm_kwargs=vllm_kwargs)
+        # the hf engine on the GPU Ray gave this actor, if any (vLLM places itself)
+        self.engine = build_engine(cfg, self.tokenizer, seed=seed, vllm_kwargs=vllm_kwargs, device=local_device())
         self.version = 0
         # Tells a restarted worker from the one before it (Ray keeps the actor's handle).
         self.incarnation = uuid.uuid4().hex
