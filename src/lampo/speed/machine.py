@@ -125,3 +125,10 @@ def share_cores(sharing: int) -> None:
     is far worse: OpenMP's threads spin while they wait for each other."""
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, sharing)))
+
+
+def coordinate_only() -> None:
+    """One torch thread for a process that only coordinates others (the Ray driver) and does little
+    tensor work of its own. With a pool of OpenMP threads, libgomp's workers spin on for a while
+    after every parallel op (their wait policy): on the cores of the process that computes next."""
+    torch.set_num_threads(1)

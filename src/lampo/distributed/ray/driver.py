@@ -33,6 +33,7 @@ from lampo.distributed.ray.rollout import EnginePool
 from lampo.distributed.strategy import Strategy
 from lampo.optimize.batch import TrainBatch
 from lampo.rollout.batch import RolloutBatch
+from lampo.speed.machine import coordinate_only
 from lampo.trainer import Produced, Trainer, WorkerLost, _done_future, run_trainer
 
 log = logging.getLogger("lampo")
@@ -52,6 +53,10 @@ class RayTrainer(Trainer):
         self.max_staleness = y.max_staleness
         self.sync_waits_for_rollouts = False  # a worker loads weights after the rollouts queued before them
         self.started_ray = cluster.connect(y, cluster.actor_cpus(y))
+        if "://" in cfg.reward.reward_model:
+            # the driver then only joins and pads batches: its cores are the actors'
+            # (an in-process reward model computes here and keeps its threads)
+            coordinate_only()
         self._dispatched: dict[tuple[int, int], Any] = {}
         # Each part is scored as it comes back, several at once: a reward model's latency per call
         # then overlaps across parts and across the batches in flight.

@@ -108,8 +108,10 @@ class LearnerWorker:
         return AccelerateDDP(Accelerator(cpu=not gpu))
 
     # ------------------------------------------------------------------ phases 3-5
-    def learn(self, batch, cache_block: int) -> tuple[dict[str, float], dict[str, float]]:
-        """`Learner.train` on this rank's part of the batch; (its metrics, its floating-point work)."""
+    def learn(self, batch, cache_block: int) -> tuple[dict[str, float], dict[str, float], list | None]:
+        """`Learner.train` on this rank's part of the batch; (its metrics, its floating-point work, the
+        updated weights as `publish_weights` gives them): the sync that follows every update costs
+        no call of its own."""
         from lampo import perf
 
         before = self._optimizer_steps()
@@ -120,7 +122,7 @@ class LearnerWorker:
             self.consistent = self._optimizer_steps() == before  # failed before any update: still whole
             raise
         self.consistent = True
-        return stats, perf.learner_step_flops(self.learner, batch, cache_block)
+        return stats, perf.learner_step_flops(self.learner, batch, cache_block), self.publish_weights()
 
     def _optimizer_steps(self) -> float:
         """Adam's step count of the first trained parameter: whether an update has been applied."""
@@ -204,6 +206,8 @@ class LearnerGroup:
         self.peak_flops = peaks[0]
         self.lr = cfg.optim.learning_rate
         self.flops: dict[str, float] = {}
+        self.fresh_weights: list | None = None
+        """The weights the last `learn` published (rank 0's box), until `publish_weights` hands them on."""
 
     def _all(self, method: str, *args: Any, parts: list | None = None) -> list:
         """`method` on every rank (with its own part of `parts` first, when given); their results in
@@ -239,9 +243,10 @@ class LearnerGroup:
                 for r in range(self.world)]
 
     def learn(self, batch, cache_block: int, summed: tuple[str, ...]) -> dict[str, float]:
+        self.fresh_weights = None
         results = self._all("learn", cache_block, parts=self.split(batch))
-        stats = [s for s, _ in results]
-        self.flops = results[0][1]
+        stats = [s for s, _, _ in results]
+        self.flops, self.fresh_weights = results[0][1], results[0][2]
         out = {}
         for key in stats[0]:
             values = [s[key] for s in stats if key in s]
@@ -255,7 +260,9 @@ class LearnerGroup:
                           for lp in self._all("logprobs", parts=self.split(batch))])
 
     def publish_weights(self) -> list:
-        return self._all("publish_weights")[0]
+        """The policy's weights in the object store: those the last `learn` put there, else put now."""
+        box, self.fresh_weights = self.fresh_weights, None
+        return box if box is not None else self._all("publish_weights")[0]
 
     def checkpoint_doubt(self) -> str | None:
         """Rank 0's answer: data parallel ranks hold the same weights (under DeepSpeed it checks its own)."""

@@ -74,12 +74,14 @@ class EngineWorker:
     """One rollout worker (a Ray actor): the tokenizer, an engine, and the policy version it holds."""
 
     def __init__(self, cfg: Any, index: int, seed: int, vllm_kwargs: dict[str, Any] | None = None) -> None:
+        from lampo import speed
         from lampo.distributed.ray.cluster import computing_at_once
         from lampo.distributed.strategy import local_device
         from lampo.speed.machine import share_cores
         from lampo.trainer import build_engine, load_tokenizer
 
         share_cores(computing_at_once(cfg.ray, "engine"))  # before vLLM starts: it blocks the setting
+        speed.apply_machine_settings(cfg.speed)  # the in-process engine's process has them too
         self.cfg, self.index = cfg, index
         self.tokenizer = load_tokenizer(cfg)
         # the hf engine on the GPU Ray gave this actor, if any (vLLM places itself)
