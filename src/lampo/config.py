@@ -388,6 +388,8 @@ class RayConfig:
     """Policy updates a batch may lag behind the update that trains it: 0 is on-policy, 1 rolls out the next batch while one trains."""
     chunks_per_engine: int = 2
     """Parts each engine's share of a batch goes out in; each part's conversations go to the reward model as soon as it is done."""
+    weight_sync: Literal["auto", "object_store", "broadcast"] = "auto"
+    """How new weights reach the rollout workers: broadcast from learner rank 0 (NCCL on GPUs, gloo on CPUs; needs max_staleness 0), Ray's object store, or auto: broadcast on GPUs where it applies, else the object store."""
     weight_sync_timeout: float = 600.0
     """Seconds an engine may take to load new weights before the run stops with an error naming it."""
     engine_max_restarts: int = 3
@@ -746,6 +748,9 @@ class LampoConfig:
                "must be >= 1 or null")
         _check(y.deepspeed_config is None or y.learner_backend == "deepspeed", "deepspeed_config",
                y.deepspeed_config, "is read only with learner_backend: deepspeed")
+        if y.weight_sync == "broadcast":
+            _check(y.max_staleness == 0, "weight_sync", y.weight_sync, "sends each update while no rollout runs: set "
+                   f"max_staleness: 0 (now {y.max_staleness}), or weight_sync: object_store for batches in flight")
         if y.colocate:
             _check(y.max_staleness == 0, "colocate", y.colocate, "shares the devices between rollout and training, "
                    "so they cannot overlap: set max_staleness: 0, or colocate: false")

@@ -88,6 +88,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ray/engine_restarts",
     "ray/requeued_chunks",
     "ray/live_engines",
+    "ray/weight_broadcast",
     "time/forward",
     "time/advantages",
     "time/optimize",
@@ -156,7 +157,8 @@ class MetricWindow:
               "data/filtered_groups", "data/resample_rounds", "data/regenerated_groups", "optim/skipped_steps",
               "optim/scaler_skipped_steps")
     LATEST = ("episode", "epoch", "lr", "objective/kl_coef", "time/from_scratch", "policy/version_lag",
-              "optim/loss_scale", "ray/engine_restarts", "ray/requeued_chunks", "ray/live_engines")
+              "optim/loss_scale", "ray/engine_restarts", "ray/requeued_chunks", "ray/live_engines",
+              "ray/weight_broadcast")
 
     def __init__(self) -> None:
         self._rows: list[dict[str, float]] = []

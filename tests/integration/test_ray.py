@@ -77,9 +77,14 @@ def test_one_worker_one_learner_matches_ppo_vllm(tmp_path, tiny_model_path):
     assert (out["lampo.ppo_ray"] / "model.safetensors").exists()
 
 
-def test_two_vllm_workers_hold_the_learners_weights_after_every_sync(tmp_path, tiny_model_path):
-    cfg = driver_config(tmp_path, tiny_model_path, engine="vllm", num_engines=2, max_staleness=1)
+@pytest.mark.parametrize("weight_sync", ["object_store", "broadcast"])
+def test_two_vllm_workers_hold_the_learners_weights_after_every_sync(tmp_path, tiny_model_path, weight_sync):
+    # the broadcast sends each update while no rollout runs: on-policy
+    staleness = 1 if weight_sync == "object_store" else 0
+    cfg = driver_config(tmp_path, tiny_model_path, engine="vllm", num_engines=2, max_staleness=staleness,
+                        weight_sync=weight_sync)
     trainer = RayTrainer(cfg)
+    assert trainer.pool.broadcasting == (weight_sync == "broadcast")
     used, checked = set(), []
     send = trainer.pool._send
 
@@ -95,7 +100,8 @@ def test_two_vllm_workers_hold_the_learners_weights_after_every_sync(tmp_path, t
 
     def checked_sync():
         sync()
-        weights = dict(unpack_weights(ray.get(trainer.pool.weights[0])))
+        # what the learner holds, through the object store whichever way the workers got it
+        weights = dict(unpack_weights(ray.get(trainer.group.publish_weights()[0])))
         reference = HFEngine(str(tiny_model_path), tok)
         missing, unexpected = reference.model.load_state_dict(weights, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}
@@ -107,10 +113,64 @@ def test_two_vllm_workers_hold_the_learners_weights_after_every_sync(tmp_path, t
 
     trainer.pool._send, trainer.sync = record_send, checked_sync
     try:
-        trainer.train()
+        last = trainer.train()
     finally:
         trainer.close()
     assert checked == [1, 2, 3] and used == {0, 1}
+    assert last["ray/weight_broadcast"] == float(weight_sync == "broadcast")
+
+
+def test_a_broadcast_run_trains_as_the_object_store_run(tmp_path, tiny_model_path):
+    """Two workers, on-policy: the same samples and losses whichever way the weights travel."""
+    runs = {}
+    for mode in ("object_store", "broadcast"):
+        (tmp_path / mode).mkdir()
+        cfg = write_config(tmp_path / mode, tiny_model_path, engine="hf", reward_model="lampo.reward.rules.VowelReward",
+                           num_engines=2, max_staleness=0, weight_sync=mode, report_to=[])
+        done = run_module("lampo.ppo_ray", cfg, "--output_dir", str(tmp_path / mode / "run"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[mode] = trained(tmp_path / mode / "run")
+    assert len(runs["broadcast"]) == 3
+    assert [r["ray/weight_broadcast"] for r in runs["broadcast"]] == [1.0] * 3
+    assert_same_steps(runs["object_store"], runs["broadcast"])
+
+
+def test_a_worker_killed_under_broadcast_sync_is_restarted_and_the_run_goes_on_by_object_store(tmp_path,
+                                                                                             tiny_model_path):
+    cfg = driver_config(tmp_path, tiny_model_path, num_engines=2, max_staleness=0, max_steps=4, weight_sync="broadcast")
+    trainer = RayTrainer(cfg)
+    dispatches, batches, modes = [], [], []
+    dispatch, to_train_batch, sync = trainer.pool.dispatch, trainer.to_train_batch, trainer.sync
+
+    def dispatch_then_kill(rows, seed):
+        job = dispatch(rows, seed)
+        dispatches.append(job)
+        if len(dispatches) == 2:  # step 2's rows are queued on both workers: one dies under them
+            ray.kill(trainer.pool.workers[job.chunks[0].engine], no_restart=False)
+        return job
+
+    def recording_to_train_batch(produced):
+        batches.append(produced.batch)
+        return to_train_batch(produced)
+
+    def recording_sync():
+        modes.append(trainer.pool.broadcasting)
+        sync()
+        # either way every worker holds the new version (a call queues behind an object-store update)
+        assert trainer.pool.call_all("held_version") == [trainer.policy_version] * 2
+
+    trainer.pool.dispatch, trainer.to_train_batch, trainer.sync = (dispatch_then_kill, recording_to_train_batch,
+                                                                   recording_sync)
+    try:
+        last = trainer.train()
+        G = cfg.generation.num_generations
+        expected = [sorted(r.index for r in trainer.sampler.rows_for(s) for _ in range(G)) for s in range(4)]
+    finally:
+        trainer.close()
+    assert modes == [True, False, False, False]  # the sync after step 1 broadcast; the death came in step 2
+    assert last["ray/engine_restarts"] == 1 and last["ray/weight_broadcast"] == 0.0 and last["ray/live_engines"] == 2
+    assert [sorted(b.prompt_index.tolist()) for b in batches] == expected
+    assert [r["policy/version_lag"] for r in trained(Path(cfg.train.output_dir))] == [0.0] * 4
 
 
 def test_a_worker_killed_mid_run_is_restarted_and_its_rows_rolled_out_again(tmp_path, tiny_model_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from lampo.config import ConfigError, LampoConfig
-from lampo.distributed.ray.cluster import actor_cpus, computing_at_once, plan
+from lampo.distributed.ray.cluster import actor_cpus, computing_at_once, plan, weight_sync_mode
 
 
 @pytest.mark.parametrize(("kw", "message"), [
@@ -23,6 +23,9 @@ from lampo.distributed.ray.cluster import actor_cpus, computing_at_once, plan
                                        r"learner_backend: deepspeed"),
     (dict(learner_backend="fsdp"), r"'learner_backend' = 'fsdp' has the wrong type"),
     (dict(colocate=True, max_staleness=1), r"'colocate' = True is invalid: .*set max_staleness: 0"),
+    (dict(weight_sync="broadcast", max_staleness=1), r"'weight_sync' = 'broadcast' is invalid: .*set max_staleness: 0 "
+                                                     r"\(now 1\), or weight_sync: object_store"),
+    (dict(weight_sync="nccl"), r"'weight_sync' = 'nccl' has the wrong type"),
     (dict(colocate=True, max_staleness=0, num_engines=2, num_learners=1),
      r"'colocate' = True is invalid: .*num_engines = num_learners \(now 2 and 1\)"),
 ])
@@ -80,3 +83,18 @@ def test_weights_travel_as_arrays_and_come_back_equal_in_every_dtype():
     for (_, sent), (_, got) in zip(weights, back, strict=True):
         assert got.dtype == sent.dtype and got.shape == sent.shape
         assert torch.equal(got, sent)  # bit for bit, bf16's pattern included
+
+
+@pytest.mark.parametrize(("kw", "gpus", "mode"), [
+    (dict(max_staleness=0), False, "object_store"),           # CPUs: the object store reads arrays in place
+    (dict(max_staleness=0), True, "broadcast"),               # GPUs, on-policy: NCCL skips the host copy
+    (dict(max_staleness=1), True, "object_store"),            # batches in flight: the object store's hand-off
+    (dict(max_staleness=0, colocate=True), True, "object_store"),  # NCCL cannot join two ranks on one GPU
+    (dict(max_staleness=0, weight_sync="broadcast"), False, "broadcast"),  # asked for: gloo on CPUs
+    (dict(max_staleness=0, weight_sync="object_store"), True, "object_store"),
+])
+def test_auto_weight_sync_broadcasts_on_gpus_for_on_policy_runs_on_separate_devices(monkeypatch, kw, gpus, mode):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus)
+    assert weight_sync_mode(LampoConfig(**kw).ray) == mode

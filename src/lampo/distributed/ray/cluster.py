@@ -63,6 +63,16 @@ def computing_at_once(ray_cfg: Any, role: str) -> int:
     return ray_cfg.num_engines + ray_cfg.num_learners
 
 
+def weight_sync_mode(ray_cfg: Any) -> str:
+    """How this run's weights reach the rollout workers: `ray.weight_sync`, with auto resolved to a
+    broadcast on GPUs (NCCL skips the host copy) for on-policy runs with separate devices, else the
+    object store."""
+    if ray_cfg.weight_sync != "auto":
+        return ray_cfg.weight_sync
+    on_policy_gpus = torch.cuda.is_available() and ray_cfg.max_staleness == 0 and not ray_cfg.colocate
+    return "broadcast" if on_policy_gpus else "object_store"
+
+
 def plan(ray_cfg: Any) -> Placement:
     """Each actor's resources. Separate: a learner takes one GPU (on CPU, one CPU), a rollout worker
     `engine_tensor_parallel_size` GPUs. Colocated: learner i and engine i share bundle i of a

@@ -77,6 +77,11 @@ class RayTrainer(Trainer):
             t0 = time.perf_counter()
             self.group = LearnerGroup(cfg, placement.learner_options, self.resume_from, self.num_steps)
             self.pool = EnginePool(cfg, placement.engine_options, vllm_kwargs)
+            if cluster.weight_sync_mode(y) == "broadcast":
+                if gpu_colocated:
+                    raise ConfigError("config key 'weight_sync' = 'broadcast' is invalid with colocate: true on GPUs: "
+                                      "NCCL cannot join two processes on one GPU. Use weight_sync: object_store")
+                self.pool.open_weight_group(self.group)
             log.info("ray: %d rollout worker(s) and %d learner(s) ready in %.0f s", y.num_engines, y.num_learners,
                      time.perf_counter() - t0)
         except BaseException:
@@ -126,7 +131,7 @@ class RayTrainer(Trainer):
         if self.sleeps:
             self.pool.call_all("sleep")
         try:
-            return self.group.learn(batch, self.pool.prompt_cache_block, self.SUMMED)
+            return self.group.learn(batch, self.pool.prompt_cache_block, self.SUMMED, publish=not self.pool.broadcasting)
         finally:
             if self.sleeps:
                 self.pool.call_all("wake_up")
@@ -139,7 +144,10 @@ class RayTrainer(Trainer):
 
     # ------------------------------------------------------------------ phase 6
     def sync(self) -> None:
-        self.pool.update(self.group.publish_weights(), self.policy_version)
+        if self.pool.broadcasting:
+            self.pool.sync_by_broadcast(self.policy_version)
+        else:
+            self.pool.update(self.group.publish_weights(), self.policy_version)
         self.engine_version = self.policy_version
 
     # ------------------------------------------------------------------ checkpoints

@@ -108,10 +108,10 @@ class LearnerWorker:
         return AccelerateDDP(Accelerator(cpu=not gpu))
 
     # ------------------------------------------------------------------ phases 3-5
-    def learn(self, batch, cache_block: int) -> tuple[dict[str, float], dict[str, float], list | None]:
-        """`Learner.train` on this rank's part of the batch; (its metrics, its floating-point work, the
-        updated weights as `publish_weights` gives them): the sync that follows every update costs
-        no call of its own."""
+    def learn(self, batch, cache_block: int, publish: bool) -> tuple[dict[str, float], dict[str, float], list | None]:
+        """`Learner.train` on this rank's part of the batch; (its metrics, its floating-point work, with
+        `publish` the updated weights as `publish_weights` gives them, else None): the object-store
+        sync that follows every update costs no call of its own."""
         from lampo import perf
 
         before = self._optimizer_steps()
@@ -122,7 +122,8 @@ class LearnerWorker:
             self.consistent = self._optimizer_steps() == before  # failed before any update: still whole
             raise
         self.consistent = True
-        return stats, perf.learner_step_flops(self.learner, batch, cache_block), self.publish_weights()
+        return stats, perf.learner_step_flops(self.learner, batch, cache_block), (self.publish_weights() if publish
+                                                                                 else None)
 
     def _optimizer_steps(self) -> float:
         """Adam's step count of the first trained parameter: whether an update has been applied."""
@@ -150,6 +151,22 @@ class LearnerWorker:
             if self.rank == 0:
                 return [ray.put(pack_weights(engine_weights(policy)))]
         return None
+
+    def join_weight_group(self, address: str, port: int, world: int, timeout_s: float) -> None:
+        """Rank 0: be the sender (rank 0) of the weight-sync group with the rollout workers."""
+        from lampo.distributed.ray.broadcast import WeightGroup
+
+        if self.rank == 0:
+            self.weight_group = WeightGroup(address, port, 0, world, timeout_s, device=self.learner.device)
+
+    def send_weights(self) -> int:
+        """Broadcast the policy's weights to the rollout workers (rank 0; under ZeRO-3 every rank takes
+        part in gathering them first). Returns the bytes sent."""
+        from lampo.rollout.weight_sync import engine_weights
+
+        policy = self.learner.unwrapped_policy()
+        with self.learner.full_weights(policy):
+            return self.weight_group.send(engine_weights(policy)) if self.rank == 0 else 0
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, staged: str, step: int, states: dict, trainer_state: dict) -> str | None:
@@ -242,9 +259,11 @@ class LearnerGroup:
         return [batch.select(torch.arange(r * per, (r + 1) * per if r < self.world - 1 else len(batch)))
                 for r in range(self.world)]
 
-    def learn(self, batch, cache_block: int, summed: tuple[str, ...]) -> dict[str, float]:
+    def learn(self, batch, cache_block: int, summed: tuple[str, ...], publish: bool = True) -> dict[str, float]:
+        """Train every rank on its part; with `publish`, rank 0 also puts the updated weights in the
+        object store (`publish_weights` hands them on)."""
         self.fresh_weights = None
-        results = self._all("learn", cache_block, parts=self.split(batch))
+        results = self._all("learn", cache_block, publish, parts=self.split(batch))
         stats = [s for s, _, _ in results]
         self.flops, self.fresh_weights = results[0][1], results[0][2]
         out = {}
@@ -263,6 +282,18 @@ class LearnerGroup:
         """The policy's weights in the object store: those the last `learn` put there, else put now."""
         box, self.fresh_weights = self.fresh_weights, None
         return box if box is not None else self._all("publish_weights")[0]
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0's node address and a free port on it."""
+        import ray
+
+        return ray.get(self.workers[0].rendezvous.remote())
+
+    def join_weight_group(self, address: str, port: int, world: int, timeout_s: float) -> None:
+        self._all("join_weight_group", address, port, world, timeout_s)
+
+    def send_weights(self) -> int:
+        return self._all("send_weights")[0]
 
     def checkpoint_doubt(self) -> str | None:
         """Rank 0's answer: data parallel ranks hold the same weights (under DeepSpeed it checks its own)."""

@@ -117,6 +117,20 @@ class EngineWorker:
         self.version = version
         return version
 
+    def join_weight_group(self, address: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+        """Join the weight-sync group of learner rank 0 and the workers (`ray.weight_sync: broadcast`)."""
+        from lampo.distributed.ray.broadcast import WeightGroup
+        from lampo.distributed.strategy import local_device
+
+        self.weight_group = WeightGroup(address, port, rank, world, timeout_s, device=local_device())
+
+    def receive_weights(self, version: int) -> int:
+        """Load the weights learner rank 0 broadcasts now (`WeightGroup.receive`), as `update_weights`
+        loads those of the object store."""
+        self.engine.update_weights(self.weight_group.receive())
+        self.version = version
+        return version
+
     def generate(self, prompts: list[list[int]], settings: Any) -> list:
         return self.engine.generate(prompts, settings)
 
@@ -176,6 +190,10 @@ class EnginePool:
         self._lock = threading.Lock()
         self._engine_locks = [threading.Lock() for _ in self.workers]
         self._updates: list[tuple[int, int, Any, float]] = []  # (engine, version, ref, sent at)
+        self.broadcasting = False
+        """Whether weights go by broadcast (`open_weight_group`), not the object store."""
+        self.learners: Any = None
+        self.group_members: list[int] = []
         self.prompt_cache_block = ray.get(self.workers[0].prompt_cache_block.remote())
 
     # ------------------------------------------------------------------ rollout
@@ -222,6 +240,67 @@ class EnginePool:
             yield chunk, batch
 
     # ------------------------------------------------------------------ weights
+    def open_weight_group(self, learners: Any) -> None:
+        """Build the broadcast group of learner rank 0 and every live worker (`ray.weight_sync:
+        broadcast`); `sync_by_broadcast` then sends each update through it."""
+        import ray
+
+        from lampo.distributed.ray.learners import LearnerGroup
+
+        assert isinstance(learners, LearnerGroup)
+        self.learners = learners
+        live = [i for i, ok in enumerate(self.alive) if ok]
+        address, port = learners.rendezvous()
+        world = 1 + len(live)
+        joins = [self.workers[i].join_weight_group.remote(address, port, rank, world, self.sync_timeout)
+                 for rank, i in enumerate(live, start=1)]
+        learners.join_weight_group(address, port, world, self.sync_timeout)
+        ray.get(joins, timeout=self.sync_timeout)
+        self.group_members = live
+        self.broadcasting = True
+
+    def sync_by_broadcast(self, version: int) -> None:
+        """Learner rank 0 broadcasts the weights to every worker, which loads them; returns when all
+        have (on-policy runs only: no rollout is queued on a worker now). A worker that died
+        meanwhile is restarted and the pool goes over to the object store for the rest of the run:
+        the group cannot take the new process in."""
+        import ray
+
+        receives = {i: self.workers[i].receive_weights.remote(version) for i in self.group_members}
+        sent_error: Exception | None = None
+        try:
+            self.learners.send_weights()
+        except ray.exceptions.RayTaskError as exc:  # a worker left the group (the cause shows below)
+            sent_error = exc
+        dead, stuck = [], []
+        for i, ref in receives.items():
+            try:
+                ray.get(ref, timeout=self.sync_timeout)
+            except ray.exceptions.RayActorError:
+                dead.append(i)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError):
+                stuck.append(i)
+        if dead:
+            self.version = version
+            self._stop_broadcasting(dead)
+            return
+        if sent_error is not None or stuck:
+            raise WeightSyncTimeout(
+                f"rollout worker(s) {stuck or list(receives)} did not receive the weights of policy version {version} "
+                f"from learner rank 0 within weight_sync_timeout = {self.sync_timeout:g} s (ray.weight_sync: "
+                f"broadcast). Check the workers' logs (`ray logs`); {sent_error or ''}"
+            ) from sent_error
+        self.version = version
+
+    def _stop_broadcasting(self, dead: list[int]) -> None:
+        log.warning("rollout worker(s) %s died during a broadcast weight sync; the run goes on with ray.weight_sync: "
+                    "object_store (the group cannot take restarted workers in)", dead)
+        self.broadcasting = False
+        for engine in dead:
+            self.recover(engine)  # gives the restarted worker the weights (object store)
+        self.update(self.learners.publish_weights(), self.version)  # the workers the failed broadcast left behind
+        self.check_updates(block=True)
+
     def update(self, box: list, version: int) -> None:
         """Send new weights to every live worker. A worker loads them after the parts it already
         holds; the driver does not wait (`check_updates` reports a worker that never does)."""
@@ -274,6 +353,12 @@ class EnginePool:
             self.incarnations[engine] = incarnation
             self.restarts += 1
             log.warning("rollout worker %d was restarted by Ray; giving it policy version %d", engine, self.version)
+            if self.broadcasting:
+                # the restarted process is not in the group; on-policy, the learners hold exactly
+                # the weights of `self.version` while a rollout runs
+                self.broadcasting = False
+                log.warning("ray.weight_sync: the run goes on with the object store")
+                self.weights = self.learners.publish_weights()
             if self.weights is not None:
                 ray.get(self.workers[engine].update_weights.remote(self.weights, self.version), timeout=self.sync_timeout)
 
@@ -306,7 +391,7 @@ class EnginePool:
 
     def metrics(self) -> dict[str, float]:
         return {"ray/engine_restarts": float(self.restarts), "ray/requeued_chunks": float(self.requeued_chunks),
-                "ray/live_engines": float(sum(self.alive))}
+                "ray/live_engines": float(sum(self.alive)), "ray/weight_broadcast": float(self.broadcasting)}
 
     def close(self) -> None:
         import ray
