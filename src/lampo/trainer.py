@@ -57,10 +57,10 @@ from lampo.optimize.models import (
 )
 from lampo.optimize.ptx import ptx_batch
 from lampo.rollout.batch import RolloutBatch
-from lampo.rollout.engines import make_engine
+from lampo.rollout.engines import HFEngine, make_engine
 from lampo.rollout.multistep import PromptTooLongError, check_prompt_lengths, rollout
 from lampo.rollout.weight_sync import engine_weights
-from lampo.speed.machine import machine_peak
+from lampo.speed.machine import machine_peak, share_cores
 from lampo.tracking import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -393,8 +393,17 @@ class Trainer:
         if not cfg.train.do_train:  # evaluation only (PaddleNLP's do_train: 0)
             return self.evaluate_only()
         start = time.perf_counter()
+        # In-process async with the hf engine: the rollout thread and this one compute at once, each
+        # on half the cores; with all of them each, their OpenMP threads would spin against each
+        # other. (vLLM binds its own threads.)
+        split = self.max_staleness > 0 and self.sync_waits_for_rollouts and isinstance(self.engine, HFEngine)
+        threads = torch.get_num_threads()
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=self.max_staleness + 1,
-                                                         thread_name_prefix="lampo-actor")
+                                                         thread_name_prefix="lampo-actor",
+                                                         initializer=share_cores if split else None,
+                                                         initargs=(2,) if split else ())
+        if split:
+            share_cores(2)
         # step -> its rollout and rewards, under way or done (batches rolled out ahead of their step)
         inflight: dict[int, concurrent.futures.Future] = {
             self.start_step + i: _done_future(p) for i, p in enumerate(self.pending)}
@@ -492,6 +501,8 @@ class Trainer:
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
             self.tracker.close()
+            if split:
+                torch.set_num_threads(threads)
         return last_stats
 
     def _roll_out_ahead(self, first: int, last: int, inflight: dict[int, concurrent.futures.Future],

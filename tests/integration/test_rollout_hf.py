@@ -16,6 +16,7 @@ from lampo.rollout.weight_sync import engine_weights
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "examples" / "data" / "multistep"
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +137,48 @@ def test_make_engine_auto_reports_its_choice(tiny_model_path, tok, caplog, monke
     assert "engine: auto picked hf" in caplog.text
     with pytest.raises(ImportError, match="engine: vllm was requested but vllm is not installed"):
         make_engine(GenerationConfig(engine="vllm"), tiny_model_path, tok)
+
+
+@pytest.mark.parametrize("async_mode", [False, True], ids=["sync", "async"])
+def test_async_rollout_and_training_threads_each_take_half_the_cores(tmp_path, tiny_model_path, async_mode):
+    """In-process async with the hf engine: the rollout thread and the training thread compute at
+    once, each on half the cores (their OpenMP threads would otherwise spin against each other);
+    synchronous runs keep every core for each phase; the run gives the threads back."""
+    import os
+    import signal
+
+    from lampo.config import LampoConfig
+    from lampo.trainer import Trainer
+
+    cfg = LampoConfig(model_name_or_path=str(tiny_model_path), query_dataset=str(DATA), output_dir=str(tmp_path / "run"),
+                      engine="hf", batch_size=2, mini_batch_size=2, max_new_tokens=4, max_steps=3, async_mode=async_mode,
+                      non_stop_penalty=False, reward_model="lampo.reward.rules.VowelReward", report_to=[],
+                      progress=False, log_samples_steps=0, save_step=0, peak_flops=2e11)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = torch.get_num_threads()
+    trainer = Trainer(cfg)
+    seen: dict[str, list] = {"rollout": [], "train": []}
+    generate, train = trainer.engine.generate, trainer.learner.train
+
+    def recording_generate(*args, **kwargs):
+        seen["rollout"].append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+        return generate(*args, **kwargs)
+
+    def recording_train(*args, **kwargs):
+        seen["train"].append(torch.get_num_threads())
+        return train(*args, **kwargs)
+
+    trainer.engine.generate, trainer.learner.train = recording_generate, recording_train
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    half = max(1, len(os.sched_getaffinity(0)) // 2)
+    ahead = [threads for in_main, threads in seen["rollout"] if not in_main]
+    if async_mode:
+        assert ahead and set(ahead) == {half} and set(seen["train"]) == {half}
+    else:
+        assert not ahead and {t for _, t in seen["rollout"]} == {before} and set(seen["train"]) == {before}
+    assert torch.get_num_threads() == before

@@ -118,8 +118,9 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
 
 
 def share_cores(sharing: int) -> None:
-    """Give torch this process's share of the cores it may run on, when `sharing` processes compute
-    on them at once. A Ray actor starts with one thread per CPU it reserved (Ray sets
+    """Give torch this process's (or thread's: torch's intra-op thread count belongs to the calling
+    thread) share of the cores it may run on, when `sharing` processes or threads compute on them
+    at once. A Ray actor starts with one thread per CPU it reserved (Ray sets
     OMP_NUM_THREADS): a rollout worker or learner that runs while the other waits would leave the
     rest of the machine idle. More threads than cores, across processes that compute together,
     is far worse: OpenMP's threads spin while they wait for each other."""
