@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -230,11 +231,11 @@ def test_two_learners_a_learner_killed_then_resumed_equals_the_uninterrupted_run
     learn = trainer.group.learn
     calls = []
 
-    def learn_and_lose_rank_1(batch, *args):
+    def learn_and_lose_rank_1(batch, *args, **kwargs):
         calls.append(len(batch))
         if len(calls) == 3:
             ray.kill(trainer.group.workers[1], no_restart=True)
-        return learn(batch, *args)
+        return learn(batch, *args, **kwargs)
 
     trainer.group.learn = learn_and_lose_rank_1
     try:
@@ -305,3 +306,64 @@ def test_a_reward_that_fails_for_good_stops_the_run_with_a_checkpoint(tmp_path, 
     assert [r["step"] for r in trained(out)] == [1, 2]
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["step"] == 2
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """docs/ray.md's multi-node commands on this machine: a head and a second node, one CPU each, on
+    loopback, with token authentication on both (a token of the test's own, in a file named by
+    RAY_AUTH_TOKEN_PATH). Yields (address, the environment a driver needs); stops only the
+    processes of its own temp dir."""
+    import os
+    import secrets
+    import tempfile
+
+    from lampo.distributed.ray.cluster import free_port
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    token = Path(temp) / "token"
+    token.write_text(secrets.token_hex(32))
+    port = free_port()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    try:
+        for args in (["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"],
+                     [f"--address=127.0.0.1:{port}"]):
+            done = subprocess.run([ray_cli, "start", *args, *common], env={**os.environ, **auth}, capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 0, done.stderr[-3000:]
+        for _ in range(60):  # the second node registers with the head a moment after `ray start` returns
+            status = subprocess.run([ray_cli, "status", f"--address=127.0.0.1:{port}"], env={**os.environ, **auth},
+                                    capture_output=True, text=True, timeout=60)
+            if "0.0/2.0 CPU" in status.stdout and status.stdout.count(" node_") == 2:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"the two-node cluster did not come up:\n{status.stdout}{status.stderr}")
+        yield f"127.0.0.1:{port}", auth
+    finally:
+        subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("weight_sync", ["object_store", "broadcast"])
+def test_a_run_joins_a_two_node_cluster_its_worker_and_learner_on_different_nodes(tmp_path, tiny_model_path,
+                                                                                 weight_sync, two_node_cluster):
+    """The multi-node path: `python -m lampo.ppo_ray --address` of a cluster `ray start` made, with
+    its token. Each node has one CPU and the worker and the learner take one each, so they run on
+    different nodes, and the weights cross between the nodes' object stores (or over the broadcast
+    group's TCP links)."""
+    import os
+
+    address, auth = two_node_cluster
+    cfg = write_config(tmp_path, tiny_model_path, reward_model="lampo.reward.rules.VowelReward", max_staleness=0,
+                       weight_sync=weight_sync, report_to=[])
+    done = subprocess.run([sys.executable, "-m", "lampo.ppo_ray", "--config", str(cfg), "--address", address],
+                          capture_output=True, text=True, timeout=600, env={**env(), **auth}, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = trained(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["ray/weight_broadcast"] == float(weight_sync == "broadcast")
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert os.environ.get("RAY_AUTH_TOKEN_PATH") is None  # the cluster's token went to the driver only
