@@ -330,8 +330,8 @@ def two_node_cluster():
     try:
         for args in (["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"],
                      [f"--address=127.0.0.1:{port}"]):
-            done = subprocess.run([ray_cli, "start", *args, *common], env={**os.environ, **auth}, capture_output=True,
-                                  text=True, timeout=120)
+            done = subprocess.run([ray_cli, "start", *args, *common], capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, **auth, "LAMPO_TEST_RAY_CLUSTER": temp})
             assert done.returncode == 0, done.stderr[-3000:]
         for _ in range(60):  # the second node registers with the head a moment after `ray start` returns
             status = subprocess.run([ray_cli, "status", f"--address=127.0.0.1:{port}"], env={**os.environ, **auth},
@@ -343,8 +343,37 @@ def two_node_cluster():
             pytest.fail(f"the two-node cluster did not come up:\n{status.stdout}{status.stderr}")
         yield f"127.0.0.1:{port}", auth
     finally:
-        subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        _kill_processes_started_with(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _kill_processes_started_with(marker: str) -> None:
+    """Kill every process whose environment holds `marker` (the cluster's temp dir, in a variable of
+    the test's own, which `ray start` passes on to what it starts), and their descendants (the
+    raylets' agents get an environment of their own). `ray stop` would stop every Ray cluster on
+    the machine."""
+    import os
+    import signal
+
+    parents: dict[int, int] = {}
+    marked: set[int] = set()
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            parents[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                marked.add(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    doomed, grew = set(marked), True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in doomed} - doomed
+        doomed |= more
+        grew = bool(more)
+    for pid in doomed - {os.getpid()}:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 @pytest.mark.parametrize("weight_sync", ["object_store", "broadcast"])

@@ -140,7 +140,8 @@ def test_make_engine_auto_reports_its_choice(tiny_model_path, tok, caplog, monke
 
 
 @pytest.mark.parametrize("async_mode", [False, True], ids=["sync", "async"])
-def test_async_rollout_and_training_threads_each_take_half_the_cores(tmp_path, tiny_model_path, async_mode):
+def test_async_rollout_and_training_threads_each_take_half_the_cores(tmp_path, tiny_model_path, async_mode,
+                                                                    monkeypatch):
     """In-process async with the hf engine: the rollout thread and the training thread compute at
     once, each on half the cores (their OpenMP threads would otherwise spin against each other);
     synchronous runs keep every core for each phase; the run gives the threads back."""
@@ -154,6 +155,9 @@ def test_async_rollout_and_training_threads_each_take_half_the_cores(tmp_path, t
                       engine="hf", batch_size=2, mini_batch_size=2, max_new_tokens=4, max_steps=3, async_mode=async_mode,
                       non_stop_penalty=False, reward_model="lampo.reward.rules.VowelReward", report_to=[],
                       progress=False, log_samples_steps=0, save_step=0, peak_flops=2e11)
+    # An in-process vLLM that an earlier test started replaces torch.set_num_threads with a no-op for
+    # the rest of the process (vllm/v1/worker/cpu_worker.py); a run with the hf engine never starts one.
+    monkeypatch.setattr(torch, "set_num_threads", torch._C.set_num_threads)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     before = torch.get_num_threads()
     trainer = Trainer(cfg)
