@@ -136,47 +136,9 @@ def test_a_broadcast_run_trains_as_the_object_store_run(tmp_path, tiny_model_pat
     assert_same_steps(runs["object_store"], runs["broadcast"])
 
 
-def test_a_worker_killed_under_broadcast_sync_is_restarted_and_the_run_goes_on_by_object_store(tmp_path,
-                                                                                             tiny_model_path):
-    cfg = driver_config(tmp_path, tiny_model_path, num_engines=2, max_staleness=0, max_steps=4, weight_sync="broadcast")
-    trainer = RayTrainer(cfg)
-    dispatches, batches, modes = [], [], []
-    dispatch, to_train_batch, sync = trainer.pool.dispatch, trainer.to_train_batch, trainer.sync
-
-    def dispatch_then_kill(rows, seed):
-        job = dispatch(rows, seed)
-        dispatches.append(job)
-        if len(dispatches) == 2:  # step 2's rows are queued on both workers: one dies under them
-            ray.kill(trainer.pool.workers[job.chunks[0].engine], no_restart=False)
-        return job
-
-    def recording_to_train_batch(produced):
-        batches.append(produced.batch)
-        return to_train_batch(produced)
-
-    def recording_sync():
-        modes.append(trainer.pool.broadcasting)
-        sync()
-        # either way every worker holds the new version (a call queues behind an object-store update)
-        assert trainer.pool.call_all("held_version") == [trainer.policy_version] * 2
-
-    trainer.pool.dispatch, trainer.to_train_batch, trainer.sync = (dispatch_then_kill, recording_to_train_batch,
-                                                                   recording_sync)
-    try:
-        last = trainer.train()
-        G = cfg.generation.num_generations
-        expected = [sorted(r.index for r in trainer.sampler.rows_for(s) for _ in range(G)) for s in range(4)]
-    finally:
-        trainer.close()
-    assert modes == [True, False, False, False]  # the sync after step 1 broadcast; the death came in step 2
-    assert last["ray/engine_restarts"] == 1 and last["ray/weight_broadcast"] == 0.0 and last["ray/live_engines"] == 2
-    assert [sorted(b.prompt_index.tolist()) for b in batches] == expected
-    assert [r["policy/version_lag"] for r in trained(Path(cfg.train.output_dir))] == [0.0] * 4
-
-
-def test_a_worker_killed_mid_run_is_restarted_and_its_rows_rolled_out_again(tmp_path, tiny_model_path):
-    cfg = driver_config(tmp_path, tiny_model_path, num_engines=2, max_staleness=1, max_steps=4)
-    trainer = RayTrainer(cfg)
+def kill_a_worker_in_step_2(trainer) -> list:
+    """Kill the worker holding step 2's first part right after step 2 is sent out (its rows are then
+    queued on both workers); returns the list every trained batch is appended to."""
     dispatches, batches = [], []
     dispatch, to_train_batch = trainer.pool.dispatch, trainer.to_train_batch
 
@@ -192,6 +154,39 @@ def test_a_worker_killed_mid_run_is_restarted_and_its_rows_rolled_out_again(tmp_
         return to_train_batch(produced)
 
     trainer.pool.dispatch, trainer.to_train_batch = dispatch_then_kill, recording_to_train_batch
+    return batches
+
+
+def test_a_worker_killed_under_broadcast_sync_is_restarted_and_the_run_goes_on_by_object_store(tmp_path,
+                                                                                             tiny_model_path):
+    cfg = driver_config(tmp_path, tiny_model_path, num_engines=2, max_staleness=0, max_steps=4, weight_sync="broadcast")
+    trainer = RayTrainer(cfg)
+    batches, modes = kill_a_worker_in_step_2(trainer), []
+    sync = trainer.sync
+
+    def recording_sync():
+        modes.append(trainer.pool.broadcasting)
+        sync()
+        # either way every worker holds the new version (a call queues behind an object-store update)
+        assert trainer.pool.call_all("held_version") == [trainer.policy_version] * 2
+
+    trainer.sync = recording_sync
+    try:
+        last = trainer.train()
+        G = cfg.generation.num_generations
+        expected = [sorted(r.index for r in trainer.sampler.rows_for(s) for _ in range(G)) for s in range(4)]
+    finally:
+        trainer.close()
+    assert modes == [True, False, False, False]  # the sync after step 1 broadcast; the death came in step 2
+    assert last["ray/engine_restarts"] == 1 and last["ray/weight_broadcast"] == 0.0 and last["ray/live_engines"] == 2
+    assert [sorted(b.prompt_index.tolist()) for b in batches] == expected
+    assert [r["policy/version_lag"] for r in trained(Path(cfg.train.output_dir))] == [0.0] * 4
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_its_rows_rolled_out_again(tmp_path, tiny_model_path):
+    cfg = driver_config(tmp_path, tiny_model_path, num_engines=2, max_staleness=1, max_steps=4)
+    trainer = RayTrainer(cfg)
+    batches = kill_a_worker_in_step_2(trainer)
     try:
         last = trainer.train()
         G = cfg.generation.num_generations
