@@ -245,9 +245,6 @@ class EnginePool:
         broadcast`); `sync_by_broadcast` then sends each update through it."""
         import ray
 
-        from lampo.distributed.ray.learners import LearnerGroup
-
-        assert isinstance(learners, LearnerGroup)
         self.learners = learners
         live = [i for i, ok in enumerate(self.alive) if ok]
         address, port = learners.rendezvous()
@@ -293,13 +290,21 @@ class EnginePool:
         self.version = version
 
     def _stop_broadcasting(self, dead: list[int]) -> None:
-        log.warning("rollout worker(s) %s died during a broadcast weight sync; the run goes on with ray.weight_sync: "
-                    "object_store (the group cannot take restarted workers in)", dead)
-        self.broadcasting = False
+        self._to_object_store(f"rollout worker(s) {dead} died during a broadcast weight sync")
         for engine in dead:
-            self.recover(engine)  # gives the restarted worker the weights (object store)
-        self.update(self.learners.publish_weights(), self.version)  # the workers the failed broadcast left behind
+            self.recover(engine)  # the restarted worker gets the object store's weights
+        self.update(self.weights, self.version)  # the workers the failed broadcast left behind
         self.check_updates(block=True)
+
+    def _to_object_store(self, why: str) -> None:
+        """Leave the broadcast group for the rest of the run: a restarted process cannot join it.
+        On-policy, the learners hold exactly the weights of `self.version` while no update runs."""
+        if not self.broadcasting:
+            return
+        log.warning("%s; the run goes on with ray.weight_sync: object_store (the broadcast group cannot take "
+                    "restarted workers in)", why)
+        self.broadcasting = False
+        self.weights = self.learners.publish_weights()
 
     def update(self, box: list, version: int) -> None:
         """Send new weights to every live worker. A worker loads them after the parts it already
@@ -353,12 +358,7 @@ class EnginePool:
             self.incarnations[engine] = incarnation
             self.restarts += 1
             log.warning("rollout worker %d was restarted by Ray; giving it policy version %d", engine, self.version)
-            if self.broadcasting:
-                # the restarted process is not in the group; on-policy, the learners hold exactly
-                # the weights of `self.version` while a rollout runs
-                self.broadcasting = False
-                log.warning("ray.weight_sync: the run goes on with the object store")
-                self.weights = self.learners.publish_weights()
+            self._to_object_store(f"rollout worker {engine} was restarted")
             if self.weights is not None:
                 ray.get(self.workers[engine].update_weights.remote(self.weights, self.version), timeout=self.sync_timeout)
 
