@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,19 @@ def test_single_jsonl_file_carves_a_test_split_with_the_seed(tmp_path):
     c = load_prompt_dataset(cfg, seed=2)
     all_steps = sorted(r.steps for r in c["train"] + c["test"])
     assert all_steps == sorted(r.steps for r in a["train"] + a["test"])  # a partition of the same rows
+
+
+def test_json_data_loads_without_the_datasets_library(tmp_path, monkeypatch):
+    """A bare image (the GPU check's) may lack `datasets`: JSON files, alone or in a folder, need none."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with pytest.raises(ImportError):
+        import datasets  # noqa: F401
+    one = load_prompt_dataset(DataConfig(query_dataset=str(write_jsonl(tmp_path / "prompts.jsonl", ROWS))), seed=0)
+    write_jsonl(tmp_path / "folder" / "train.jsonl", ROWS[:6])
+    write_jsonl(tmp_path / "folder" / "test.jsonl", ROWS[6:])
+    folder = load_prompt_dataset(DataConfig(query_dataset=str(tmp_path / "folder")), seed=0)
+    assert len(one["train"]) + len(one["test"]) == 10
+    assert [r.steps[0] for r in folder["test"]] == [f"question {i}" for i in range(6, 10)]
 
 
 def test_carve_test_split_keeps_at_least_one_row_each():

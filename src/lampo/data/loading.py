@@ -118,9 +118,9 @@ def load_splits(source: str) -> dict[str, tuple[list[dict], list[str]]]:
 
 
 def load_split_records(source: str) -> dict[str, Records]:
-    """split name -> its `Records`, whatever the source."""
-    import datasets
-
+    """split name -> its `Records`, whatever the source. JSON files are read here; the datasets
+    library is imported only for what needs it (saved datasets, hub ids, CSV and parquet), so a
+    machine without it (a bare GPU image) still trains on JSON data."""
     path = Path(source)
     if path.is_file():
         builder = FILE_TYPES.get(_suffix(path))
@@ -128,6 +128,8 @@ def load_split_records(source: str) -> dict[str, Records]:
             raise DataFormatError(f"query_dataset '{source}': unsupported file type; use {sorted(FILE_TYPES)}")
         return {"train": _read_files([path])}
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        import datasets
+
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.Dataset):
             ds = datasets.DatasetDict({"train": ds})
@@ -140,6 +142,8 @@ def load_split_records(source: str) -> dict[str, Records]:
             f"resolved from the current directory {Path.cwd()}"
         )
     else:
+        import datasets
+
         ds = datasets.load_dataset(source)  # a hub id
     return {name: Records(split.to_list(), list(split.column_names),
                           [f"{source}, split '{name}', row {i + 1}" for i in range(len(split))], f"{source}")
