@@ -4,7 +4,8 @@ Three comparisons through the real commands, on the benchmark config of benchmar
 (the hf engine, grpo, batch 8 x 4 samples) and a reward server started here:
 1. overhead: `ppo_ray` with one rollout worker, one learner, max_staleness 0 and one part per
    worker (one rollout call per batch, as in-process) against `ppo_vllm` with async_mode false, on
-   the tiny and the small model, the trivial reward; the default two parts are run beside;
+   the tiny and the small model, the trivial reward; beside it the same with `colocate: true`
+   (engine and learner in one actor) and with the default two parts;
 2. rollout workers: 1 against 2 (max_staleness 1, the tiny model, the trivial reward);
 3. asynchrony: a reward model that sleeps 200 ms per call and scores one call at a time (the
    server's micro-batching merges what waits); `ppo_ray` with max_staleness 0, 1 and 2 (rewards
@@ -73,9 +74,13 @@ IN_PROCESS_SYNC = ("lampo.ppo_vllm", {"async_mode": "false"})
 IN_PROCESS_ASYNC = ("lampo.ppo_vllm", {"async_mode": "true"})
 
 
-def ray(staleness: int, engines: int = 1, parts: int = 2) -> tuple[str, dict]:
+def ray(staleness: int, engines: int = 1, parts: int = 2, colocate: bool = False) -> tuple[str, dict]:
     return ("lampo.ppo_ray", {"max_staleness": staleness, "num_engines": engines, "num_learners": 1,
-                              "chunks_per_engine": parts})
+                              "chunks_per_engine": parts, "colocate": str(colocate).lower()})
+
+
+OVERHEAD_RUNS = {"ray staleness 0": ray(0, parts=1), "ray colocated": ray(0, parts=1, colocate=True),
+                 "ray staleness 0, 2 parts": ray(0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{server.port}"
         for size in sizes:
             common = {"reward_model": url, "model_name_or_path": str(model_dir(size))}
-            results[f"overhead/{size}"] = compare({"in-process sync": IN_PROCESS_SYNC, "ray staleness 0": ray(0, parts=1),
-                                                   "ray staleness 0, 2 parts": ray(0)}, steps, rounds, common)
+            results[f"overhead/{size}"] = compare({"in-process sync": IN_PROCESS_SYNC, **OVERHEAD_RUNS}, steps, rounds,
+                                                  common)
         common = {"reward_model": url, "model_name_or_path": str(model_dir("tiny"))}
         results["engines"] = compare({"ray 1 worker": ray(1, 1), "ray 2 workers": ray(1, 2)}, steps, rounds, common)
     with RewardServer(REWARDS["sleep200ms"]) as server:
@@ -113,17 +118,19 @@ def render(data: dict) -> str:
     res = data["results"]
     parts = []
     rows = []
-    for key in sorted(k for k in res if k.startswith("overhead/")):
+    overhead = sorted(k for k in res if k.startswith("overhead/"))
+    names = [name for name in OVERHEAD_RUNS if all(name in res[k] for k in overhead)]
+    for key in overhead:
         r = res[key]
         base = r["in-process sync"]["step_s"]["median"]
-        one, two = r["ray staleness 0"], r["ray staleness 0, 2 parts"]
-        rows.append([key.split("/")[1], span(r["in-process sync"]["step_s"]), span(one["step_s"]),
-                     f"{one['step_s']['median'] / base - 1:+.1%}", span(two["step_s"]),
-                     f"{two['step_s']['median'] / base - 1:+.1%}",
-                     f"{r['in-process sync']['start_s']['median']:.0f} / {one['start_s']['median']:.0f}"])
+        runs = [r[name] for name in names]
+        rows.append([key.split("/")[1], span(r["in-process sync"]["step_s"])]
+                    + [cell for run in runs for cell in (span(run["step_s"]), f"{run['step_s']['median'] / base - 1:+.1%}")]
+                    + [" / ".join(f"{x['start_s']['median']:.0f}" for x in [r["in-process sync"], *runs])])
     parts.append("Ray against in-process, one worker and one learner, on-policy (goal: at most +10% per step)\n\n"
-                 + table(["model", "in-process s/step", "ray s/step", "ray overhead", "ray, 2 parts s/step",
-                          "2 parts overhead", "start-up s, in-process / ray"], rows, "lrrrrrr"))
+                 + table(["model", "in-process s/step"]
+                         + [h for name in names for h in (f"{name} s/step", "overhead")]
+                         + ["start-up s, in-process / " + " / ".join(names)], rows, "l" + "r" * (2 * len(names) + 2)))
     e = res["engines"]
     parts.append("Rollout workers, max_staleness 1, tiny model\n\n" + table(
         ["workers", "s/step (min-max)", "mean time/rollout s", "steps/s vs 1 worker"],

@@ -383,7 +383,7 @@ class RayConfig:
     deepspeed_config: str | None = None
     """DeepSpeed JSON for learner_backend: deepspeed (null: ZeRO stage 2 with Lampo's optimiser settings)."""
     colocate: bool = False
-    """Engines and learners share devices (engine i with learner i; on GPU vLLM sleeps while the learners train); needs max_staleness 0."""
+    """Engine i runs in learner i's process, on its device, and loads its weights from memory (on GPU vLLM sleeps while it trains); needs max_staleness 0."""
     max_staleness: int = 1
     """Policy updates a batch may lag behind the update that trains it: 0 is on-policy, 1 rolls out the next batch while one trains."""
     chunks_per_engine: int = 2
@@ -757,6 +757,9 @@ class LampoConfig:
             _check(y.num_engines == y.num_learners and y.engine_tensor_parallel_size == 1, "colocate", y.colocate,
                    f"places engine i with learner i: needs num_engines = num_learners (now {y.num_engines} and "
                    f"{y.num_learners}) and engine_tensor_parallel_size 1")
+            _check(y.weight_sync == "auto", "weight_sync", y.weight_sync, "does not apply with colocate: true, where "
+                   "engine i runs in learner i's process and loads its weights from memory: set weight_sync: auto, "
+                   "or colocate: false")
 
     def steps_for(self, world: int) -> int:
         """Training steps with `world` data-parallel processes: total_episodes counts conversations

@@ -78,14 +78,36 @@ def test_one_worker_one_learner_matches_ppo_vllm(tmp_path, tiny_model_path):
     assert (out["lampo.ppo_ray"] / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("weight_sync", ["object_store", "broadcast"])
+def assert_engines_hold_the_learners_weights(trainer: RayTrainer, model: Path) -> None:
+    """Every live engine's greedy output is that of the learner's weights, and it holds the policy version."""
+    tok = trainer.tokenizer
+    prompts = [tok("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+               ["input_ids"], tok("Why do rivers bend?", add_special_tokens=False)["input_ids"]]
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=8)
+    # what the learner holds, through the object store whichever way the workers got it
+    weights = dict(unpack_weights(ray.get(trainer.group.publish_weights()[0])))
+    reference = HFEngine(str(model), tok)
+    missing, unexpected = reference.model.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    expected = [g[0].token_ids for g in reference.generate(prompts, greedy)]
+    held = [[g[0].token_ids for g in out] for out in trainer.pool.call_all("generate", prompts, greedy)]
+    live = sum(trainer.pool.alive)
+    assert held == [expected] * live
+    assert trainer.pool.call_all("held_version") == [trainer.policy_version] * live
+
+
+@pytest.mark.parametrize("weight_sync", ["object_store", "broadcast", "colocated"])
 def test_two_vllm_workers_hold_the_learners_weights_after_every_sync(tmp_path, tiny_model_path, weight_sync):
-    # the broadcast sends each update while no rollout runs: on-policy
+    # the broadcast sends each update while no rollout runs: on-policy; colocated, each of two
+    # learners holds an engine in its process and loads it from memory
     staleness = 1 if weight_sync == "object_store" else 0
+    ray_section = (dict(colocate=True, num_learners=2) if weight_sync == "colocated"
+                   else dict(weight_sync=weight_sync))
     cfg = driver_config(tmp_path, tiny_model_path, engine="vllm", num_engines=2, max_staleness=staleness,
-                        weight_sync=weight_sync)
+                        **ray_section)
     trainer = RayTrainer(cfg)
     assert trainer.pool.broadcasting == (weight_sync == "broadcast")
+    assert trainer.pool.colocated == (weight_sync == "colocated")
     used, checked = set(), []
     send = trainer.pool._send
 
@@ -94,22 +116,10 @@ def test_two_vllm_workers_hold_the_learners_weights_after_every_sync(tmp_path, t
         used.add(chunk.engine)
 
     sync = trainer.sync
-    tok = trainer.tokenizer
-    prompts = [tok("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
-               ["input_ids"], tok("Why do rivers bend?", add_special_tokens=False)["input_ids"]]
-    greedy = SamplingSettings(temperature=0.0, max_new_tokens=8)
 
     def checked_sync():
         sync()
-        # what the learner holds, through the object store whichever way the workers got it
-        weights = dict(unpack_weights(ray.get(trainer.group.publish_weights()[0])))
-        reference = HFEngine(str(tiny_model_path), tok)
-        missing, unexpected = reference.model.load_state_dict(weights, strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}
-        expected = [g[0].token_ids for g in reference.generate(prompts, greedy)]
-        held = [[g[0].token_ids for g in out] for out in trainer.pool.call_all("generate", prompts, greedy)]
-        assert held == [expected, expected]
-        assert trainer.pool.call_all("held_version") == [trainer.policy_version] * 2
+        assert_engines_hold_the_learners_weights(trainer, tiny_model_path)
         checked.append(trainer.policy_version)
 
     trainer.pool._send, trainer.sync = record_send, checked_sync
@@ -134,6 +144,39 @@ def test_a_broadcast_run_trains_as_the_object_store_run(tmp_path, tiny_model_pat
     assert len(runs["broadcast"]) == 3
     assert [r["ray/weight_broadcast"] for r in runs["broadcast"]] == [1.0] * 3
     assert_same_steps(runs["object_store"], runs["broadcast"])
+
+
+def test_a_colocated_run_trains_as_ppo_vllm_and_resumes_with_the_checkpoints_weights_in_its_engine(tmp_path,
+                                                                                                    tiny_model_path):
+    """colocate: the engine in the learner's actor, on-policy: the in-process synchronous run's samples
+    and losses. Resumed from checkpoint-2 in a new directory, the engine (started from the base model)
+    holds the checkpoint's weights before the first step, and step 3 is the whole run's."""
+    cfg = write_config(tmp_path, tiny_model_path, engine="vllm", reward_model="lampo.reward.rules.VowelReward",
+                       async_mode=False, colocate=True, max_staleness=0, save_step=2, report_to=[])
+    out = {}
+    for module in ("lampo.ppo_vllm", "lampo.ppo_ray"):
+        out[module] = tmp_path / module
+        done = run_module(module, cfg, "--output_dir", str(out[module]))
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (trained(out[m]) for m in ("lampo.ppo_vllm", "lampo.ppo_ray"))
+    assert len(a) == 3 and [r["policy/version_lag"] for r in b] == [0.0] * 3
+    assert_same_steps(a, b)
+    samples = [[json.loads(line)["messages"] for line in (out[m] / "rollouts.jsonl").read_text().splitlines()]
+               for m in ("lampo.ppo_vllm", "lampo.ppo_ray")]
+    assert samples[0] == samples[1] and samples[0]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out["lampo.ppo_ray"] / "checkpoint-2", resumed / "checkpoint-2")
+    trainer = RayTrainer(LampoConfig({**yaml.safe_load(cfg.read_text()), "output_dir": str(resumed),
+                                      "resume_from_checkpoint": "auto"}))
+    try:
+        assert trainer.pool.colocated and trainer.policy_version == 2
+        assert_engines_hold_the_learners_weights(trainer, tiny_model_path)
+        trainer.train()
+    finally:
+        trainer.close()
+    assert [r["step"] for r in trained(resumed)] == [3]
+    assert_same_steps(b[2:], trained(resumed))
 
 
 def kill_a_worker_in_step_2(trainer) -> list:

@@ -28,6 +28,8 @@ from lampo.distributed.ray.cluster import actor_cpus, computing_at_once, plan, w
     (dict(weight_sync="nccl"), r"'weight_sync' = 'nccl' has the wrong type"),
     (dict(colocate=True, max_staleness=0, num_engines=2, num_learners=1),
      r"'colocate' = True is invalid: .*num_engines = num_learners \(now 2 and 1\)"),
+    (dict(colocate=True, max_staleness=0, weight_sync="broadcast"),
+     r"'weight_sync' = 'broadcast' is invalid: does not apply with colocate: true.*set weight_sync: auto"),
 ])
 def test_a_bad_ray_key_is_refused_naming_it(kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -45,11 +47,22 @@ def test_the_ray_section_reads_flat_and_sectioned():
 def test_separate_placement_asks_one_cpu_per_actor_on_a_cpu_machine():
     cfg = LampoConfig(num_engines=2, num_learners=3).ray
     placement = plan(cfg)
-    assert placement.placement_group is None
     assert placement.engine_options == [{"num_cpus": 1, "num_gpus": 0}] * 2
     assert placement.learner_options == [{"num_cpus": 1, "num_gpus": 0}] * 3
     assert actor_cpus(cfg) == 5
-    assert actor_cpus(LampoConfig(colocate=True, max_staleness=0, num_engines=2, num_learners=2).ray) == 2
+
+
+def test_colocated_pairs_are_one_actor_each_on_one_device(monkeypatch):
+    import torch
+
+    cfg = LampoConfig(colocate=True, max_staleness=0, num_engines=2, num_learners=2).ray
+    for gpus in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpus=gpus: gpus)
+        placement = plan(cfg)
+        # no rollout worker of its own: each learner's actor holds its engine
+        assert placement.engine_options == []
+        assert placement.learner_options == [{"num_cpus": 1, "num_gpus": int(gpus)}] * 2
+    assert actor_cpus(cfg) == 2
 
 
 @pytest.mark.parametrize(("kw", "engine", "learner"), [
@@ -89,7 +102,8 @@ def test_weights_travel_as_arrays_and_come_back_equal_in_every_dtype():
     (dict(max_staleness=0), False, "object_store"),           # CPUs: the object store reads arrays in place
     (dict(max_staleness=0), True, "broadcast"),               # GPUs, on-policy: NCCL skips the host copy
     (dict(max_staleness=1), True, "object_store"),            # batches in flight: the object store's hand-off
-    (dict(max_staleness=0, colocate=True), True, "object_store"),  # NCCL cannot join two ranks on one GPU
+    (dict(max_staleness=0, colocate=True), True, "in_process"),  # engine i in learner i's process
+    (dict(max_staleness=0, colocate=True), False, "in_process"),
     (dict(max_staleness=0, weight_sync="broadcast"), False, "broadcast"),  # asked for: gloo on CPUs
     (dict(max_staleness=0, weight_sync="object_store"), True, "object_store"),
 ])

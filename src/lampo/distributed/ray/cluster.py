@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,12 +20,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Placement:
-    """The Ray resources of each actor, and the placement group that holds them together."""
+    """The Ray resources of each actor."""
 
     engine_options: list[dict[str, Any]]
+    """One per rollout worker of its own (none when colocated)."""
     learner_options: list[dict[str, Any]]
-    placement_group: Any = None
-    notes: list[str] = field(default_factory=list)
 
 
 def connect(ray_cfg: Any, cpus_needed: int) -> bool:
@@ -64,53 +63,26 @@ def computing_at_once(ray_cfg: Any, role: str) -> int:
 
 
 def weight_sync_mode(ray_cfg: Any) -> str:
-    """How this run's weights reach the rollout workers: `ray.weight_sync`, with auto resolved to a
-    broadcast on GPUs (NCCL skips the host copy) for on-policy runs with separate devices, else the
-    object store."""
+    """How this run's weights reach the rollout workers: in memory when colocated (engine i lives in
+    learner i's process), else `ray.weight_sync`, with auto resolved to a broadcast on GPUs (NCCL
+    skips the host copy) for on-policy runs, else the object store."""
+    if ray_cfg.colocate:
+        return "in_process"
     if ray_cfg.weight_sync != "auto":
         return ray_cfg.weight_sync
-    on_policy_gpus = torch.cuda.is_available() and ray_cfg.max_staleness == 0 and not ray_cfg.colocate
+    on_policy_gpus = torch.cuda.is_available() and ray_cfg.max_staleness == 0
     return "broadcast" if on_policy_gpus else "object_store"
 
 
 def plan(ray_cfg: Any) -> Placement:
-    """Each actor's resources. Separate: a learner takes one GPU (on CPU, one CPU), a rollout worker
-    `engine_tensor_parallel_size` GPUs. Colocated: learner i and engine i share bundle i of a
-    placement group, half of it each, so they land on the same device."""
+    """Each actor's resources. A learner takes one GPU (on CPU, one CPU), a rollout worker
+    `engine_tensor_parallel_size` GPUs. Colocated, there are no rollout workers of their own:
+    each learner's actor also holds engine i (`learners.ColocatedWorker`), on the learner's device."""
     gpu = torch.cuda.is_available()
-    if not ray_cfg.colocate:
-        engine = {"num_cpus": 1, "num_gpus": ray_cfg.engine_tensor_parallel_size if gpu else 0}
-        learner = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
-        return Placement([dict(engine) for _ in range(ray_cfg.num_engines)],
-                         [dict(learner) for _ in range(ray_cfg.num_learners)])
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
-    group = placement_group([dict(bundle) for _ in range(ray_cfg.num_learners)], strategy="PACK")
-    half = {"num_cpus": 0.5, "num_gpus": 0.5 if gpu else 0}
-
-    def in_bundle(i: int) -> dict[str, Any]:
-        strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i)
-        return {**half, "scheduling_strategy": strategy}
-
-    return Placement([in_bundle(i) for i in range(ray_cfg.num_engines)],
-                     [in_bundle(i) for i in range(ray_cfg.num_learners)], group)
-
-
-def wait_for_placement(placement: Placement, timeout: float = 600.0) -> None:
-    """Block until the placement group's resources are reserved; an error says what was asked for."""
-    if placement.placement_group is None:
-        return
-    import ray
-
-    try:
-        ray.get(placement.placement_group.ready(), timeout=timeout)
-    except ray.exceptions.GetTimeoutError as exc:
-        raise RuntimeError(
-            f"the Ray cluster could not reserve {placement.placement_group.bundle_specs} for the colocated engines "
-            f"and learners within {timeout:.0f} s; check `ray status` for free CPUs and GPUs"
-        ) from exc
+    learner = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+    engine = {"num_cpus": 1, "num_gpus": ray_cfg.engine_tensor_parallel_size if gpu else 0}
+    return Placement([] if ray_cfg.colocate else [dict(engine) for _ in range(ray_cfg.num_engines)],
+                     [dict(learner) for _ in range(ray_cfg.num_learners)])
 
 
 def free_port() -> int:

@@ -66,21 +66,17 @@ class RayTrainer(Trainer):
         self.group: LearnerGroup | None = None
         try:
             placement = cluster.plan(y)
-            cluster.wait_for_placement(placement)
-            gpu_colocated = y.colocate and torch.cuda.is_available()
             vllm_kwargs: dict[str, Any] = {}
             if y.engine_tensor_parallel_size > 1:
                 vllm_kwargs["tensor_parallel_size"] = y.engine_tensor_parallel_size
-            if gpu_colocated:
-                vllm_kwargs["enable_sleep_mode"] = True
-            self.sleeps = gpu_colocated
+            if y.colocate and torch.cuda.is_available():
+                vllm_kwargs["enable_sleep_mode"] = True  # vLLM frees the GPU while its process trains
             t0 = time.perf_counter()
-            self.group = LearnerGroup(cfg, placement.learner_options, self.resume_from, self.num_steps)
-            self.pool = EnginePool(cfg, placement.engine_options, vllm_kwargs)
+            self.group = LearnerGroup(cfg, placement.learner_options, self.resume_from, self.num_steps,
+                                      colocated_engines=vllm_kwargs if y.colocate else None)
+            self.pool = EnginePool(cfg, placement.engine_options, vllm_kwargs,
+                                   colocated=self.group.workers if y.colocate else None)
             if cluster.weight_sync_mode(y) == "broadcast":
-                if gpu_colocated:
-                    raise ConfigError("config key 'weight_sync' = 'broadcast' is invalid with colocate: true on GPUs: "
-                                      "NCCL cannot join two processes on one GPU. Use weight_sync: object_store")
                 self.pool.open_weight_group(self.group)
             log.info("ray: %d rollout worker(s) and %d learner(s) ready in %.0f s", y.num_engines, y.num_learners,
                      time.perf_counter() - t0)
@@ -128,13 +124,9 @@ class RayTrainer(Trainer):
 
     # ------------------------------------------------------------------ phases 3-5
     def learn(self, batch: TrainBatch) -> dict[str, float]:
-        if self.sleeps:
-            self.pool.call_all("sleep")
-        try:
-            return self.group.learn(batch, self.pool.prompt_cache_block, self.SUMMED, publish=not self.pool.broadcasting)
-        finally:
-            if self.sleeps:
-                self.pool.call_all("wake_up")
+        # the weights go out at the end of the same call (by broadcast: in `sync`)
+        publish_as = None if self.pool.broadcasting else self.policy_version + 1
+        return self.group.learn(batch, self.pool.prompt_cache_block, self.SUMMED, publish_as=publish_as)
 
     def step_flops(self, batch: TrainBatch) -> dict[str, float]:
         return self.group.flops  # rank 0's part; every rank trains as many rows
@@ -144,7 +136,10 @@ class RayTrainer(Trainer):
 
     # ------------------------------------------------------------------ phase 6
     def sync(self) -> None:
-        if self.pool.broadcasting:
+        if self.pool.colocated:
+            self.group.load_own_weights(self.policy_version)
+            self.pool.version = self.policy_version
+        elif self.pool.broadcasting:
             self.pool.sync_by_broadcast(self.policy_version)
         else:
             self.pool.update(self.group.publish_weights(), self.policy_version)

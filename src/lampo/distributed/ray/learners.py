@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lampo import checkpoint as ckpt
+from lampo.distributed.ray.rollout import EngineWorker
 from lampo.trainer import RANK_STATES, WorkerLost
 
 log = logging.getLogger(__name__)
@@ -108,10 +109,11 @@ class LearnerWorker:
         return AccelerateDDP(Accelerator(cpu=not gpu))
 
     # ------------------------------------------------------------------ phases 3-5
-    def learn(self, batch, cache_block: int, publish: bool) -> tuple[dict[str, float], dict[str, float], list | None]:
+    def learn(self, batch, cache_block: int, publish_as: int | None) -> tuple[dict[str, float], dict[str, float],
+                                                                              list | None]:
         """`Learner.train` on this rank's part of the batch; (its metrics, its floating-point work, with
-        `publish` the updated weights as `publish_weights` gives them, else None): the object-store
-        sync that follows every update costs no call of its own."""
+        `publish_as` (the policy version the update makes) the updated weights as `publish_weights`
+        gives them, else None): the object-store sync that follows every update costs no call of its own."""
         from lampo import perf
 
         before = self._optimizer_steps()
@@ -122,8 +124,8 @@ class LearnerWorker:
             self.consistent = self._optimizer_steps() == before  # failed before any update: still whole
             raise
         self.consistent = True
-        return stats, perf.learner_step_flops(self.learner, batch, cache_block), (self.publish_weights() if publish
-                                                                                 else None)
+        return stats, perf.learner_step_flops(self.learner, batch, cache_block), (
+            None if publish_as is None else self.publish_weights())
 
     def _optimizer_steps(self) -> float:
         """Adam's step count of the first trained parameter: whether an update has been applied."""
@@ -207,24 +209,82 @@ class LearnerWorker:
             self.learner.strategy.close()
 
 
+class ColocatedWorker(LearnerWorker, EngineWorker):
+    """Learner rank i and rollout worker i in one process (`ray.colocate`), as verl's hybrid engine:
+    the engine loads the policy's weights from memory, and the device (on CPU, the cores) passes
+    between generation and training without a hand-off between processes. The driver calls it as a
+    learner (`LearnerGroup`) and as a rollout worker (`EnginePool`); one death ends both roles."""
+
+    def __init__(self, cfg: Any, rank: int, world: int) -> None:
+        LearnerWorker.__init__(self, cfg, rank, world)
+
+    def set_up(self, address: str, port: int, resume: str | None, num_steps: int,
+               vllm_kwargs: dict[str, Any] | None = None) -> float | None:
+        """The learner first, then the engine (seeded as rollout worker `rank` would be): the learners'
+        process group must exist before vLLM starts in the process, as in `ppo_vllm`'s ranks."""
+        from lampo.rollout.engines import VLLMEngine
+
+        peak = LearnerWorker.set_up(self, address, port, resume, num_steps)
+        self._start_engine(self.cfg, self.rank, self.cfg.train.seed + self.rank, vllm_kwargs)
+        self.sleeps = isinstance(self.engine, VLLMEngine) and bool((vllm_kwargs or {}).get("enable_sleep_mode"))
+        return peak
+
+    def learn(self, batch, cache_block: int, publish_as: int | None) -> tuple[dict[str, float], dict[str, float],
+                                                                              None]:
+        """`LearnerWorker.learn` (on GPU with vLLM asleep, its memory freed for training), then with
+        `publish_as` this process's engine loads the updated weights."""
+        if self.sleeps:
+            self.engine.sleep()
+        try:
+            stats, flops, _ = LearnerWorker.learn(self, batch, cache_block, None)
+        finally:
+            if self.sleeps:
+                self.engine.wake_up()
+        if publish_as is not None:
+            self.load_own_weights(publish_as)
+        return stats, flops, None
+
+    def load_own_weights(self, version: int) -> int:
+        """The engine takes the learner's weights as policy `version` (under ZeRO-3 every rank gathers them
+        for its own engine, as in `Trainer.sync`)."""
+        from lampo.rollout.weight_sync import engine_weights
+
+        policy = self.learner.unwrapped_policy()
+        with self.learner.full_weights(policy):
+            self.engine.update_weights(engine_weights(policy))
+        self.version = version
+        return version
+
+    def close(self) -> None:
+        LearnerWorker.close(self)
+        if getattr(self, "engine", None) is not None:  # None when set_up failed before the engine started
+            EngineWorker.close(self)
+
+
 class LearnerGroup:
     """The driver's side of the learner group: splits each batch over the ranks, gathers metrics."""
 
-    def __init__(self, cfg: Any, placement_options: list[dict[str, Any]], resume: Path | None, num_steps: int):
+    def __init__(self, cfg: Any, placement_options: list[dict[str, Any]], resume: Path | None, num_steps: int,
+                 colocated_engines: dict[str, Any] | None = None):
+        """colocated_engines: the vLLM settings of an engine in every rank's process (`ColocatedWorker`)."""
         import ray
 
         self.cfg = cfg
         self.world = len(placement_options)
-        actor = ray.remote(LearnerWorker).options
+        self.colocated = colocated_engines is not None
+        actor = ray.remote(ColocatedWorker if self.colocated else LearnerWorker).options
         self.workers = [actor(max_restarts=0, **opts).remote(cfg, rank, self.world)
                         for rank, opts in enumerate(placement_options)]
         address, port = ray.get(self.workers[0].rendezvous.remote())
-        peaks = self._all("set_up", address, port, None if resume is None else str(resume), num_steps)
+        engine = (colocated_engines,) if self.colocated else ()
+        peaks = self._all("set_up", address, port, None if resume is None else str(resume), num_steps, *engine)
         self.peak_flops = peaks[0]
         self.lr = cfg.optim.learning_rate
         self.flops: dict[str, float] = {}
         self.fresh_weights: list | None = None
         """The weights the last `learn` published (rank 0's box), until `publish_weights` hands them on."""
+        self.published_as: int | None = None
+        """The policy version the last `learn` published (colocated: loaded into every rank's engine)."""
 
     def _all(self, method: str, *args: Any, parts: list | None = None) -> list:
         """`method` on every rank (with its own part of `parts` first, when given); their results in
@@ -259,13 +319,15 @@ class LearnerGroup:
         return [batch.select(torch.arange(r * per, (r + 1) * per if r < self.world - 1 else len(batch)))
                 for r in range(self.world)]
 
-    def learn(self, batch, cache_block: int, summed: tuple[str, ...], publish: bool = True) -> dict[str, float]:
-        """Train every rank on its part; with `publish`, rank 0 also puts the updated weights in the
-        object store (`publish_weights` hands them on)."""
-        self.fresh_weights = None
-        results = self._all("learn", cache_block, publish, parts=self.split(batch))
+    def learn(self, batch, cache_block: int, summed: tuple[str, ...], publish_as: int | None = None) -> dict[str, float]:
+        """Train every rank on its part; with `publish_as` (the policy version the update makes), rank 0
+        also puts the updated weights in the object store (`publish_weights` hands them on), or
+        colocated, every rank's engine loads them."""
+        self.fresh_weights, self.published_as = None, None
+        results = self._all("learn", cache_block, publish_as, parts=self.split(batch))
         stats = [s for s, _, _ in results]
         self.flops, self.fresh_weights = results[0][1], results[0][2]
+        self.published_as = publish_as
         out = {}
         for key in stats[0]:
             values = [s[key] for s in stats if key in s]
@@ -277,6 +339,13 @@ class LearnerGroup:
         width = batch.input_ids.shape[1]  # a part is as wide as its longest row
         return torch.cat([torch.nn.functional.pad(lp, (0, width - lp.shape[1]))
                           for lp in self._all("logprobs", parts=self.split(batch))])
+
+    def load_own_weights(self, version: int) -> None:
+        """Colocated: every rank's engine holds the policy's weights as `version` (the last `learn` loaded
+        them already, unless nothing was trained or the run resumed)."""
+        if self.published_as != version:
+            self._all("load_own_weights", version)
+        self.published_as = version
 
     def publish_weights(self) -> list:
         """The policy's weights in the object store: those the last `learn` put there, else put now."""

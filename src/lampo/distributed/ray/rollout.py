@@ -74,6 +74,9 @@ class EngineWorker:
     """One rollout worker (a Ray actor): the tokenizer, an engine, and the policy version it holds."""
 
     def __init__(self, cfg: Any, index: int, seed: int, vllm_kwargs: dict[str, Any] | None = None) -> None:
+        self._start_engine(cfg, index, seed, vllm_kwargs)
+
+    def _start_engine(self, cfg: Any, index: int, seed: int, vllm_kwargs: dict[str, Any] | None) -> None:
         from lampo import speed
         from lampo.distributed.ray.cluster import computing_at_once
         from lampo.distributed.strategy import local_device
@@ -167,15 +170,19 @@ class Job:
 class EnginePool:
     """The driver's side of the rollout workers: where each part goes, weight updates, restarts."""
 
-    def __init__(self, cfg: Any, placement_options: list[dict[str, Any]], vllm_kwargs: dict[str, Any] | None = None):
+    def __init__(self, cfg: Any, placement_options: list[dict[str, Any]], vllm_kwargs: dict[str, Any] | None = None,
+                 colocated: list | None = None):
+        """colocated: the learners' actors, each holding an engine (`learners.ColocatedWorker`), in place
+        of rollout workers of their own."""
         import ray
 
         y = cfg.ray
         self.cfg = cfg
         self.chunks_per_engine = y.chunks_per_engine
         self.sync_timeout = y.weight_sync_timeout
+        self.colocated = colocated is not None
         actor = ray.remote(EngineWorker).options
-        self.workers = [
+        self.workers = list(colocated) if colocated is not None else [
             actor(max_restarts=y.engine_max_restarts, max_task_retries=0, name=None, **opts)
             .remote(cfg, i, cfg.train.seed + i, vllm_kwargs)
             for i, opts in enumerate(placement_options)
@@ -345,6 +352,12 @@ class EnginePool:
         it the current weights; a worker Ray no longer restarts leaves the pool."""
         import ray
 
+        if self.colocated:
+            from lampo.distributed.ray.learners import LearnerDied
+
+            world = len(self.workers)
+            raise LearnerDied(f"colocated worker {engine} (rollout worker and learner rank {engine}) died",
+                              survivor_can_save=engine != 0 and world > 1 and self.cfg.ray.learner_backend == "ddp")
         with self._engine_locks[engine]:
             if not self.alive[engine]:
                 return
@@ -396,6 +409,8 @@ class EnginePool:
     def close(self) -> None:
         import ray
 
+        if self.colocated:
+            return  # the learner group closes the actors it shares
         for worker in self.workers:
             try:
                 ray.get(worker.close.remote(), timeout=60)
