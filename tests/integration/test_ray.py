@@ -242,6 +242,35 @@ def test_a_worker_killed_mid_run_is_restarted_and_its_rows_rolled_out_again(tmp_
     assert (Path(cfg.train.output_dir) / "model.safetensors").exists()
 
 
+def test_a_colocated_pair_that_dies_rolling_out_stops_the_run_and_rank_0_saves_alone(tmp_path, tiny_model_path):
+    """colocate: pair 1 (rollout worker and learner rank 1 in one actor) dies under step 2's rollout.
+    Its rows are not sent elsewhere: a learner is lost, so the run stops, and rank 0 writes the
+    checkpoint of step 1 on its own."""
+    cfg = driver_config(tmp_path, tiny_model_path, colocate=True, num_engines=2, num_learners=2, max_staleness=0,
+                        max_steps=4)
+    trainer = RayTrainer(cfg)
+    dispatch, dispatches = trainer.pool.dispatch, []
+
+    def dispatch_then_kill_pair_1(rows, seed):
+        job = dispatch(rows, seed)
+        dispatches.append(job)
+        if len(dispatches) == 2:  # step 2's parts are queued on both pairs
+            assert {c.engine for c in job.chunks} == {0, 1}
+            ray.kill(trainer.pool.workers[1], no_restart=False)
+        return job
+
+    trainer.pool.dispatch = dispatch_then_kill_pair_1
+    try:
+        with pytest.raises(RunStopped, match=r"(?s)colocated worker 1 \(rollout worker and learner rank 1\) died"
+                                             r".*stopped after 1 trained steps; learner rank 0 saved checkpoint"):
+            trainer.train()
+    finally:
+        trainer.close()
+    state = json.loads((Path(cfg.train.output_dir) / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["step"] == 1 and state["processes"] == 2
+    assert [r["step"] for r in trained(Path(cfg.train.output_dir))] == [1]
+
+
 TWO_LEARNERS = dict(num_learners=2, max_staleness=1, max_steps=3, estimator="grpo", num_generations=2,
                     batch_size=2, mini_batch_size=4, reward_model="lampo.reward.rules.VowelReward", report_to=[])
 

@@ -6,7 +6,8 @@ remote calls to the rollout workers and the learner group.
                 to the reward model as soon as the part is back (rewards stream)
   learn         each learner rank trains its part of the batch (`LearnerGroup`)
   sync          learner rank 0 puts the weights in Ray's object store; every worker loads them
-                after the rollouts it already holds, without the driver waiting
+                after the rollouts it already holds, without the driver waiting (colocated, each
+                engine loads its own learner's weights in the learn call)
   checkpoints   the learners write theirs; the driver adds the batches rolled out ahead
 
 Up to `max_staleness` batches are rolled out ahead of the one training; a batch whose groups

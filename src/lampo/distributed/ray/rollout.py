@@ -349,7 +349,8 @@ class EnginePool:
 
     def recover(self, engine: int) -> None:
         """After a call to `engine` failed because its actor died: wait for Ray to restart it and give
-        it the current weights; a worker Ray no longer restarts leaves the pool."""
+        it the current weights; a worker Ray no longer restarts leaves the pool. A colocated worker
+        was a learner too: its death stops the run as a learner's does (`LearnerDied`)."""
         import ray
 
         if self.colocated:
