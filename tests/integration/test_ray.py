@@ -119,6 +119,7 @@ def test_two_vllm_workers_hold_the_learners_weights_after_every_sync(tmp_path, t
 
     def checked_sync():
         sync()
+        assert trainer.pool.alive == [True, True]
         assert_engines_hold_the_learners_weights(trainer, tiny_model_path)
         checked.append(trainer.policy_version)
 

@@ -215,9 +215,6 @@ class ColocatedWorker(LearnerWorker, EngineWorker):
     between generation and training without a hand-off between processes. The driver calls it as a
     learner (`LearnerGroup`) and as a rollout worker (`EnginePool`); one death ends both roles."""
 
-    def __init__(self, cfg: Any, rank: int, world: int) -> None:
-        LearnerWorker.__init__(self, cfg, rank, world)
-
     def set_up(self, address: str, port: int, resume: str | None, num_steps: int,
                vllm_kwargs: dict[str, Any] | None = None) -> float | None:
         """The learner first, then the engine (seeded as rollout worker `rank` would be): the learners'
