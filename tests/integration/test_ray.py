@@ -59,9 +59,11 @@ def driver_config(tmp_path: Path, model: Path, **overrides) -> LampoConfig:
     return LampoConfig(values)
 
 
-def test_one_worker_one_learner_matches_ppo_vllm(tmp_path, tiny_model_path):
-    """The same samples and losses as the in-process application: vLLM, one step off-policy."""
-    cfg = write_config(tmp_path, tiny_model_path, engine="vllm", reward_model="lampo.reward.rules.VowelReward",
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_one_worker_one_learner_matches_ppo_vllm(tmp_path, tiny_model_path, engine):
+    """The same samples and losses as the in-process application, one step off-policy; on each engine,
+    though the Ray worker gets the batch in parts (`chunks_per_engine`) and the in-process one whole."""
+    cfg = write_config(tmp_path, tiny_model_path, engine=engine, reward_model="lampo.reward.rules.VowelReward",
                        async_mode=True, max_staleness=1, report_to=[])
     out = {}
     for module in ("lampo.ppo_vllm", "lampo.ppo_ray"):

@@ -186,3 +186,21 @@ def test_async_rollout_and_training_threads_each_take_half_the_cores(tmp_path, t
     else:
         assert not ahead and {t for _, t in seen["rollout"]} == {before} and set(seen["train"]) == {before}
     assert torch.get_num_threads() == before
+
+
+def test_a_batch_rolled_out_in_parts_samples_what_one_call_samples(model, tok):
+    """As on vLLM (test_engines_vllm.py): a Ray rollout worker's part of a batch (`first_row`) draws
+    every conversation from the seeds it has in the whole batch, turn after turn, on the hf engine too."""
+    from lampo.data import PromptRow
+    from lampo.rollout.batch import RolloutBatch
+
+    gen_cfg = GenerationConfig(temperature=1.0, max_new_tokens=8, num_generations=2, stop_token=" ")
+    rows = [PromptRow(i, (f"Tell me about {word}.", "Why?", "And then?"))
+            for i, word in enumerate(["rivers", "glass", "ants", "salt", "clouds"])]
+    engine = HFEngine(model, tok)
+    whole = rollout(engine, tok, rows, gen_cfg, DataConfig(), policy_version=0, seed=11)
+    parts = [rollout(engine, tok, rows[a:b], gen_cfg, DataConfig(), policy_version=0, seed=11, first_row=a)
+             for a, b in ((0, 2), (2, 3), (3, 5))]
+    assert max(len(s) for s in whole.turn_spans) > 1  # later turns were sampled too
+    assert RolloutBatch.concat(parts, tok.pad_token_id).messages == whole.messages
+    assert rollout(engine, tok, rows, gen_cfg, DataConfig(), policy_version=0, seed=12).messages != whole.messages

@@ -110,3 +110,23 @@ def test_only_vllms_rotary_table_notice_is_dropped_on_reload():
     assert _rotary_table_notice(record("%s: Failed to load weights", "QKVParallelLinear"))
     assert _rotary_table_notice(record("%s: Delayed processing", "RotaryEmbedding"))
     assert _rotary_table_notice(record("Reloading took %.2f seconds", 0.1))
+
+
+def test_per_prompt_seeds_make_a_rows_draws_independent_of_its_batch():
+    # Sample k of prompt i draws from its own stream, seeded seeds[i] + k: the same prompt gives the
+    # same tokens alone or beside others, in any position; a single batch seed would not.
+    logits = [0.0] * 50
+
+    def tokens(seeds, n=2, steps=6):
+        sampler = _Sampler(SamplingSettings(temperature=1.0, n=n, seeds=seeds, max_new_tokens=steps),
+                           torch.device("cpu"))
+        rows = len(seeds) * n
+        drawn = [sampler(torch.zeros((rows, 1), dtype=torch.long), torch.tensor([logits] * rows)).argmax(-1)
+                 for _ in range(steps)]
+        return torch.stack(drawn, dim=1)
+
+    whole = tokens([100, 200, 300])
+    assert torch.equal(tokens([200]), whole[2:4])  # prompt 1's two samples, alone
+    assert torch.equal(tokens([300, 100]), torch.cat([whole[4:6], whole[0:2]]))  # reordered
+    assert not torch.equal(whole[0], whole[1])  # a prompt's samples differ from each other
+    assert torch.equal(tokens([101], n=1)[0], whole[1])  # sample 1 of seed 100 is seed 101's stream

@@ -58,8 +58,8 @@ class SamplingSettings:
     seed: int | None = None
     """Makes sampling reproducible for a given engine and batch; None draws fresh randomness."""
     seeds: list[int] | None = None
-    """One seed per prompt (vLLM: sample k of prompt i draws from seeds[i] + k), so a prompt's samples
-    do not depend on which call or worker it went to; the hf engine seeds each call from `seed`."""
+    """One seed per prompt: sample k of prompt i draws from seeds[i] + k, on both engines, so a
+    prompt's samples do not depend on which call or worker it went to, nor on the prompts beside it."""
     logprobs: bool = True
     """Report each sampled token's log-prob. vLLM then keeps per-token bookkeeping (10-20% of its
     throughput on a tiny model, under 2% on the small one); off, `Generation.logprobs` is all 0.
@@ -154,6 +154,8 @@ class HFEngine:
             for start in range(0, len(prompts), chunk):
                 # Each chunk its own random stream (a seeded chunk must not replay the previous one).
                 s = settings if settings.seed is None else dataclasses.replace(settings, seed=settings.seed + start)
+                if settings.seeds is not None:
+                    s = dataclasses.replace(s, seeds=settings.seeds[start : start + chunk])
                 out.extend(self._generate_chunk(prompts[start : start + chunk], s))
         return out
 
@@ -230,7 +232,16 @@ class _Sampler:
         if not self.greedy and s.top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p=s.top_p))
         self.generator = None
-        if s.seed is not None and not self.greedy:
+        self.uniforms: torch.Tensor | None = None
+        if s.seeds is not None and not self.greedy:
+            # Every row its own stream (row i * n + k: sample k of prompt i), drawn up front: a row's
+            # sample then depends on its seed alone, not on the rows batched beside it, as vLLM's
+            # per-request seeds do; so a batch split into parts samples as it does whole.
+            self.uniforms = torch.stack([
+                torch.rand(s.max_new_tokens, generator=torch.Generator().manual_seed(seed + k))
+                for seed in s.seeds for k in range(s.n)
+            ]).to(device)
+        elif s.seed is not None and not self.greedy:
             self.generator = torch.Generator(device=device).manual_seed(s.seed)
         self.steps: list[torch.Tensor] = []
         self._onehot: torch.Tensor | None = None
@@ -249,7 +260,10 @@ class _Sampler:
         # Inverse-CDF draw: one uniform per row (filling a [rows, vocab] tensor with random
         # numbers, as multinomial or an exponential race do, costs more than the model here).
         cdf = logp.exp().cumsum_(dim=-1)
-        u = torch.rand((scores.shape[0], 1), generator=self.generator, device=scores.device) * cdf[:, -1:]
+        if self.uniforms is not None:
+            u = self.uniforms[:, len(self.steps), None] * cdf[:, -1:]
+        else:
+            u = torch.rand((scores.shape[0], 1), generator=self.generator, device=scores.device) * cdf[:, -1:]
         choice = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[1] - 1)
         self.steps.append(logp.gather(1, choice).squeeze(1))
         # A one-hot that generate's greedy argmax reads at once: reuse one buffer, only the
