@@ -38,6 +38,30 @@ def run_module(module: str, config: Path, *extra: str, timeout: float = 600) -> 
                           text=True, timeout=timeout, env=env(), cwd=ROOT)
 
 
+def run_in_process_and_on_ray(config: Path, out: Path, timeout: float = 600) -> dict[str, Path]:
+    """`lampo.ppo_vllm` and `lampo.ppo_ray` on `config`, started together (each has its own engine, and
+    ppo_ray its own cluster; much of either is start-up on one core): their output directories."""
+    runs = {}
+    for module in ("lampo.ppo_vllm", "lampo.ppo_ray"):
+        run_dir = out / module
+        run_dir.mkdir(parents=True)
+        log = (run_dir.parent / f"{module}.log").open("w")
+        cmd = [sys.executable, "-m", module, "--config", str(config), "--output_dir", str(run_dir)]
+        runs[module] = (run_dir, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                                       env=env(), cwd=ROOT))
+    try:
+        for module, (run_dir, log, proc) in runs.items():
+            code = proc.wait(timeout=timeout)
+            log.close()
+            assert code == 0, f"{module} exited {code}:\n" + (run_dir.parent / f"{module}.log").read_text()[-3000:]
+    finally:
+        for _, log, proc in runs.values():
+            proc.kill()  # a run still going when another failed
+            proc.wait()
+            log.close()
+    return {module: run_dir for module, (run_dir, _, _) in runs.items()}
+
+
 def trained(run_dir: Path) -> list[dict]:
     return [r for r in metrics(run_dir) if "objective/scores" in r]
 
@@ -65,12 +89,7 @@ def test_one_worker_one_learner_matches_ppo_vllm(tmp_path, tiny_model_path, engi
     though the Ray worker gets the batch in parts (`chunks_per_engine`) and the in-process one whole."""
     cfg = write_config(tmp_path, tiny_model_path, engine=engine, reward_model="lampo.reward.rules.VowelReward",
                        async_mode=True, max_staleness=1, report_to=[])
-    out = {}
-    for module in ("lampo.ppo_vllm", "lampo.ppo_ray"):
-        run_dir = tmp_path / module
-        done = run_module(module, cfg, "--output_dir", str(run_dir))
-        assert done.returncode == 0, done.stderr[-3000:]
-        out[module] = run_dir
+    out = run_in_process_and_on_ray(cfg, tmp_path)
     a, b = (trained(out[m]) for m in ("lampo.ppo_vllm", "lampo.ppo_ray"))
     assert len(a) == 3 and [r["policy/version_lag"] for r in b] == [0.0, 1.0, 1.0]
     assert_same_steps(a, b)
@@ -156,11 +175,7 @@ def test_a_colocated_run_trains_as_ppo_vllm_and_resumes_with_the_checkpoints_wei
     holds the checkpoint's weights before the first step, and step 3 is the whole run's."""
     cfg = write_config(tmp_path, tiny_model_path, engine="vllm", reward_model="lampo.reward.rules.VowelReward",
                        async_mode=False, colocate=True, max_staleness=0, save_step=2, report_to=[])
-    out = {}
-    for module in ("lampo.ppo_vllm", "lampo.ppo_ray"):
-        out[module] = tmp_path / module
-        done = run_module(module, cfg, "--output_dir", str(out[module]))
-        assert done.returncode == 0, done.stderr[-3000:]
+    out = run_in_process_and_on_ray(cfg, tmp_path)
     a, b = (trained(out[m]) for m in ("lampo.ppo_vllm", "lampo.ppo_ray"))
     assert len(a) == 3 and [r["policy/version_lag"] for r in b] == [0.0] * 3
     assert_same_steps(a, b)
