@@ -66,7 +66,8 @@ def compare(variants: dict[str, tuple[str, dict]], steps: int, rounds: int, comm
                    "steps_per_s": 1.0 / statistics.median(r["time/training"] for r in rows),
                    "start_s": summary(start[name]),
                    "phases_mean_s": {k: statistics.mean(r.get(k, 0.0) for r in rows)
-                                     for k in ("time/rollout", "time/reward", "time/optimize", "time/weight_sync")}}
+                                     for k in ("time/rollout", "time/reward", "time/forward", "time/advantages",
+                                               "time/optimize", "time/weight_sync")}}
             for name, rows in pooled.items()}
 
 
