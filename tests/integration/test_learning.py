@@ -28,6 +28,8 @@ pytestmark = pytest.mark.slow
 NEW_TOKENS, STEPS, SEEDS = 8, 80, (0, 1, 2)
 RISE = 0.3
 """The mean reward of the last 10 steps must beat the first 10 steps' by this much (from ~0.1)."""
+MAX_WORKERS = 4
+"""Processes the runs share at most: each holds its own torch and transformers in memory."""
 
 ESTIMATORS = {
     "gae": dict(estimator="gae"),
@@ -90,7 +92,7 @@ def runs(request, tiny_model_path):
     the runs finish up to cores times sooner side by side than one after another."""
     cases = [(item.callspec.params["estimator"], item.callspec.params["kind"]) for item in request.session.items
              if item.module is request.module and item.originalname == "test_reward_rises"]
-    workers = min(len(os.sched_getaffinity(0)), len(cases) * len(SEEDS)) or 1
+    workers = min(len(os.sched_getaffinity(0)), MAX_WORKERS, len(cases) * len(SEEDS)) or 1
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=one_thread) as pool:
         yield {(e, k, seed): pool.submit(learn, tiny_model_path, e, k, seed) for e, k in cases for seed in SEEDS}
