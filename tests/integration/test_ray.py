@@ -38,28 +38,33 @@ def run_module(module: str, config: Path, *extra: str, timeout: float = 600) -> 
                           text=True, timeout=timeout, env=env(), cwd=ROOT)
 
 
-def run_in_process_and_on_ray(config: Path, out: Path, timeout: float = 600) -> dict[str, Path]:
-    """`lampo.ppo_vllm` and `lampo.ppo_ray` on `config`, started together (each has its own engine, and
-    ppo_ray its own cluster; much of either is start-up on one core): their output directories."""
-    runs = {}
-    for module in ("lampo.ppo_vllm", "lampo.ppo_ray"):
-        run_dir = out / module
+def run_side_by_side(runs: dict[str, tuple[str, Path]], out: Path, timeout: float = 600) -> dict[str, Path]:
+    """name -> (module, config): the runs started together (each has its own engines, and a ppo_ray run
+    its own cluster; much of any run is start-up on one core); name -> its output directory."""
+    started = {}
+    for name, (module, config) in runs.items():
+        run_dir = out / name
         run_dir.mkdir(parents=True)
-        log = (run_dir.parent / f"{module}.log").open("w")
+        log = (out / f"{name}.log").open("w")
         cmd = [sys.executable, "-m", module, "--config", str(config), "--output_dir", str(run_dir)]
-        runs[module] = (run_dir, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                                       env=env(), cwd=ROOT))
+        started[name] = (log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env(),
+                                               cwd=ROOT))
     try:
-        for module, (run_dir, log, proc) in runs.items():
+        for name, (log, proc) in started.items():
             code = proc.wait(timeout=timeout)
             log.close()
-            assert code == 0, f"{module} exited {code}:\n" + (run_dir.parent / f"{module}.log").read_text()[-3000:]
+            assert code == 0, f"{name} exited {code}:\n" + (out / f"{name}.log").read_text()[-3000:]
     finally:
-        for _, log, proc in runs.values():
+        for log, proc in started.values():
             proc.kill()  # a run still going when another failed
             proc.wait()
             log.close()
-    return {module: run_dir for module, (run_dir, _, _) in runs.items()}
+    return {name: out / name for name in runs}
+
+
+def run_in_process_and_on_ray(config: Path, out: Path) -> dict[str, Path]:
+    """`lampo.ppo_vllm` and `lampo.ppo_ray` on `config`, side by side: module -> its output directory."""
+    return run_side_by_side({module: (module, config) for module in ("lampo.ppo_vllm", "lampo.ppo_ray")}, out)
 
 
 def trained(run_dir: Path) -> list[dict]:
@@ -155,14 +160,13 @@ def test_two_vllm_workers_hold_the_learners_weights_after_every_sync(tmp_path, t
 
 def test_a_broadcast_run_trains_as_the_object_store_run(tmp_path, tiny_model_path):
     """Two workers, on-policy: the same samples and losses whichever way the weights travel."""
-    runs = {}
+    configs = {}
     for mode in ("object_store", "broadcast"):
         (tmp_path / mode).mkdir()
-        cfg = write_config(tmp_path / mode, tiny_model_path, engine="hf", reward_model="lampo.reward.rules.VowelReward",
-                           num_engines=2, max_staleness=0, weight_sync=mode, report_to=[])
-        done = run_module("lampo.ppo_ray", cfg, "--output_dir", str(tmp_path / mode / "run"))
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[mode] = trained(tmp_path / mode / "run")
+        configs[mode] = ("lampo.ppo_ray", write_config(tmp_path / mode, tiny_model_path, engine="hf",
+                                                       reward_model="lampo.reward.rules.VowelReward", num_engines=2,
+                                                       max_staleness=0, weight_sync=mode, report_to=[]))
+    runs = {mode: trained(run_dir) for mode, run_dir in run_side_by_side(configs, tmp_path / "runs").items()}
     assert len(runs["broadcast"]) == 3
     assert [r["ray/weight_broadcast"] for r in runs["broadcast"]] == [1.0] * 3
     assert_same_steps(runs["object_store"], runs["broadcast"])
