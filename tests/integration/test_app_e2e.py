@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,6 +108,32 @@ def write_config(tmp_path: Path, model_path: Path, **overrides) -> Path:
 def run_app(config: Path, *extra: str, launcher: list[str] | None = None, timeout: float = 600):
     cmd = (launcher or [sys.executable, "-m"]) + ["lampo.ppo_vllm", "--config", str(config), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+
+
+def run_together(commands: dict[str, list[str]], timeout: float = 600) -> dict[str, subprocess.CompletedProcess]:
+    """Independent commands started together, each with its output captured: name -> the finished
+    process. Much of a tiny run is start-up on one core, so two side by side take less time than
+    one after the other. Commands still going when one times out are killed."""
+    started = {}
+    for name, cmd in commands.items():
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files, not pipes: none fills up
+        started[name] = (subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env(), cwd=ROOT), out, err)
+    done = {}
+    try:
+        for name, (proc, out, err) in started.items():
+            proc.wait(timeout=timeout)
+            out.seek(0), err.seek(0)
+            done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+    finally:
+        for proc, out, err in started.values():
+            proc.kill()
+            proc.wait()
+            out.close(), err.close()
+    return done
+
+
+def app_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lampo.ppo_vllm", "--config", str(config), *extra]
 
 
 def start_app_and_wait_for_step_1(config: Path, stderr=subprocess.PIPE, pythonpath: Path | None = None
@@ -293,16 +320,13 @@ sys.exit(main(sys.argv[1:]))
 
 def test_resume_after_kill_during_checkpoint_write_equals_uninterrupted_run(tmp_path, tiny_model_path):
     common = dict(reward_model="lampo.reward.rules.VowelReward", max_steps=4, save_step=1, async_mode=True)
-    a = tmp_path / "a"
-    a.mkdir()
-    out = run_app(write_config(a, tiny_model_path, **common))
-    assert out.returncode == 0, out.stderr[-3000:]
-
-    b = tmp_path / "b"
-    b.mkdir()
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
     cfg_b = write_config(b, tiny_model_path, **common)
-    killed = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, "--config", str(cfg_b)], capture_output=True,
-                            text=True, env=env(), cwd=ROOT, timeout=600)
+    done = run_together({"a": app_command(write_config(a, tiny_model_path, **common)),
+                         "killed": [sys.executable, "-c", KILL_IN_SAVE, "--config", str(cfg_b)]})
+    out, killed = done["a"], done["killed"]
+    assert out.returncode == 0, out.stderr[-3000:]
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     from lampo.checkpoint import find_latest_checkpoint
 
@@ -402,10 +426,10 @@ def test_lora_resume_equals_uninterrupted_run(tmp_path, tiny_model_path, estimat
                   use_peft=True, lora_r=4, lora_alpha=8, learning_rate=1e-2, **group)
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    out = run_app(write_config(a, tiny_model_path, **common))
-    assert out.returncode == 0, out.stderr[-3000:]
     cfg_b = write_config(b, tiny_model_path, **common, early_stop={"episode": 8.0})
-    first = run_app(cfg_b)
+    done = run_together({"a": app_command(write_config(a, tiny_model_path, **common)), "b": app_command(cfg_b)})
+    out, first = done["a"], done["b"]
+    assert out.returncode == 0, out.stderr[-3000:]
     assert first.returncode == 0 and "early stop at step 2" in first.stdout + first.stderr, first.stderr[-3000:]
     resumed = run_app(cfg_b, "--resume_from_checkpoint", str(b / "run" / "checkpoint-2"), "--early_stop", "null")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
