@@ -4,7 +4,7 @@ learners, a rollout worker killed mid-run, a learner killed mid-run and the resu
 and stale batches rolled out again.
 
 Some runs drive `RayTrainer` from the test process, to reach into its phases (kill an actor at
-a chosen moment, inspect every sync); each one shuts down the cluster it started.
+a chosen moment, inspect every sync); they share one local cluster, and each kills its actors.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from test_app_e2e import DATA, ROOT, env, metrics, write_config
+from test_app_e2e import DATA, ROOT, env, metrics, run_together, write_config
 
 from lampo.config import LampoConfig
 from lampo.distributed.ray.driver import RayTrainer
@@ -40,25 +40,13 @@ def run_module(module: str, config: Path, *extra: str, timeout: float = 600) -> 
 
 def run_side_by_side(runs: dict[str, tuple[str, Path]], out: Path, timeout: float = 600) -> dict[str, Path]:
     """name -> (module, config): the runs started together (each has its own engines, and a ppo_ray run
-    its own cluster; much of any run is start-up on one core); name -> its output directory."""
-    started = {}
+    its own cluster); name -> its output directory."""
+    commands = {}
     for name, (module, config) in runs.items():
-        run_dir = out / name
-        run_dir.mkdir(parents=True)
-        log = (out / f"{name}.log").open("w")
-        cmd = [sys.executable, "-m", module, "--config", str(config), "--output_dir", str(run_dir)]
-        started[name] = (log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env(),
-                                               cwd=ROOT))
-    try:
-        for name, (log, proc) in started.items():
-            code = proc.wait(timeout=timeout)
-            log.close()
-            assert code == 0, f"{name} exited {code}:\n" + (out / f"{name}.log").read_text()[-3000:]
-    finally:
-        for log, proc in started.values():
-            proc.kill()  # a run still going when another failed
-            proc.wait()
-            log.close()
+        (out / name).mkdir(parents=True)
+        commands[name] = [sys.executable, "-m", module, "--config", str(config), "--output_dir", str(out / name)]
+    for name, done in run_together(commands, timeout).items():
+        assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stderr[-3000:]}"
     return {name: out / name for name in runs}
 
 
@@ -86,6 +74,19 @@ def driver_config(tmp_path: Path, model: Path, **overrides) -> LampoConfig:
               "reward_model": "lampo.reward.rules.VowelReward", "vllm_kv_cache_gb": 0.25,
               "vllm_enforce_eager": True, **overrides}
     return LampoConfig(values)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local cluster for the runs this test process drives: `RayTrainer` joins the Ray it finds
+    started (`cluster.connect`), and each run kills the actors it made. Starting and stopping a
+    cluster costs seconds a run."""
+    from lampo.config import RayConfig
+    from lampo.distributed.ray.cluster import connect
+
+    assert connect(RayConfig(local_num_cpus=4), cpus_needed=4)  # two rollout workers and two learners at most
+    yield
+    ray.shutdown()
 
 
 @pytest.mark.parametrize("engine", ["vllm", "hf"])
@@ -122,6 +123,7 @@ def assert_engines_hold_the_learners_weights(trainer: RayTrainer, model: Path) -
     assert trainer.pool.call_all("held_version") == [trainer.policy_version] * live
 
 
+@pytest.mark.usefixtures("cluster")
 @pytest.mark.parametrize("weight_sync", ["object_store", "broadcast", "colocated"])
 def test_two_vllm_workers_hold_the_learners_weights_after_every_sync(tmp_path, tiny_model_path, weight_sync):
     # the broadcast sends each update while no rollout runs: on-policy; colocated, each of two
@@ -172,6 +174,7 @@ def test_a_broadcast_run_trains_as_the_object_store_run(tmp_path, tiny_model_pat
     assert_same_steps(runs["object_store"], runs["broadcast"])
 
 
+@pytest.mark.usefixtures("cluster")
 def test_a_colocated_run_trains_as_ppo_vllm_and_resumes_with_the_checkpoints_weights_in_its_engine(tmp_path,
                                                                                                     tiny_model_path):
     """colocate: the engine in the learner's actor, on-policy: the in-process synchronous run's samples
@@ -222,6 +225,7 @@ def kill_a_worker_in_step_2(trainer) -> list:
     return batches
 
 
+@pytest.mark.usefixtures("cluster")
 def test_a_worker_killed_under_broadcast_sync_is_restarted_and_the_run_goes_on_by_object_store(tmp_path,
                                                                                              tiny_model_path):
     cfg = driver_config(tmp_path, tiny_model_path, num_engines=2, max_staleness=0, max_steps=4, weight_sync="broadcast")
@@ -248,6 +252,7 @@ def test_a_worker_killed_under_broadcast_sync_is_restarted_and_the_run_goes_on_b
     assert [r["policy/version_lag"] for r in trained(Path(cfg.train.output_dir))] == [0.0] * 4
 
 
+@pytest.mark.usefixtures("cluster")
 def test_a_worker_killed_mid_run_is_restarted_and_its_rows_rolled_out_again(tmp_path, tiny_model_path):
     cfg = driver_config(tmp_path, tiny_model_path, num_engines=2, max_staleness=1, max_steps=4)
     trainer = RayTrainer(cfg)
@@ -264,6 +269,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_its_rows_rolled_out_again(tmp_
     assert (Path(cfg.train.output_dir) / "model.safetensors").exists()
 
 
+@pytest.mark.usefixtures("cluster")
 def test_a_colocated_pair_that_dies_rolling_out_stops_the_run_and_rank_0_saves_alone(tmp_path, tiny_model_path):
     """colocate: pair 1 (rollout worker and learner rank 1 in one actor) dies under step 2's rollout.
     Its rows are not sent elsewhere: a learner is lost, so the run stops, and rank 0 writes the
@@ -298,17 +304,32 @@ TWO_LEARNERS = dict(num_learners=2, max_staleness=1, max_steps=3, estimator="grp
 
 
 @pytest.fixture(scope="module")
-def two_learners(tmp_path_factory, tiny_model_path) -> tuple[Path, list[dict]]:
-    """(config file, metrics) of an uninterrupted ppo_ray run with two data-parallel learners."""
+def two_learners(tmp_path_factory, tiny_model_path):
+    """(config file, `reference()`): an uninterrupted ppo_ray run with two data-parallel learners,
+    started in the background so that the tests' own runs start beside it; `reference()` waits for
+    it and returns its trained steps' metrics."""
     tmp = tmp_path_factory.mktemp("two_learners")
     cfg = write_config(tmp, tiny_model_path, output_dir=str(tmp / "whole"), **TWO_LEARNERS)
-    done = run_module("lampo.ppo_ray", cfg)
-    assert done.returncode == 0, done.stderr[-3000:]
-    reference = trained(tmp / "whole")
-    assert len(reference) == 3
-    return cfg, reference
+    log = (tmp / "whole.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "lampo.ppo_ray", "--config", str(cfg)], stdout=log,
+                            stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
+
+    def reference() -> list[dict]:
+        code = proc.wait(timeout=600)
+        assert code == 0, (tmp / "whole.log").read_text()[-3000:]
+        rows = trained(tmp / "whole")
+        assert len(rows) == 3
+        return rows
+
+    try:
+        yield cfg, reference
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
 
 
+@pytest.mark.usefixtures("cluster")
 def test_two_learners_a_learner_killed_then_resumed_equals_the_uninterrupted_run(tmp_path, tiny_model_path,
                                                                                  two_learners):
     """Learner rank 1 dies in step 3: rank 0 writes the checkpoint of step 2 on its own (with the
@@ -337,8 +358,9 @@ def test_two_learners_a_learner_killed_then_resumed_equals_the_uninterrupted_run
 
     resumed = run_module("lampo.ppo_ray", cfg, "--output_dir", str(cut), "--resume_from_checkpoint", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_steps(reference[:2], trained(cut)[:2])
-    assert_same_steps(reference[2:], [r for r in trained(cut) if r["step"] == 3])
+    whole = reference()
+    assert_same_steps(whole[:2], trained(cut)[:2])
+    assert_same_steps(whole[2:], [r for r in trained(cut) if r["step"] == 3])
 
 
 def test_a_deepspeed_zero3_learner_group_trains_as_the_ddp_one(tmp_path, two_learners):
@@ -349,7 +371,7 @@ def test_a_deepspeed_zero3_learner_group_trains_as_the_ddp_one(tmp_path, two_lea
     done = run_module("lampo.ppo_ray", cfg, "--output_dir", str(out), "--learner_backend", "deepspeed",
                       "--deepspeed_config", str(ROOT / "configs" / "ds_z3_config.json"), "--save_step", "3")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_steps(reference, trained(out), rel=1e-3)
+    assert_same_steps(reference(), trained(out), rel=1e-3)
     assert (out / "model.safetensors").exists() and (out / "checkpoint-3" / "deepspeed").is_dir()
 
 
@@ -370,6 +392,7 @@ def test_batches_sampled_too_long_ago_are_rolled_out_again(tmp_path, tiny_model_
     assert step2["data/regenerated_groups"] == 4 and step2["policy/version_lag"] == 0.0
 
 
+@pytest.mark.usefixtures("cluster")
 def test_a_reward_that_fails_for_good_stops_the_run_with_a_checkpoint(tmp_path, tiny_model_path):
     """As in ppo_vllm: the retries are the scorer's; once it gives up, the learners write a checkpoint
     of the steps trained so far and the run stops. No step is trained on a made-up reward."""
