@@ -84,7 +84,8 @@ def cluster():
     from lampo.config import RayConfig
     from lampo.distributed.ray.cluster import connect
 
-    assert connect(RayConfig(local_num_cpus=4), cpus_needed=4)  # two rollout workers and two learners at most
+    started = connect(RayConfig(local_num_cpus=4), cpus_needed=4)  # two rollout workers and two learners at most
+    assert started, "Ray was already running in the test process: its CPUs may not fit these runs"
     yield
     ray.shutdown()
 
