@@ -110,26 +110,35 @@ def run_app(config: Path, *extra: str, launcher: list[str] | None = None, timeou
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
 
 
+class Started:
+    """A command started in the background, its output going to files (not pipes: none fills up and
+    blocks it); `finish` waits for it, `stop` kills it if it still runs."""
+
+    def __init__(self, cmd: list[str]):
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, text=True, env=env(), cwd=ROOT)
+
+    def finish(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        self.proc.wait(timeout=timeout)
+        self.out.seek(0), self.err.seek(0)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.out.read(), self.err.read())
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.out.close(), self.err.close()
+
+
 def run_together(commands: dict[str, list[str]], timeout: float = 600) -> dict[str, subprocess.CompletedProcess]:
     """Independent commands started together, each with its output captured: name -> the finished
     process. Much of a tiny run is start-up on one core, so two side by side take less time than
     one after the other. Commands still going when one times out are killed."""
-    started = {}
-    for name, cmd in commands.items():
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files, not pipes: none fills up
-        started[name] = (subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env(), cwd=ROOT), out, err)
-    done = {}
+    started = {name: Started(cmd) for name, cmd in commands.items()}
     try:
-        for name, (proc, out, err) in started.items():
-            proc.wait(timeout=timeout)
-            out.seek(0), err.seek(0)
-            done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+        return {name: run.finish(timeout) for name, run in started.items()}
     finally:
-        for proc, out, err in started.values():
-            proc.kill()
-            proc.wait()
-            out.close(), err.close()
-    return done
+        for run in started.values():
+            run.stop()
 
 
 def app_command(config: Path, *extra: str) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from test_app_e2e import DATA, ROOT, env, metrics, run_together, write_config
+from test_app_e2e import DATA, ROOT, Started, env, metrics, run_together, write_config
 
 from lampo.config import LampoConfig
 from lampo.distributed.ray.driver import RayTrainer
@@ -311,13 +311,11 @@ def two_learners(tmp_path_factory, tiny_model_path):
     it and returns its trained steps' metrics."""
     tmp = tmp_path_factory.mktemp("two_learners")
     cfg = write_config(tmp, tiny_model_path, output_dir=str(tmp / "whole"), **TWO_LEARNERS)
-    log = (tmp / "whole.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "lampo.ppo_ray", "--config", str(cfg)], stdout=log,
-                            stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
+    whole = Started([sys.executable, "-m", "lampo.ppo_ray", "--config", str(cfg)])
 
     def reference() -> list[dict]:
-        code = proc.wait(timeout=600)
-        assert code == 0, (tmp / "whole.log").read_text()[-3000:]
+        done = whole.finish()
+        assert done.returncode == 0, done.stderr[-3000:]
         rows = trained(tmp / "whole")
         assert len(rows) == 3
         return rows
@@ -325,9 +323,7 @@ def two_learners(tmp_path_factory, tiny_model_path):
     try:
         yield cfg, reference
     finally:
-        proc.kill()
-        proc.wait()
-        log.close()
+        whole.stop()
 
 
 @pytest.mark.usefixtures("cluster")
