@@ -32,6 +32,27 @@ def test_tiny_model_is_deterministic_small_and_loads(tmp_path):
     assert text == "<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_a_build_that_finds_the_same_recipe_finished_meanwhile_keeps_that_copy(tmp_path, monkeypatch):
+    """Two test processes (pytest-xdist's workers) may build one tiny model at once: the one that
+    finishes second must not delete the copy the first may already be reading."""
+    import lampo.testing.tiny as tiny
+
+    out = build_tiny_model(tmp_path / "m", seed=3)
+    weights = out / "model.safetensors"
+    first = weights.stat().st_ino
+    real, calls = tiny._built, []
+
+    def not_yet_then_real(marker, recipe):  # the first check runs before the other process is done
+        calls.append(marker)
+        return len(calls) > 1 and real(marker, recipe)
+
+    monkeypatch.setattr(tiny, "_built", not_yet_then_real)
+    assert build_tiny_model(out, seed=3) == out
+    assert len(calls) == 2  # it built, then found the finished copy
+    assert weights.stat().st_ino == first  # the copy in place was never replaced
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # and its own build was cleaned away
+
+
 def test_value_head_init_and_dropout_disabled(tiny_model_path):
     torch.manual_seed(0)
     head = init_value_head(1023)  # std = 1/(1023 + 1) = 0.0009765625: the critic starts near 0

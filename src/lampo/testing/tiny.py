@@ -211,7 +211,7 @@ def build_tiny_model(
         recipe["arch"] = arch
     if pretrain_steps:
         recipe["pretrain_steps"] = pretrain_steps
-    if marker.exists() and not overwrite and json.loads(marker.read_text()) == recipe:
+    if not overwrite and _built(marker, recipe):
         return out
     spec = SIZES[size]
     tokenizer = build_tokenizer(spec.vocab_size)
@@ -236,6 +236,10 @@ def build_tiny_model(
         gen.bos_token_id = None
         gen.save_pretrained(tmp)
     (tmp / marker.name).write_text(json.dumps(recipe))
+    if not overwrite and _built(marker, recipe):
+        # Another process built the same recipe meanwhile and may be reading it: keep its copy.
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
     if out.exists():
         shutil.rmtree(out)
     try:
@@ -243,6 +247,11 @@ def build_tiny_model(
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _built(marker: Path, recipe: dict[str, object]) -> bool:
+    """Whether a complete build of `recipe` is in place (the marker is written last)."""
+    return marker.exists() and json.loads(marker.read_text()) == recipe
 
 
 def chat_examples() -> list[tuple[str, str]]:
