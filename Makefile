@@ -29,9 +29,11 @@ $(STAMP):
 demo: venv
 	$(PY) -m lampo.cli demo
 
+# Two pytest-xdist workers, each with whole modules and its own cores (tests/conftest.py): on a
+# small machine much of the suite waits on imports and start-ups that use one core.
 test: venv
 	.venv/bin/ruff check src tests benchmarks examples
-	.venv/bin/pytest -q
+	.venv/bin/pytest -q -n 2 --dist loadfile
 
 test-fast: venv
 	.venv/bin/pytest -q -m "not slow"
