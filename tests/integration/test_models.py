@@ -32,25 +32,30 @@ def test_tiny_model_is_deterministic_small_and_loads(tmp_path):
     assert text == "<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_a_build_that_finds_the_same_recipe_finished_meanwhile_keeps_that_copy(tmp_path, monkeypatch):
-    """Two test processes (pytest-xdist's workers) may build one tiny model at once: the one that
-    finishes second must not delete the copy the first may already be reading."""
-    import lampo.testing.tiny as tiny
+def test_a_build_waits_for_one_under_way_and_keeps_its_copy(tmp_path):
+    """Two test processes (pytest-xdist's workers) may build one tiny model at once: the second
+    waits for the first and keeps its copy, which the first may already be reading."""
+    import fcntl
+    import threading
 
-    out = build_tiny_model(tmp_path / "m", seed=3)
+    from lampo.testing.tiny import MARKER
+
+    out = build_tiny_model(tmp_path / "m", seed=3)  # the first builder's copy, all but its marker
     weights = out / "model.safetensors"
     first = weights.stat().st_ino
-    real, calls = tiny._built, []
-
-    def not_yet_then_real(marker, recipe):  # the first check runs before the other process is done
-        calls.append(marker)
-        return len(calls) > 1 and real(marker, recipe)
-
-    monkeypatch.setattr(tiny, "_built", not_yet_then_real)
-    assert build_tiny_model(out, seed=3) == out
-    assert len(calls) == 2  # it built, then found the finished copy
+    (out / MARKER).rename(tmp_path / "marker")
+    built: list = []
+    with open(tmp_path / ".m.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first builder is still at work
+        second = threading.Thread(target=lambda: built.append(build_tiny_model(out, seed=3)))
+        second.start()
+        second.join(timeout=1)
+        assert second.is_alive() and not built  # waiting, not building beside it
+        (tmp_path / "marker").rename(out / MARKER)  # the first builder is done
+    second.join(timeout=60)
+    assert built == [out]
     assert weights.stat().st_ino == first  # the copy in place was never replaced
-    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # and its own build was cleaned away
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.lock", "m"]  # no build of its own left over
 
 
 def test_value_head_init_and_dropout_disabled(tiny_model_path):

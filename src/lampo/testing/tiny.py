@@ -11,6 +11,7 @@ load it like any hub model of that family.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -41,6 +42,8 @@ class TinySpec:
     vocab_size: int = 1024
     max_position_embeddings: int = 1024
 
+
+MARKER = "lampo-tiny.json"  # a build's recipe, written last: its presence means the build is complete
 
 SIZES = {
     # ~0.2M parameters: unit and end-to-end tests, the demo.
@@ -196,8 +199,6 @@ def build_tiny_model(
     starting point: a chat model, not random weights).
     An existing complete build is reused unless `overwrite`.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     if kind not in ("causal-lm", "classifier"):
@@ -205,7 +206,7 @@ def build_tiny_model(
     if arch not in FAMILIES:
         raise ValueError(f"arch must be one of {sorted(FAMILIES)}, got {arch!r}")
     out = Path(out_dir)
-    marker = out / "lampo-tiny.json"
+    marker = out / MARKER
     recipe: dict[str, object] = {"size": size, "seed": seed, "kind": kind}
     if arch != "llama":  # the default's recipe is unchanged, so its existing builds stay valid
         recipe["arch"] = arch
@@ -213,7 +214,23 @@ def build_tiny_model(
         recipe["pretrain_steps"] = pretrain_steps
     if not overwrite and _built(marker, recipe):
         return out
-    spec = SIZES[size]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+        # One builder at a time (pytest-xdist's workers share build/test-models): the second finds
+        # the first's build complete and keeps it, rather than deleting a copy the first may read.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not overwrite and _built(marker, recipe):
+            return out
+        _write(out, recipe, SIZES[size], seed, kind, pretrain_steps, arch)
+    return out
+
+
+def _write(out: Path, recipe: dict[str, object], spec: TinySpec, seed: int, kind: str, pretrain_steps: int,
+           arch: str) -> None:
+    """Build the model and tokenizer beside `out` and rename the folder into place when complete,
+    so that a reader never finds a half-written model; the marker is the last file written."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     tokenizer = build_tokenizer(spec.vocab_size)
     config = tiny_config(arch, spec, tokenizer)
     torch.manual_seed(seed)
@@ -222,8 +239,6 @@ def build_tiny_model(
     if pretrain_steps and kind == "causal-lm":
         _pretrain_on_chats(model, tokenizer, pretrain_steps, seed)
     model.eval()
-    # Build beside the target and rename when complete, so that concurrent test processes
-    # never read a half-written model.
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -235,18 +250,10 @@ def build_tiny_model(
         gen.pad_token_id = tokenizer.pad_token_id
         gen.bos_token_id = None
         gen.save_pretrained(tmp)
-    (tmp / marker.name).write_text(json.dumps(recipe))
-    if not overwrite and _built(marker, recipe):
-        # Another process built the same recipe meanwhile and may be reading it: keep its copy.
-        shutil.rmtree(tmp, ignore_errors=True)
-        return out
+    (tmp / MARKER).write_text(json.dumps(recipe))
     if out.exists():
         shutil.rmtree(out)
-    try:
-        os.rename(tmp, out)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    os.rename(tmp, out)
 
 
 def _built(marker: Path, recipe: dict[str, object]) -> bool:
