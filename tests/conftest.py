@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,31 +12,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-
 def _give_this_worker_its_own_cores() -> None:
     """Under pytest-xdist (`make test` runs two workers) each worker, and every process it starts,
-    computes on its own share of the cores. Two workers whose OpenMP threads outnumber the cores
-    spin against each other; in-process tests ran several times slower beside another worker
-    than alone. Lampo and vLLM size their thread pools from this affinity (speed/machine.py)."""
+    computes on its own share of the cores: two workers whose OpenMP threads outnumber the cores
+    spin against each other. torch, Lampo (speed/machine.py) and vLLM size their thread pools
+    from this affinity."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    cores = sorted(os.sched_getaffinity(0))
-    if not worker or count < 2 or len(cores) < count:
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
         return
-    index, share = int(worker.removeprefix("gw")), len(cores) // count
-    os.sched_setaffinity(0, cores[index * share:(index + 1) * share])
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < count:
+        return
+    # modulo: a worker xdist starts in place of a crashed one is numbered on (gw2, gw3, ...)
+    share = cores[int(worker.removeprefix("gw")) % count::count]
+    os.sched_setaffinity(0, share)
+    if "torch" in sys.modules:  # a plugin imported it first: its thread pool is already sized
+        sys.modules["torch"].set_num_threads(len(share))
 
 
-_give_this_worker_its_own_cores()  # before torch starts its thread pool
-
-# The modules that take longest go first: pytest-xdist (`--dist loadfile`) hands whole modules to
-# its workers in this order, and a long module begun last would leave the other worker idle.
-LONGEST_FIRST = ("test_ray.py", "test_learning.py", "test_app_e2e.py", "test_deepspeed.py", "test_families.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
+_give_this_worker_its_own_cores()
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "test-models"
