@@ -397,7 +397,7 @@ class RayConfig:
     dashboard: bool = False
     """Start Ray's dashboard with a local cluster (off: it serves an unauthenticated API, see docs/ray.md)."""
     local_num_cpus: int | None = None
-    """CPUs a local cluster declares (null: this machine's, and at least one per actor)."""
+    """CPUs a local cluster declares (null: those this process may run on, and at least one per actor)."""
 
 
 SECTIONS: dict[str, type] = {

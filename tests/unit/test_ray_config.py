@@ -112,3 +112,23 @@ def test_auto_weight_sync_broadcasts_on_gpus_for_on_policy_runs_on_separate_devi
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus)
     assert weight_sync_mode(LampoConfig(**kw).ray) == mode
+
+
+@pytest.mark.parametrize(("local_num_cpus", "usable", "declared"), [(None, 1, 1), (None, 3, 3), (8, 3, 8)])
+def test_a_local_cluster_declares_the_cpus_this_process_may_run_on(monkeypatch, local_num_cpus, usable, declared):
+    """Under taskset or a container's cpuset the machine has more CPUs than the run may use; a local
+    cluster declares the usable ones (and at least one per actor), unless `local_num_cpus` says."""
+    ray = pytest.importorskip("ray")
+    from lampo.config import RayConfig
+    from lampo.distributed.ray import cluster
+
+    monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: set(range(usable)))
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 64)
+    seen: dict = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    assert cluster.connect(RayConfig(local_num_cpus=local_num_cpus), cpus_needed=1)
+    assert seen["num_cpus"] == declared and seen["address"] == "local"
+    seen.clear()
+    assert cluster.connect(RayConfig(local_num_cpus=local_num_cpus), cpus_needed=4)  # more actors than CPUs
+    assert seen["num_cpus"] == max(declared, 4)

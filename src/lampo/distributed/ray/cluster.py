@@ -39,10 +39,18 @@ def connect(ray_cfg: Any, cpus_needed: int) -> bool:
     if ray_cfg.address:
         ray.init(address=ray_cfg.address, **quiet)
         return True
-    cpus = max(ray_cfg.local_num_cpus or os.cpu_count() or 1, cpus_needed)
+    cpus = max(ray_cfg.local_num_cpus or usable_cpus(), cpus_needed)
     ray.init(address="local", num_cpus=cpus, include_dashboard=ray_cfg.dashboard, _node_ip_address="127.0.0.1",
              **quiet)
     return True
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, under taskset or a container's cpuset), not
+    the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def actor_cpus(ray_cfg: Any) -> int:
