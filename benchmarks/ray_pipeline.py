@@ -13,10 +13,14 @@ Three comparisons through the real commands, on the benchmark config of benchmar
 The runs of each comparison take turns `--rounds` times and their steps are pooled; the first
 step of every run is left out (start-up, and nothing to overlap with). Start-up (for Ray: the
 cluster and the actors) is reported apart: the command's wall time outside its training loop.
+The overhead is paired: each round's median step against the in-process run's median in the
+same round, the median of those ratios shown with their range, so that the host's drift between
+rounds does not count as overhead.
 
     .venv/bin/python -m benchmarks.ray_pipeline [--steps 6] [--rounds 2] [--quick]
+    .venv/bin/python -m benchmarks.ray_pipeline --overhead-only --sizes tiny --rounds 8 --steps 24
 
-Writes benchmarks/results/ray_pipeline.json.
+Writes benchmarks/results/ray_pipeline.json (with `--overhead-only`: ray_overhead.json).
 """
 
 from __future__ import annotations
@@ -55,14 +59,16 @@ def compare(variants: dict[str, tuple[str, dict]], steps: int, rounds: int, comm
     """Each variant (module, overrides) run `rounds` times in turn; pooled step times per variant."""
     pooled: dict[str, list[dict]] = {name: [] for name in variants}
     start: dict[str, list[float]] = {name: [] for name in variants}
+    by_round: dict[str, list[float]] = {name: [] for name in variants}
     for rnd in range(rounds):
         for name, (module, overrides) in variants.items():
             rows, outside = run_app(module, name.replace(" ", "_"), {**common, **overrides, "max_steps": steps + 1})
             pooled[name] += rows[1:]
             start[name].append(outside)
-            print(f"round {rnd + 1} {name:28s} {statistics.median(r['time/training'] for r in rows[1:]):.2f} s/step",
-                  file=sys.stderr)
+            by_round[name].append(statistics.median(r["time/training"] for r in rows[1:]))
+            print(f"round {rnd + 1} {name:28s} {by_round[name][-1]:.3f} s/step", file=sys.stderr)
     return {name: {"step_s": summary([r["time/training"] for r in rows]),
+                   "round_medians_s": by_round[name],
                    "steps_per_s": 1.0 / statistics.median(r["time/training"] for r in rows),
                    "start_s": summary(start[name]),
                    "phases_mean_s": {k: statistics.mean(r.get(k, 0.0) for r in rows)
@@ -89,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="measured steps per run (one more runs first)")
     ap.add_argument("--rounds", type=int, default=2, help="the variants of a comparison alternate this many times")
     ap.add_argument("--quick", action="store_true", help="3 steps, 1 round, the tiny model only")
+    ap.add_argument("--overhead-only", action="store_true", help="only comparison 1 (writes ray_overhead.json)")
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], help="the models of comparison 1")
     args = ap.parse_args(argv)
     steps, rounds = (3, 1) if args.quick else (args.steps, args.rounds)
-    sizes = ["tiny"] if args.quick else ["tiny", "small"]
+    sizes = ["tiny"] if args.quick else args.sizes
     results: dict[str, dict] = {}
     with RewardServer(REWARDS["trivial"]) as server:
         url = f"http://127.0.0.1:{server.port}"
@@ -99,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             common = {"reward_model": url, "model_name_or_path": str(model_dir(size))}
             results[f"overhead/{size}"] = compare({"in-process sync": IN_PROCESS_SYNC, **OVERHEAD_RUNS}, steps, rounds,
                                                   common)
+        if args.overhead_only:
+            return publish("ray_overhead", {"benchmark": "ray_pipeline --overhead-only", "machine": machine(),
+                                            "steps": steps, "rounds": rounds, "results": results}, render)
         common = {"reward_model": url, "model_name_or_path": str(model_dir("tiny"))}
         results["engines"] = compare({"ray 1 worker": ray(1, 1), "ray 2 workers": ray(1, 2)}, steps, rounds, common)
     with RewardServer(REWARDS["sleep200ms"]) as server:
@@ -115,6 +126,17 @@ def ratio(res: dict, a: str, b: str) -> float:
     return res[a]["steps_per_s"] / res[b]["steps_per_s"]
 
 
+def paired_overhead(r: dict, name: str, base: str = "in-process sync") -> str:
+    """The median over rounds of `name`'s median step over `base`'s in the same round, minus one,
+    with the range of those ratios (one round: its ratio alone). Results saved before rounds were
+    recorded give the ratio of the pooled medians."""
+    if "round_medians_s" not in r[base]:
+        return f"{r[name]['step_s']['median'] / r[base]['step_s']['median'] - 1:+.1%}"
+    ratios = [a / b - 1 for a, b in zip(r[name]["round_medians_s"], r[base]["round_medians_s"], strict=True)]
+    middle = f"{statistics.median(ratios):+.1%}"
+    return middle if len(ratios) == 1 else f"{middle} ({min(ratios):+.1%} to {max(ratios):+.1%})"
+
+
 def render(data: dict) -> str:
     res = data["results"]
     parts = []
@@ -123,15 +145,16 @@ def render(data: dict) -> str:
     names = [name for name in OVERHEAD_RUNS if all(name in res[k] for k in overhead)]
     for key in overhead:
         r = res[key]
-        base = r["in-process sync"]["step_s"]["median"]
         runs = [r[name] for name in names]
         rows.append([key.split("/")[1], span(r["in-process sync"]["step_s"])]
-                    + [cell for run in runs for cell in (span(run["step_s"]), f"{run['step_s']['median'] / base - 1:+.1%}")]
+                    + [cell for name in names for cell in (span(r[name]["step_s"]), paired_overhead(r, name))]
                     + [" / ".join(f"{x['start_s']['median']:.0f}" for x in [r["in-process sync"], *runs])])
     parts.append("Ray against in-process, one worker and one learner, on-policy (goal: at most +10% per step)\n\n"
                  + table(["model", "in-process s/step"]
                          + [h for name in names for h in (f"{name} s/step", "overhead")]
                          + ["start-up s, in-process / " + " / ".join(names)], rows, "l" + "r" * (2 * len(names) + 2)))
+    if "engines" not in res:  # --overhead-only
+        return parts[0]
     e = res["engines"]
     parts.append("Rollout workers, max_staleness 1, tiny model\n\n" + table(
         ["workers", "s/step (min-max)", "mean time/rollout s", "steps/s vs 1 worker"],
