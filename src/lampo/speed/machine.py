@@ -117,6 +117,14 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, under taskset or a container's cpuset), not
+    the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def share_cores(sharing: int) -> None:
     """Give torch this process's (or thread's: torch's intra-op thread count belongs to the calling
     thread) share of the cores it may run on, when `sharing` processes or threads compute on them
@@ -125,7 +133,7 @@ def share_cores(sharing: int) -> None:
     rest of the machine idle. More threads than cores, across processes that compute together,
     is far worse: OpenMP's threads spin while they wait for each other."""
     if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, sharing)))
+        torch.set_num_threads(max(1, usable_cpus() // max(1, sharing)))
 
 
 def coordinate_only() -> None:

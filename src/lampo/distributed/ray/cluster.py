@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from lampo.speed.machine import usable_cpus
+
 log = logging.getLogger(__name__)
 
 
@@ -43,14 +45,6 @@ def connect(ray_cfg: Any, cpus_needed: int) -> bool:
     ray.init(address="local", num_cpus=cpus, include_dashboard=ray_cfg.dashboard, _node_ip_address="127.0.0.1",
              **quiet)
     return True
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity, under taskset or a container's cpuset), not
-    the machine's count."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def actor_cpus(ray_cfg: Any) -> int:
