@@ -23,7 +23,7 @@ from test_app_e2e import DATA, ROOT, Started, env, metrics, run_together, write_
 
 from lampo.config import LampoConfig
 from lampo.distributed.ray.driver import RayTrainer
-from lampo.distributed.ray.rollout import unpack_weights
+from lampo.distributed.ray.wire import unpack_weights
 from lampo.rollout.engines import HFEngine, SamplingSettings
 from lampo.trainer import RunStopped
 

@@ -1,6 +1,5 @@
 """The `ray` config section of `python -m lampo.ppo_ray`: its checks name the key, and the actors'
-resources and thread shares follow from it (lampo.distributed.ray.cluster, no cluster started);
-the weights' form in the object store."""
+resources and thread shares follow from it (lampo.distributed.ray.cluster, no cluster started)."""
 
 from __future__ import annotations
 
@@ -78,24 +77,6 @@ def test_colocated_pairs_are_one_actor_each_on_one_device(monkeypatch):
 def test_cores_are_shared_by_the_actors_that_compute_at_once(kw, engine, learner):
     cfg = LampoConfig(**kw).ray
     assert (computing_at_once(cfg, "engine"), computing_at_once(cfg, "learner")) == (engine, learner)
-
-
-def test_weights_travel_as_arrays_and_come_back_equal_in_every_dtype():
-    import torch
-
-    from lampo.distributed.ray.rollout import pack_weights, unpack_weights
-
-    base = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7
-    weights = [("a", base), ("b", base.t()), ("c", base.to(torch.bfloat16)), ("d", base.to(torch.float16)),
-               ("e", torch.tensor([1.5e38, -3.0e-39, float("inf")], dtype=torch.bfloat16))]
-    packed = pack_weights(iter(weights))
-    assert [(name, dtype) for name, _, dtype in packed] == [("a", "float32"), ("b", "float32"), ("c", "bfloat16"),
-                                                            ("d", "float16"), ("e", "bfloat16")]
-    back = unpack_weights(packed)
-    assert [name for name, _ in back] == ["a", "b", "c", "d", "e"]
-    for (_, sent), (_, got) in zip(weights, back, strict=True):
-        assert got.dtype == sent.dtype and got.shape == sent.shape
-        assert torch.equal(got, sent)  # bit for bit, bf16's pattern included
 
 
 @pytest.mark.parametrize(("kw", "gpus", "mode"), [

@@ -21,6 +21,7 @@ import torch
 
 from lampo import checkpoint as ckpt
 from lampo.distributed.ray.rollout import EngineWorker
+from lampo.distributed.ray.wire import from_wire, pack_weights, to_wire
 from lampo.trainer import RANK_STATES, WorkerLost
 
 log = logging.getLogger(__name__)
@@ -111,11 +112,13 @@ class LearnerWorker:
     # ------------------------------------------------------------------ phases 3-5
     def learn(self, batch, cache_block: int, publish_as: int | None) -> tuple[dict[str, float], dict[str, float],
                                                                               list | None]:
-        """`Learner.train` on this rank's part of the batch; (its metrics, its floating-point work, with
-        `publish_as` (the policy version the update makes) the updated weights as `publish_weights`
-        gives them, else None): the object-store sync that follows every update costs no call of its own."""
+        """`Learner.train` on this rank's part of the batch (as `wire.to_wire` packs it); (its metrics, its
+        floating-point work, with `publish_as` (the policy version the update makes) the updated weights
+        as `publish_weights` gives them, else None): the object-store sync that follows every update
+        costs no call of its own."""
         from lampo import perf
 
+        batch = from_wire(batch)
         before = self._optimizer_steps()
         self.consistent = False
         try:
@@ -137,15 +140,15 @@ class LearnerWorker:
                     return float(state["step"])
         return 0.0
 
-    def logprobs(self, batch) -> torch.Tensor:
-        return self.learner.logprobs(batch)
+    def logprobs(self, batch):
+        """The policy's log-probs of this rank's part (both packed by `wire.to_wire`)."""
+        return to_wire(self.learner.logprobs(from_wire(batch)))
 
     def publish_weights(self) -> list | None:
         """The policy's weights in the object store (rank 0), as the weight contract's (name, tensor) list;
         a box around the reference, so that Ray hands the reference on rather than the weights."""
         import ray
 
-        from lampo.distributed.ray.rollout import pack_weights
         from lampo.rollout.weight_sync import engine_weights
 
         policy = self.learner.unwrapped_policy()
@@ -321,7 +324,7 @@ class LearnerGroup:
         also puts the updated weights in the object store (`publish_weights` hands them on), or
         colocated, every rank's engine loads them."""
         self.fresh_weights, self.published_as = None, None
-        results = self._all("learn", cache_block, publish_as, parts=self.split(batch))
+        results = self._all("learn", cache_block, publish_as, parts=[to_wire(p) for p in self.split(batch)])
         stats = [s for s, _, _ in results]
         self.flops, self.fresh_weights = results[0][1], results[0][2]
         self.published_as = publish_as
@@ -334,8 +337,8 @@ class LearnerGroup:
 
     def logprobs(self, batch) -> torch.Tensor:
         width = batch.input_ids.shape[1]  # a part is as wide as its longest row
-        return torch.cat([torch.nn.functional.pad(lp, (0, width - lp.shape[1]))
-                          for lp in self._all("logprobs", parts=self.split(batch))])
+        parts = self._all("logprobs", parts=[to_wire(p) for p in self.split(batch)])
+        return torch.cat([torch.nn.functional.pad(lp, (0, width - lp.shape[1])) for lp in map(from_wire, parts)])
 
     def load_own_weights(self, version: int) -> None:
         """Colocated: every rank's engine holds the policy's weights as `version` (the last `learn` loaded

@@ -22,44 +22,17 @@ import math
 import threading
 import time
 import uuid
-import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
-
+from lampo.distributed.ray.wire import from_wire, to_wire, unpack_weights
 from lampo.trainer import WorkerLost
 
 log = logging.getLogger(__name__)
 
 RESTART_TIMEOUT = 600.0
 """Seconds to wait for Ray to bring a dead rollout worker back (it loads its model again)."""
-
-
-def pack_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, np.ndarray, str]]:
-    """The weight contract's (name, tensor) pairs as NumPy arrays, the form Ray's object store holds
-    without pickling and hands to a reader in place (a torch tensor is copied in and out); bf16,
-    which NumPy lacks, travels as its 16-bit pattern."""
-    out = []
-    for name, tensor in weights:
-        tensor = tensor.detach().cpu().contiguous()
-        raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
-        out.append((name, raw.numpy(), str(tensor.dtype).removeprefix("torch.")))
-    return out
-
-
-def unpack_weights(packed: list[tuple[str, np.ndarray, str]]) -> list[tuple[str, torch.Tensor]]:
-    """`pack_weights` undone, without a copy: the tensors share the object store's read-only memory,
-    which the engines only read (they copy into their own parameters)."""
-    out = []
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for name, array, dtype in packed:
-            tensor = torch.from_numpy(array)
-            out.append((name, tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor))
-    return out
 
 
 class WeightSyncTimeout(WorkerLost):
@@ -104,15 +77,15 @@ class EngineWorker:
 
     def rollout(self, rows: list, seed: int | None, first_row: int):
         """The conversations of `rows` (the batch's rows from position `first_row` on), with this
-        worker's policy version."""
+        worker's policy version: a `RolloutBatch` as `wire.to_wire` packs it."""
         from lampo.rollout.multistep import rollout
 
-        return rollout(self.engine, self.tokenizer, rows, self.cfg.generation, self.cfg.data,
-                       policy_version=self.version, seed=seed, first_row=first_row)
+        return to_wire(rollout(self.engine, self.tokenizer, rows, self.cfg.generation, self.cfg.data,
+                               policy_version=self.version, seed=seed, first_row=first_row))
 
     def update_weights(self, box: list, version: int) -> int:
         """Load the weights in `box` (one object-store reference to the weight contract's list of
-        (name, tensor), `lampo.rollout.weight_sync`, as `pack_weights` stores it); the engine drops its
+        (name, tensor), `lampo.rollout.weight_sync`, as `wire.pack_weights` stores it); the engine drops its
         cached prefixes."""
         import ray
 
@@ -235,7 +208,7 @@ class EnginePool:
             with self._lock:
                 self.queued_rows[chunk.engine] -= len(chunk.rows)
             try:
-                batch = ray.get(done[0])
+                batch = from_wire(ray.get(done[0]))
             except ray.exceptions.RayActorError as exc:
                 log.warning("rollout worker %d died while rolling out %d rows (%s); its rows go out again",
                             chunk.engine, len(chunk.rows), type(exc).__name__)
