@@ -99,7 +99,7 @@ def lampo_step(trainer, step: int) -> dict:
     produced = trainer.produce(step)  # 1-2. rollout and reward
     batch = trainer.to_train_batch(produced)
     flops = perf.learner_step_flops(trainer.learner, batch, trainer.engine.prompt_cache_block)
-    stats = trainer.learn(batch)  # 3-5. forward, advantages, optimise
+    stats = trainer.learn(batch, step)  # 3-5. forward, advantages, optimise
     trainer.policy_version += 1
     t0 = time.perf_counter()
     trainer.sync()  # 6. weight sync

@@ -432,7 +432,7 @@ class Trainer:
                     self.empty_steps = 0
                     if step == self.start_step:
                         self.check_engine_agreement(train_batch)
-                    stats = self.learn(train_batch)
+                    stats = self.learn(train_batch, step)
                 del inflight[step]
                 self.policy_version += 1
 
@@ -603,8 +603,9 @@ class Trainer:
         return gap
 
     # ------------------------------------------------------------------ phases 3-5: the learner
-    def learn(self, batch: TrainBatch) -> dict[str, float]:
-        """Forward, advantages and optimise on one batch, each timed (`Learner.train`); the step's metrics."""
+    def learn(self, batch: TrainBatch, step: int) -> dict[str, float]:
+        """Forward, advantages and optimise on one batch, each timed (`Learner.train`); the step's metrics.
+        step: the step it trains (remote engines may queue the next step's rollout behind the update)."""
         return self.learner.train(batch)
 
     def step_flops(self, batch: TrainBatch) -> dict[str, float]:

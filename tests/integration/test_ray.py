@@ -278,17 +278,17 @@ def test_a_colocated_pair_that_dies_rolling_out_stops_the_run_and_rank_0_saves_a
     cfg = driver_config(tmp_path, tiny_model_path, colocate=True, num_engines=2, num_learners=2, max_staleness=0,
                         max_steps=4)
     trainer = RayTrainer(cfg)
-    dispatch, dispatches = trainer.pool.dispatch, []
+    learn, learned = trainer.group.learn, []
 
-    def dispatch_then_kill_pair_1(rows, seed):
-        job = dispatch(rows, seed)
-        dispatches.append(job)
-        if len(dispatches) == 2:  # step 2's parts are queued on both pairs
-            assert {c.engine for c in job.chunks} == {0, 1}
+    def learn_then_kill_pair_1(*args, **kwargs):
+        stats = learn(*args, **kwargs)
+        learned.append(stats)
+        if len(learned) == 1:  # step 2's parts were sent behind step 1's update: both pairs roll out now
+            assert {c.engine for c in trainer._dispatched[(1, 0)].chunks} == {0, 1}
             ray.kill(trainer.pool.workers[1], no_restart=False)
-        return job
+        return stats
 
-    trainer.pool.dispatch = dispatch_then_kill_pair_1
+    trainer.group.learn = learn_then_kill_pair_1
     try:
         with pytest.raises(RunStopped, match=r"(?s)colocated worker 1 \(rollout worker and learner rank 1\) died"
                                              r".*stopped after 1 trained steps; learner rank 0 saved checkpoint"):

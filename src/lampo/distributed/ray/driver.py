@@ -4,7 +4,8 @@ remote calls to the rollout workers and the learner group.
 `Trainer.train` runs unchanged. What differs is behind its phases:
   produce       the batch goes out in parts to the rollout workers; each part's conversations go
                 to the reward model as soon as the part is back (rewards stream)
-  learn         each learner rank trains its part of the batch (`LearnerGroup`)
+  learn         each learner rank trains its part of the batch (`LearnerGroup`); colocated, the
+                next batch's parts are sent right behind the learn calls
   sync          learner rank 0 puts the weights in Ray's object store; every worker loads them
                 after the rollouts it already holds, without the driver waiting (colocated, each
                 engine loads its own learner's weights in the learn call)
@@ -98,10 +99,17 @@ class RayTrainer(Trainer):
 
     # ------------------------------------------------------------------ phases 1-2
     def submit_produce(self, step: int, executor: concurrent.futures.Executor) -> concurrent.futures.Future:
-        # The parts go out now, from this thread, so they queue on the workers before the next
-        # weight update: the batch's policy version does not depend on thread timing.
-        self._dispatched[(step, 0)] = self.pool.dispatch(self.sampler.rows_for(step), self._sampling_seed(step))
+        # The parts go out now (unless `learn` queued them already), from this thread, so they queue on
+        # the workers before the next weight update: the batch's policy version does not depend on
+        # thread timing.
+        self._dispatch(step)
         return executor.submit(self.produce, step)
+
+    def _dispatch(self, step: int) -> Any:
+        """Send the parts of `step`'s batch to the workers, once; their Job."""
+        if (step, 0) not in self._dispatched:
+            self._dispatched[(step, 0)] = self.pool.dispatch(self.sampler.rows_for(step), self._sampling_seed(step))
+        return self._dispatched[(step, 0)]
 
     def _rollout_and_score(self, step: int, rows: list[PromptRow], round_: int = 0) -> Produced:
         job = self._dispatched.pop((step, round_), None)
@@ -124,10 +132,24 @@ class RayTrainer(Trainer):
         return Produced(batch, all_scores, step, times, {**self.scorer.stats(), **self.pool.metrics()})
 
     # ------------------------------------------------------------------ phases 3-5
-    def learn(self, batch: TrainBatch) -> dict[str, float]:
+    def learn(self, batch: TrainBatch, step: int) -> dict[str, float]:
         # the weights go out at the end of the same call (by broadcast: in `sync`)
         publish_as = None if self.pool.broadcasting else self.policy_version + 1
-        return self.group.learn(batch, self.pool.prompt_cache_block, self.SUMMED, publish_as=publish_as)
+        queued = []
+
+        def queue_next_rollout() -> None:
+            # Colocated, each worker's learn call loads the update into its own engine, and an actor
+            # runs its calls in the order they were sent: the next batch's parts, sent now, roll out
+            # with the new weights as soon as the update is done, with no round trip through the
+            # driver between the two.
+            if self.pool.colocated and step + 1 < self.num_steps:
+                queued.append(self._dispatch(step + 1))
+
+        stats = self.group.learn(batch, self.pool.prompt_cache_block, self.SUMMED, publish_as=publish_as,
+                                 meanwhile=queue_next_rollout)
+        for job in queued:
+            job.started = time.perf_counter()  # time/rollout counts from the end of the update it waited for
+        return stats
 
     def step_flops(self, batch: TrainBatch) -> dict[str, float]:
         return self.group.flops  # rank 0's part; every rank trains as many rows

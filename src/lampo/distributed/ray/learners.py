@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -286,13 +287,17 @@ class LearnerGroup:
         self.published_as: int | None = None
         """The policy version the last `learn` published (colocated: loaded into every rank's engine)."""
 
-    def _all(self, method: str, *args: Any, parts: list | None = None) -> list:
+    def _all(self, method: str, *args: Any, parts: list | None = None,
+             meanwhile: Callable[[], None] | None = None) -> list:
         """`method` on every rank (with its own part of `parts` first, when given); their results in
-        rank order. A rank that died raises LearnerDied once the others returned or had PEER_GRACE."""
+        rank order. meanwhile: called once every rank has been sent the call, before waiting for it.
+        A rank that died raises LearnerDied once the others returned or had PEER_GRACE."""
         import ray
 
         refs = [getattr(w, method).remote(*(([parts[r]] if parts is not None else []) + list(args)))
                 for r, w in enumerate(self.workers)]
+        if meanwhile is not None:
+            meanwhile()
         try:
             return ray.get(refs)
         except ray.exceptions.RayError as exc:
@@ -319,12 +324,14 @@ class LearnerGroup:
         return [batch.select(torch.arange(r * per, (r + 1) * per if r < self.world - 1 else len(batch)))
                 for r in range(self.world)]
 
-    def learn(self, batch, cache_block: int, summed: tuple[str, ...], publish_as: int | None = None) -> dict[str, float]:
+    def learn(self, batch, cache_block: int, summed: tuple[str, ...], publish_as: int | None = None,
+              meanwhile: Callable[[], None] | None = None) -> dict[str, float]:
         """Train every rank on its part; with `publish_as` (the policy version the update makes), rank 0
         also puts the updated weights in the object store (`publish_weights` hands them on), or
-        colocated, every rank's engine loads them."""
+        colocated, every rank's engine loads them. meanwhile: as `_all`'s, once the parts are sent."""
         self.fresh_weights, self.published_as = None, None
-        results = self._all("learn", cache_block, publish_as, parts=[to_wire(p) for p in self.split(batch)])
+        results = self._all("learn", cache_block, publish_as, parts=[to_wire(p) for p in self.split(batch)],
+                            meanwhile=meanwhile)
         stats = [s for s, _, _ in results]
         self.flops, self.fresh_weights = results[0][1], results[0][2]
         self.published_as = publish_as
