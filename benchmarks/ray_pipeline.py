@@ -26,6 +26,7 @@ Writes benchmarks/results/ray_pipeline.json (with `--overhead-only`: ray_overhea
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -60,15 +61,21 @@ def compare(variants: dict[str, tuple[str, dict]], steps: int, rounds: int, comm
     pooled: dict[str, list[dict]] = {name: [] for name in variants}
     start: dict[str, list[float]] = {name: [] for name in variants}
     by_round: dict[str, list[float]] = {name: [] for name in variants}
+    wall_by_round: dict[str, list[float]] = {name: [] for name in variants}
     for rnd in range(rounds):
         for name, (module, overrides) in variants.items():
             rows, outside = run_app(module, name.replace(" ", "_"), {**common, **overrides, "max_steps": steps + 1})
             pooled[name] += rows[1:]
             start[name].append(outside)
             by_round[name].append(statistics.median(r["time/training"] for r in rows[1:]))
-            print(f"round {rnd + 1} {name:28s} {by_round[name][-1]:.3f} s/step", file=sys.stderr)
+            # step to step, step 7 (logging) included: with Ray the next rollout overlaps it
+            wall_by_round[name].append(statistics.median(
+                b["time/from_scratch"] - a["time/from_scratch"] for a, b in itertools.pairwise(rows)))
+            print(f"round {rnd + 1} {name:28s} {by_round[name][-1]:.3f} s/step, {wall_by_round[name][-1]:.3f} s wall",
+                  file=sys.stderr)
     return {name: {"step_s": summary([r["time/training"] for r in rows]),
                    "round_medians_s": by_round[name],
+                   "round_wall_medians_s": wall_by_round[name],
                    "steps_per_s": 1.0 / statistics.median(r["time/training"] for r in rows),
                    "start_s": summary(start[name]),
                    "phases_mean_s": {k: statistics.mean(r.get(k, 0.0) for r in rows)
@@ -126,13 +133,16 @@ def ratio(res: dict, a: str, b: str) -> float:
     return res[a]["steps_per_s"] / res[b]["steps_per_s"]
 
 
-def paired_overhead(r: dict, name: str, base: str = "in-process sync") -> str:
-    """The median over rounds of `name`'s median step over `base`'s in the same round, minus one,
-    with the range of those ratios (one round: its ratio alone). Results saved before rounds were
-    recorded give the ratio of the pooled medians."""
-    if "round_medians_s" not in r[base]:
+def paired_overhead(r: dict, name: str, base: str = "in-process sync", key: str = "round_medians_s") -> str:
+    """The median over rounds of `name`'s median step (`key`: its `time/training`, or with
+    "round_wall_medians_s" step to step) over `base`'s in the same round, minus one, with the range
+    of those ratios (one round: its ratio alone). Results saved before rounds were recorded give
+    the ratio of the pooled medians; before the wall was recorded, an empty cell."""
+    if key not in r[base]:
+        if key != "round_medians_s":
+            return ""
         return f"{r[name]['step_s']['median'] / r[base]['step_s']['median'] - 1:+.1%}"
-    ratios = [a / b - 1 for a, b in zip(r[name]["round_medians_s"], r[base]["round_medians_s"], strict=True)]
+    ratios = [a / b - 1 for a, b in zip(r[name][key], r[base][key], strict=True)]
     middle = f"{statistics.median(ratios):+.1%}"
     return middle if len(ratios) == 1 else f"{middle} ({min(ratios):+.1%} to {max(ratios):+.1%})"
 
@@ -147,12 +157,15 @@ def render(data: dict) -> str:
         r = res[key]
         runs = [r[name] for name in names]
         rows.append([key.split("/")[1], span(r["in-process sync"]["step_s"])]
-                    + [cell for name in names for cell in (span(r[name]["step_s"]), paired_overhead(r, name))]
+                    + [cell for name in names for cell in (span(r[name]["step_s"]), paired_overhead(r, name),
+                                                           paired_overhead(r, name, key="round_wall_medians_s"))]
                     + [" / ".join(f"{x['start_s']['median']:.0f}" for x in [r["in-process sync"], *runs])])
-    parts.append("Ray against in-process, one worker and one learner, on-policy (goal: at most +10% per step)\n\n"
+    parts.append("Ray against in-process, one worker and one learner, on-policy (goal: at most +10% per step); "
+                 "overhead: the median of the rounds' paired ratios (range), of time/training and of the wall "
+                 "time from step to step\n\n"
                  + table(["model", "in-process s/step"]
-                         + [h for name in names for h in (f"{name} s/step", "overhead")]
-                         + ["start-up s, in-process / " + " / ".join(names)], rows, "l" + "r" * (2 * len(names) + 2)))
+                         + [h for name in names for h in (f"{name} s/step", "overhead", "wall overhead")]
+                         + ["start-up s, in-process / " + " / ".join(names)], rows, "l" + "r" * (3 * len(names) + 2)))
     if "engines" not in res:  # --overhead-only
         return parts[0]
     e = res["engines"]
