@@ -18,7 +18,8 @@ same round, the median of those ratios shown with their range, so that the host'
 rounds does not count as overhead.
 
     .venv/bin/python -m benchmarks.ray_pipeline [--steps 6] [--rounds 2] [--quick]
-    .venv/bin/python -m benchmarks.ray_pipeline --overhead-only --sizes tiny --rounds 8 --steps 24
+    .venv/bin/python -m benchmarks.ray_pipeline --overhead-only --sizes tiny --rounds 8 --steps 24 \
+        [--layouts separate colocated two-parts]
 
 Writes benchmarks/results/ray_pipeline.json (with `--overhead-only`: ray_overhead.json).
 """
@@ -95,6 +96,8 @@ def ray(staleness: int, engines: int = 1, parts: int = 2, colocate: bool = False
 
 OVERHEAD_RUNS = {"ray staleness 0": ray(0, parts=1), "ray colocated": ray(0, parts=1, colocate=True),
                  "ray staleness 0, 2 parts": ray(0)}
+LAYOUTS = {"separate": "ray staleness 0", "colocated": "ray colocated", "two-parts": "ray staleness 0, 2 parts"}
+"""`--layouts` names of the overhead runs."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 steps, 1 round, the tiny model only")
     ap.add_argument("--overhead-only", action="store_true", help="only comparison 1 (writes ray_overhead.json)")
     ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], help="the models of comparison 1")
+    ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
+                    help="the Ray runs of comparison 1, each against the in-process run")
     args = ap.parse_args(argv)
     steps, rounds = (3, 1) if args.quick else (args.steps, args.rounds)
     sizes = ["tiny"] if args.quick else args.sizes
@@ -112,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{server.port}"
         for size in sizes:
             common = {"reward_model": url, "model_name_or_path": str(model_dir(size))}
-            results[f"overhead/{size}"] = compare({"in-process sync": IN_PROCESS_SYNC, **OVERHEAD_RUNS}, steps, rounds,
-                                                  common)
+            runs = {LAYOUTS[layout]: OVERHEAD_RUNS[LAYOUTS[layout]] for layout in args.layouts}
+            results[f"overhead/{size}"] = compare({"in-process sync": IN_PROCESS_SYNC, **runs}, steps, rounds, common)
         if args.overhead_only:
             return publish("ray_overhead", {"benchmark": "ray_pipeline --overhead-only", "machine": machine(),
                                             "steps": steps, "rounds": rounds, "results": results}, render)
