@@ -31,7 +31,7 @@ from lampo.config import ConfigError, LampoConfig
 from lampo.data.formats import PromptRow
 from lampo.distributed.ray import cluster
 from lampo.distributed.ray.learners import LearnerGroup
-from lampo.distributed.ray.rollout import EnginePool
+from lampo.distributed.ray.rollout import EnginePool, Job
 from lampo.distributed.strategy import Strategy
 from lampo.optimize.batch import TrainBatch
 from lampo.rollout.batch import RolloutBatch
@@ -105,7 +105,7 @@ class RayTrainer(Trainer):
         self._dispatch(step)
         return executor.submit(self.produce, step)
 
-    def _dispatch(self, step: int) -> Any:
+    def _dispatch(self, step: int) -> Job:
         """Send the parts of `step`'s batch to the workers, once; their Job."""
         if (step, 0) not in self._dispatched:
             self._dispatched[(step, 0)] = self.pool.dispatch(self.sampler.rows_for(step), self._sampling_seed(step))

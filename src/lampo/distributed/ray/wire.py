@@ -58,7 +58,9 @@ def to_wire(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return pack_tensor(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return WireBatch(type(value), {f.name: _pack_field(getattr(value, f.name)) for f in dataclasses.fields(value)})
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return WireBatch(type(value), {name: pack_tensor(v) if isinstance(v, torch.Tensor) else v
+                                       for name, v in fields.items()})
     return value
 
 
@@ -69,10 +71,6 @@ def from_wire(value: Any) -> Any:
     if isinstance(value, WireBatch):
         return value.kind(**{name: from_wire(v) for name, v in value.fields.items()})
     return value
-
-
-def _pack_field(value: Any) -> Any:
-    return pack_tensor(value) if isinstance(value, torch.Tensor) else value
 
 
 def pack_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, np.ndarray, str]]:
