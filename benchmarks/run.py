@@ -3,7 +3,8 @@
 In order (issue 6, section 2): the machine's matmul peak; Lampo vs TRL GRPOTrainer; engine
 throughput (hf vs vLLM); the reward server; asynchronous vs synchronous pipeline and the reward
 phase's share of a step; peak memory, full vs LoRA; 1 vs 2 data-parallel processes; bf16 vs fp32
-reward curves; then lampo.ppo_ray against the in-process application (issue 20). Each part runs in its own process, prints its tables and writes JSON under
+reward curves; then lampo.ppo_ray against the in-process application (issue 20), as whole runs and
+with the runs taking turns. Each part runs in its own process, prints its tables and writes JSON under
 benchmarks/results/. At the end every part's tables (each script's `render`), a PNG chart and the
 goals (met or not) are written into the generated section at the end of docs/performance.md; the
 hand-written part above it is kept.
@@ -41,6 +42,7 @@ PARTS = {
     "scaling": (["-m", "benchmarks.scaling"], ["--quick"]),
     "bf16_curve": (["-m", "benchmarks.bf16_curve"], ["--quick"]),
     "ray_pipeline": (["-m", "benchmarks.ray_pipeline"], ["--quick"]),
+    "ray_turns": (["-m", "benchmarks.ray_turns", "--control"], ["--sizes", "tiny", "--windows", "4"]),
 }
 
 
@@ -212,13 +214,14 @@ def render() -> str:
         peak,
         pipeline,
         ray_pipeline,
+        ray_turns,
         reward_server,
         scaling,
         trl_compare,
     )
 
     data = {k: load(k) for k in ("peak", "trl_compare", "pipeline", "memory", "scaling", "bf16_curve", "engines",
-                                 "reward_server", "ray_pipeline")}
+                                 "reward_server", "ray_pipeline", "ray_turns")}
     parts = [BEGIN, "", "## Results (generated)", ""]
     if data["trl_compare"]:
         m = data["trl_compare"]["machine"]
@@ -235,6 +238,8 @@ def render() -> str:
         ("Reward server (benchmarks/reward_server.py)", "reward_server", reward_server.render),
         ("Ray: lampo.ppo_ray against in-process, rollout workers, asynchrony (benchmarks/ray_pipeline.py)",
          "ray_pipeline", ray_pipeline.render),
+        ("Ray: lampo.ppo_ray against in-process, the runs taking turns every few steps (benchmarks/ray_turns.py)",
+         "ray_turns", ray_turns.render),
     ]
     for title, key, fn in sections:
         parts += [f"### {title}", ""]
