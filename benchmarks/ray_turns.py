@@ -20,7 +20,7 @@ one rollout worker and one learner, on-policy, one part per worker, the trivial 
     .venv/bin/python -m benchmarks.ray_turns [--sizes tiny small] [--windows 12] [--window 8]
         [--layouts separate colocated] [--control]
 
-Writes benchmarks/results/ray_turns.json.
+Writes benchmarks/results/ray_turns.json. Linux only: it finds each run's processes in /proc.
 """
 
 from __future__ import annotations
