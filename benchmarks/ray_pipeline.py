@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from benchmarks.common import ROOT, machine, model_dir, publish, span, summary, table
 from benchmarks.pipeline import CONFIG, ENV, REWARDS, RewardServer
@@ -41,15 +42,24 @@ from benchmarks.pipeline import CONFIG, ENV, REWARDS, RewardServer
 RUNS = ROOT / "build" / "bench_runs" / "ray_pipeline"
 
 
+PHASES = ("time/rollout", "time/reward", "time/forward", "time/advantages", "time/optimize", "time/weight_sync")
+"""The step's timed phases (docs/metrics.md), reported beside the step."""
+
+
+def app_command(module: str, out: Path, overrides: dict) -> list[str]:
+    """`python -m module` on the benchmark config, writing to `out`, with `overrides` as --key=value."""
+    return [sys.executable, "-m", module, "--config", str(CONFIG), f"--output_dir={out}",
+            *(f"--{k}={v}" for k, v in overrides.items())]
+
+
 def run_app(module: str, name: str, overrides: dict, timeout: float = 3600) -> tuple[list[dict], float]:
     """One run of `module` on the benchmark config: its metrics rows, one per step, and the seconds
     the command took outside its training loop (start-up and shut-down)."""
     out = RUNS / name
     shutil.rmtree(out, ignore_errors=True)
-    args = [f"--{k}={v}" for k, v in overrides.items()]
     began = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", module, "--config", str(CONFIG), f"--output_dir={out}", *args],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(app_command(module, out, overrides), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
     wall = time.perf_counter() - began
     if proc.returncode != 0:
         raise RuntimeError(f"{module} {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -79,9 +89,7 @@ def compare(variants: dict[str, tuple[str, dict]], steps: int, rounds: int, comm
                    "round_wall_medians_s": wall_by_round[name],
                    "steps_per_s": 1.0 / statistics.median(r["time/training"] for r in rows),
                    "start_s": summary(start[name]),
-                   "phases_mean_s": {k: statistics.mean(r.get(k, 0.0) for r in rows)
-                                     for k in ("time/rollout", "time/reward", "time/forward", "time/advantages",
-                                               "time/optimize", "time/weight_sync")}}
+                   "phases_mean_s": {k: statistics.mean(r.get(k, 0.0) for r in rows) for k in PHASES}}
             for name, rows in pooled.items()}
 
 

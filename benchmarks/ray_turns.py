@@ -37,15 +37,13 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, machine, model_dir, publish, table
-from benchmarks.pipeline import CONFIG, ENV, REWARDS, RewardServer
-from benchmarks.ray_pipeline import IN_PROCESS_SYNC, LAYOUTS, OVERHEAD_RUNS
+from benchmarks.pipeline import ENV, REWARDS, RewardServer
+from benchmarks.ray_pipeline import IN_PROCESS_SYNC, LAYOUTS, OVERHEAD_RUNS, PHASES, app_command
 
 RUNS = ROOT / "build" / "bench_runs" / "ray_turns"
 IN_PROCESS = "in-process sync"
 CONTROL = "in-process sync, again"
 """`--control`: a second in-process run, measured as a Ray run is: what the method reads when nothing differs."""
-PHASES = ("time/rollout", "time/reward", "time/forward", "time/advantages", "time/optimize", "time/weight_sync")
-"""The step's timed phases (docs/metrics.md), reported beside the step."""
 WINDOW_TIMEOUT = 600.0
 """Seconds a window may take before the benchmark gives up on its run."""
 
@@ -79,11 +77,9 @@ class Run:
         shutil.rmtree(self.out, ignore_errors=True)
         RUNS.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out / "metrics.jsonl"
-        args = [f"--{k}={v}" for k, v in overrides.items()]
         self.log = open(self.out.with_suffix(".log"), "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([sys.executable, "-m", module, "--config", str(CONFIG),
-                                      f"--output_dir={self.out}", *args],
-                                     cwd=ROOT, env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(app_command(module, self.out, overrides), cwd=ROOT, env=ENV, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
         self._read = 0
         self._partial = ""
         self.windows: list[list[dict]] = []
@@ -130,11 +126,7 @@ class Run:
         try:
             self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            for pid in descendants(self.proc.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            self._signal(signal.SIGKILL)
             self.proc.wait()
         self.log.close()
 
@@ -200,17 +192,14 @@ def render(data: dict) -> str:
         res = r["runs"]
         for name in res:
             steps = [s for w in res[name]["windows_s"] for s in w]
-            cell = ""
+            cell = within = ""
             if name != IN_PROCESS:
                 o = overhead(res, name)
                 cell = f"{statistics.median(o):+.1%} ({min(o):+.1%} to {max(o):+.1%})"
                 within = f"{sum(x <= 0.10 for x in o)} of {len(o)}"
-            else:
-                within = ""
-            phases = res[name].get("phases_median_s", {})
+            phases = res[name]["phases_median_s"]
             rows.append([size, name, f"{len(res[name]['windows_s'])} x {r['window']}",
-                         f"{statistics.median(steps):.3f}", cell, within,
-                         *(f"{phases[k]:.3f}" if k in phases else "" for k in PHASES)])
+                         f"{statistics.median(steps):.3f}", cell, within, *(f"{phases[k]:.3f}" for k in PHASES)])
     m = data["machine"]
     return ("Ray against in-process, the runs taking turns (one worker, one learner, on-policy; goal: at most "
             "+10% per step); overhead: the median over windows of a Ray window's median step against the "
